@@ -1,0 +1,4 @@
+from ift.telemetry.callback import TelemetryCallback, process_peak_rss_mb
+from ift.telemetry.saved_tensors import SavedTensorCounter
+
+__all__ = ["TelemetryCallback", "SavedTensorCounter", "process_peak_rss_mb"]

@@ -1,0 +1,157 @@
+"""The Dai et al. (2019) Gaussian VAE: the math, with no Lightning.
+
+Generative model: z ~ N(0, I_d), x | z ~ N(mu_x(z), gamma I_D), mu_x an MLP.
+Variational family: q(z | x) = N(mu, diag(sigma^2)) with local parameters
+lambda = (mu, log_sigma), shape (B, 2d). An encoder proposes lambda_0 = enc(x).
+
+All ELBO functions take the reparameterisation noise `eps` explicitly (shape (S, B, d)), so a
+fixed `eps` makes the ELBO a deterministic, smooth function of lambda and of the decoder: what the
+inner optimisation and the IFT need.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def mlp(sizes: Sequence[int], activation: type[nn.Module] = nn.Softplus) -> nn.Sequential:
+    """Linear layers of the given sizes with `activation` between them (none after the last).
+
+    Softplus by default: the inner problem and the IFT need a smooth decoder (a ReLU decoder has a
+    piecewise-constant Hessian, which makes Hessian-vector products uninformative).
+    """
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+def split_lambda(lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 2d) -> mu (B, d), log_sigma (B, d)."""
+    mu, log_sigma = lam.chunk(2, dim=-1)
+    return mu, log_sigma
+
+
+def gaussian_kl(lam: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, I)) per example, in closed form. Shape (B,)."""
+    mu, log_sigma = split_lambda(lam)
+    return 0.5 * (mu.pow(2) + torch.exp(2 * log_sigma) - 1 - 2 * log_sigma).sum(-1)
+
+
+def gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_gamma: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, gamma I) summed over the data dimensions. x: (B, D), mean: (..., B, D)."""
+    dim = x.shape[-1]
+    sq = (x - mean).pow(2).sum(-1)
+    return -0.5 * (dim * (LOG_2PI + log_gamma) + sq * torch.exp(-log_gamma))
+
+
+class GaussianVAE(nn.Module):
+    """Encoder, decoder and the (fixed or learned) observation variance gamma."""
+
+    def __init__(
+        self,
+        data_dim: int,
+        latent_dim: int = 8,
+        hidden: Sequence[int] = (128, 128),
+        gamma_init: float = 1.0,
+        learn_gamma: bool = True,
+        gamma_min: float = 1e-4,
+        sigmoid_output: bool = True,
+    ) -> None:
+        super().__init__()
+        if data_dim < 1 or latent_dim < 1:
+            raise ValueError(f"data_dim and latent_dim must be >= 1, got {data_dim}, {latent_dim}")
+        if gamma_init <= 0 or gamma_min <= 0:
+            raise ValueError(f"model.gamma.init and model.gamma.min must be > 0, got {gamma_init}, {gamma_min}")
+        self.data_dim, self.latent_dim = data_dim, latent_dim
+        self.sigmoid_output = sigmoid_output
+        self.gamma_min = gamma_min
+        self.encoder = mlp([data_dim, *hidden, 2 * latent_dim])
+        self.decoder = mlp([latent_dim, *reversed(list(hidden)), data_dim])
+        log_gamma = torch.tensor(math.log(gamma_init))
+        if learn_gamma:
+            self.log_gamma = nn.Parameter(log_gamma)
+        else:
+            self.register_buffer("log_gamma", log_gamma)
+
+    # --- parameters of the generative model (what the inner problem depends on) ---------------
+    def generative_params(self) -> dict[str, torch.Tensor]:
+        """Decoder weights and log_gamma by name: the `theta` of the inner problem."""
+        params = {f"decoder.{k}": v for k, v in self.decoder.named_parameters()}
+        params["log_gamma"] = self.log_gamma
+        return params
+
+    def clamped_log_gamma(self, log_gamma: torch.Tensor | None = None) -> torch.Tensor:
+        log_gamma = self.log_gamma if log_gamma is None else log_gamma
+        return log_gamma.clamp_min(math.log(self.gamma_min))
+
+    @property
+    def gamma(self) -> torch.Tensor:
+        return self.clamped_log_gamma().exp()
+
+    # --- model pieces --------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """lambda_0 = (mu, log_sigma) = enc(x), shape (B, 2d)."""
+        return self.encoder(x)
+
+    def decode(self, z: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """mu_x(z); with `params` (from `generative_params`), a functional call on those tensors."""
+        if params is None:
+            out = self.decoder(z)
+        else:
+            dec = {k.removeprefix("decoder."): v for k, v in params.items() if k.startswith("decoder.")}
+            out = functional_call(self.decoder, dec, (z,))
+        return torch.sigmoid(out) if self.sigmoid_output else out
+
+    def sample_eps(self, batch: int, n_samples: int = 1, generator: torch.Generator | None = None,
+                   like: torch.Tensor | None = None) -> torch.Tensor:
+        ref = like if like is not None else self.log_gamma
+        return torch.randn(n_samples, batch, self.latent_dim, generator=generator,
+                           device=ref.device, dtype=ref.dtype)
+
+    def elbo_terms(self, x: torch.Tensor, lam: torch.Tensor, eps: torch.Tensor,
+                   params: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example (E_q log p(x|z), KL(q||p)), the expectation a mean over the S noise draws."""
+        mu, log_sigma = split_lambda(lam)
+        z = mu + torch.exp(log_sigma) * eps  # (S, B, d)
+        log_gamma = self.clamped_log_gamma(None if params is None else params["log_gamma"])
+        recon = gaussian_log_likelihood(x, self.decode(z, params), log_gamma).mean(0)
+        return recon, gaussian_kl(lam)
+
+    def elbo(self, x: torch.Tensor, lam: torch.Tensor, eps: torch.Tensor,
+             params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Per-example ELBO(lambda; x, theta) with fixed noise `eps`. Shape (B,)."""
+        recon, kl = self.elbo_terms(x, lam, eps, params)
+        return recon - kl
+
+    @torch.no_grad()
+    def iwae_log_likelihood(self, x: torch.Tensor, lam: torch.Tensor, n_samples: int = 1000,
+                            chunk: int = 100, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Importance-weighted estimate of log p(x) with proposal q = N(mu, sigma^2), per example.
+
+        log p(x) >= log (1/K) sum_k p(x, z_k) / q(z_k), z_k ~ q; the bound tightens as K grows.
+        Computed in chunks of `chunk` samples with a running log-sum-exp.
+        """
+        mu, log_sigma = split_lambda(lam)
+        total = torch.full((x.shape[0],), -torch.inf, device=x.device, dtype=x.dtype)
+        log_gamma = self.clamped_log_gamma()
+        done = 0
+        while done < n_samples:
+            k = min(chunk, n_samples - done)
+            eps = self.sample_eps(x.shape[0], k, generator=generator, like=x)
+            z = mu + torch.exp(log_sigma) * eps
+            log_px_z = gaussian_log_likelihood(x, self.decode(z), log_gamma)
+            log_pz = -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
+            log_qz = -0.5 * (eps.pow(2) + LOG_2PI).sum(-1) - log_sigma.sum(-1)
+            total = torch.logaddexp(total, torch.logsumexp(log_px_z + log_pz - log_qz, dim=0))
+            done += k
+        return total - math.log(n_samples)

@@ -1,0 +1,78 @@
+"""What `train.py` does: config -> datamodule -> module -> callbacks/loggers -> Trainer -> fit -> test."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from ift.checkpoints import RESOLVED_CONFIG, resolve_checkpoint, run_dir_of
+from ift.validation import validate_config
+from ift.wandb_utils import finish_wandb, prepare_wandb
+
+log = logging.getLogger(__name__)
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every `_target_` entry of a config group such as `callbacks` or `logger`."""
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
+
+
+def to_floats(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def run_training(cfg: DictConfig) -> dict[str, float]:
+    validate_config(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    ckpt = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.log_dir) / cfg.task_name)
+    prepare_wandb(cfg, resumed_run_dir=run_dir_of(ckpt) if ckpt else None)
+
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model, _convert_="all")
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers: list[Logger] = instantiate_group(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if trainer.is_global_zero:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(resolved), out_dir / RESOLVED_CONFIG)
+        if ckpt is not None:
+            (out_dir / "resumed_from.txt").write_text(f"{ckpt.resolve()}\n")
+    for logger in loggers:
+        logger.log_hyperparams(resolved)
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            (out_dir / "wandb_id.txt").write_text(f"{logger.version}\n")
+
+    metrics: dict[str, float] = {}
+    try:
+        if cfg.get("train", True):
+            log.info("Training %s on %s", cfg.model._target_, cfg.data._target_)
+            trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+            metrics.update(to_floats(trainer.callback_metrics))
+        if cfg.get("test", True):
+            best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+            if best is None:
+                log.warning("No best checkpoint (checkpointing off or no validation): testing the current weights")
+            results = trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
+            test_metrics = to_floats(results[0]) if results else {}
+            metrics.update(test_metrics)
+            if trainer.is_global_zero:
+                (out_dir / "test_metrics.json").write_text(json.dumps(
+                    {"ckpt_path": best, "metrics": test_metrics}, indent=2))
+    except Exception:
+        log.exception("Run failed; checkpoints and logs so far are in %s", out_dir)
+        raise
+    finally:
+        finish_wandb(loggers)
+    return metrics

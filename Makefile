@@ -1,0 +1,35 @@
+# Two commands do everything (each creates/updates the project-local .venv first):
+#   make train            # python train.py model=savi_ift on the bundled digits data
+#   make test             # the test suite (what CI runs)
+# Extra arguments: make train ARGS="model=vae trainer.max_epochs=5", make test PYTEST_ARGS="-m slow"
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+STAMP := $(VENV)/.installed-stamp
+ARGS ?= model=savi_ift
+PYTEST_ARGS ?=
+
+.PHONY: venv train eval test test-slow bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+train: $(STAMP)
+	$(VENV)/bin/python train.py $(ARGS)
+
+eval: $(STAMP)
+	$(VENV)/bin/python eval.py $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(VENV)/bin/python -m pytest -m slow $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) outputs logs .pytest_cache

@@ -1,0 +1,210 @@
+"""Explanations: captum's Grad / IG / GBP / KernelSHAP, uniform SmoothGrad, and the paper's optimal
+explanations (Square, Noisy Baseline) by Monte-Carlo least squares.
+
+An explanation is a callable ``(x, target) -> tensor shaped like x`` carrying two attributes:
+``name`` and ``is_global``. Local explanations ``Phi`` are gradient-like (compare as ``I^T Phi``);
+global ones are attributions of removing a feature (SHAP, Square), i.e. they play the role of
+``x * Phi``. ``to_global`` converts a local explanation to the global one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from captum.attr import GuidedBackprop, IntegratedGradients, KernelShap, Saliency
+from torch import nn
+
+from ift.saliency.measures import (as_target, chunk_sizes, noisy_baseline_perturbations, repeat_target,
+                                   scores, square_masks, uniform_linf_noise)
+
+METHODS = ("Grad", "Grad-SG", "IG", "IG-SG", "GBP", "GBP-SG", "SHAP", "Square", "NB")
+
+
+@dataclass
+class Explanation:
+    """A batched explanation ``fn(x, target)`` with its name and kind (local or global)."""
+
+    name: str
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    is_global: bool = False
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor | int | None = None) -> torch.Tensor:
+        target = as_target(target, x.shape[0], x.device)
+        return self.fn(x, target).detach()
+
+
+def to_global(explanation: Explanation) -> Explanation:
+    """The global attribution ``x * Phi`` of a local explanation (a global one is returned as is)."""
+    if explanation.is_global:
+        return explanation
+    return Explanation(explanation.name, lambda x, t: x * explanation.fn(x, t), is_global=True)
+
+
+# ----------------------------------------------------------------------------- captum methods
+def gradient(model: nn.Module) -> Explanation:
+    """``Phi = grad_x f_target(x)`` (captum Saliency without the absolute value)."""
+    sal = Saliency(model)
+    return Explanation("Grad", lambda x, t: sal.attribute(x, target=t, abs=False))
+
+
+def integrated_gradients(model: nn.Module, n_steps: int = 20, baseline: float = 0.0,
+                         multiply_by_inputs: bool = False, max_batch: int = 4096) -> Explanation:
+    """Integrated gradients from a constant baseline.
+
+    ``multiply_by_inputs=True`` is the usual IG attribution ``(x - b) * avg-grad`` (a global one);
+    ``False`` is the path-averaged gradient, the local form the paper uses (its global form is
+    again ``x * avg-grad`` when the baseline is 0).
+    """
+    ig = IntegratedGradients(model, multiply_by_inputs=multiply_by_inputs)
+
+    def fn(x, t):
+        return ig.attribute(x, baselines=baseline, target=t, n_steps=n_steps, method="riemann_trapezoid",
+                            internal_batch_size=max(x.shape[0], max_batch))
+
+    return Explanation("IG", fn, is_global=multiply_by_inputs)
+
+
+def guided_backprop(model: nn.Module) -> Explanation:
+    """Guided Backprop; needs every ReLU to be its own ``nn.ReLU`` module."""
+    if not any(isinstance(m, nn.ReLU) for m in model.modules()):
+        raise ValueError("guided_backprop needs nn.ReLU modules in the model (functional ReLUs are "
+                         "invisible to captum, GBP would silently be the plain gradient)")
+    gbp = GuidedBackprop(model)
+    return Explanation("GBP", lambda x, t: gbp.attribute(x, target=t))
+
+
+def kernel_shap(model: nn.Module, n_samples: int = 2000, baseline: float = 0.0,
+                max_batch: int = 4096) -> Explanation:
+    """KernelSHAP (captum) with one feature per pixel (all channels together); a global attribution.
+
+    With a feature mask captum writes a pixel's whole attribution into each of its C channels, so
+    we divide by C: the channel sum is then the pixel's Shapley value.
+    """
+    shap = KernelShap(model)
+
+    def fn(x, t):
+        b, c, h, w = x.shape
+        mask = torch.arange(h * w, device=x.device).view(1, 1, h, w).expand(1, c, h, w)
+        out = shap.attribute(x, baselines=baseline, target=t, feature_mask=mask, n_samples=n_samples,
+                             perturbations_per_eval=max(1, min(n_samples, max_batch)))
+        return out / c
+
+    return Explanation("SHAP", fn, is_global=True)
+
+
+# ----------------------------------------------------------------------------- SmoothGrad
+def smooth(explanation: Explanation, radius: float = 0.2, n_samples: int = 200, max_batch: int = 4096,
+           generator: torch.Generator | None = None) -> Explanation:
+    """SmoothGrad with the paper's kernel: the mean of ``Phi(x + delta)``, delta uniform in the
+    L-infinity ball of ``radius`` (no clamping to the pixel range, as in the authors' code)."""
+    if radius < 0 or n_samples < 1:
+        raise ValueError(f"smooth: radius must be >= 0 and n_samples >= 1, got {radius}, {n_samples}")
+
+    def fn(x, t):
+        total = torch.zeros_like(x)
+        for k in chunk_sizes(n_samples, x.shape[0], max_batch):
+            delta = uniform_linf_noise((k, *x.shape), radius, x, generator)
+            out = explanation.fn((x.unsqueeze(0) + delta).flatten(0, 1), repeat_target(t, k))
+            total += out.view(k, *x.shape).sum(0)
+        return total / n_samples
+
+    return Explanation(explanation.name + "-SG", fn, explanation.is_global)
+
+
+# ----------------------------------------------------------------------------- optimal explanations
+def solve_normal_equations(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``(G + ridge * tr(G)/d * Id)^-1 rhs`` batched; ridge 0 uses the pseudo-inverse (min-norm)."""
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    if ridge == 0:
+        return (torch.linalg.pinv(gram, hermitian=True) @ rhs.unsqueeze(-1)).squeeze(-1)
+    d = gram.shape[-1]
+    scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True).unsqueeze(-1)
+    eye = torch.eye(d, dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(gram + ridge * scale * eye, rhs.unsqueeze(-1)).squeeze(-1)
+
+
+def optimal_noisy_baseline(model: nn.Module, n_samples: int = 20000, sigma: float = 0.2,
+                           baseline: float = 0.0, ridge: float = 0.0, max_batch: int = 4096,
+                           generator: torch.Generator | None = None) -> Explanation:
+    """``Phi* = argmin_Phi mean_k (I_k^T Phi - (f(x) - f(x - I_k)))^2`` over noisy-baseline draws
+    (Proposition 2.1 by Monte Carlo), a local explanation. Solved per example from the normal
+    equations accumulated in float64 over chunks."""
+
+    @torch.no_grad()
+    def fn(x, t):
+        b, d = x.shape[0], x[0].numel()
+        f_x = scores(model, x, t).double()
+        gram = torch.zeros(b, d, d, dtype=torch.float64, device=x.device)
+        rhs = torch.zeros(b, d, dtype=torch.float64, device=x.device)
+        for k in chunk_sizes(n_samples, b, max_batch):
+            pert = noisy_baseline_perturbations(x, k, sigma, baseline, generator)
+            df = f_x - scores(model, (x.unsqueeze(0) - pert).flatten(0, 1), repeat_target(t, k)).view(k, b).double()
+            a = pert.flatten(2).double()  # (k, B, d)
+            gram += torch.einsum("kbi,kbj->bij", a, a)
+            rhs += torch.einsum("kbi,kb->bi", a, df)
+        return solve_normal_equations(gram, rhs, ridge).view_as(x).to(x.dtype)
+
+    return Explanation("NB", fn, is_global=False)
+
+
+def optimal_square(model: nn.Module, square_sizes: Sequence[int] = (1, 10), n_samples: int | None = None,
+                   ridge: float = 0.0, max_batch: int = 4096,
+                   generator: torch.Generator | None = None) -> Explanation:
+    """Optimal explanation for square removal in the form of Appendix B.2: solve for the global
+    attribution ``a = x * Phi`` from ``min_a mean_k (z_k^T a - (f(x) - f(x * (1 - z_k))))^2``, where
+    ``z_k`` are binary square masks (all of them when ``n_samples`` is None). ``Z^T Z`` is invertible
+    once 1x1 squares are included, even where x has zeros. For C > 1 channels the pixel's
+    attribution is split equally across channels."""
+
+    @torch.no_grad()
+    def fn(x, t):
+        b, c, h, w = x.shape
+        masks = square_masks(h, w, square_sizes, x.device)
+        if n_samples is not None:
+            masks = masks[torch.randint(0, masks.shape[0], (n_samples,), generator=generator, device=x.device)]
+        f_x = scores(model, x, t).double()
+        z_all = masks.double()
+        rhs = torch.zeros(b, h * w, dtype=torch.float64, device=x.device)
+        start = 0
+        for k in chunk_sizes(masks.shape[0], b, max_batch):
+            z = masks[start:start + k].to(x.dtype)
+            keep = (1 - z).view(k, 1, 1, h, w)
+            df = f_x - scores(model, (x.unsqueeze(0) * keep).flatten(0, 1), repeat_target(t, k)).view(k, b).double()
+            rhs += z_all[start:start + k].T.matmul(df).T
+            start += k
+        gram = (z_all.T @ z_all).expand(b, h * w, h * w)
+        a = solve_normal_equations(gram, rhs, ridge).view(b, 1, h, w) / c
+        return a.expand(b, c, h, w).to(x.dtype).contiguous()
+
+    return Explanation("Square", fn, is_global=True)
+
+
+# ----------------------------------------------------------------------------- registry
+def make_explanation(name: str, model: nn.Module, *, sg_radius: float = 0.2, sg_samples: int = 200,
+                     ig_steps: int = 20, shap_samples: int = 2000, nb_samples: int = 20000,
+                     nb_sigma: float = 0.2, square_sizes: Sequence[int] = (1, 10), ridge: float = 0.0,
+                     max_batch: int = 4096, generator: torch.Generator | None = None) -> Explanation:
+    """One of ``METHODS`` by name, with the paper's defaults (SG radius 0.2 and 200 samples, 20k
+    samples for NB, squares of side 1..10)."""
+    base = name[:-3] if name.endswith("-SG") else name
+    if name not in METHODS:
+        raise ValueError(f"explanation must be one of {METHODS}, got {name!r}")
+    if base == "Grad":
+        expl = gradient(model)
+    elif base == "IG":
+        expl = integrated_gradients(model, ig_steps, max_batch=max_batch)
+    elif base == "GBP":
+        expl = guided_backprop(model)
+    elif base == "SHAP":
+        return kernel_shap(model, shap_samples, max_batch=max_batch)
+    elif base == "Square":
+        return optimal_square(model, square_sizes, ridge=ridge, max_batch=max_batch, generator=generator)
+    else:
+        return optimal_noisy_baseline(model, nb_samples, nb_sigma, ridge=ridge, max_batch=max_batch,
+                                      generator=generator)
+    if name.endswith("-SG"):
+        expl = smooth(expl, sg_radius, sg_samples, max_batch, generator)
+    return expl

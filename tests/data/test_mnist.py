@@ -168,3 +168,19 @@ def test_shared_mnist_test_files(tmp_path, caplog):
     again = MNISTDataModule(str(SHARED_MNIST), seed=0)
     again.setup()
     assert torch.equal(again.split_indices["test"], dm.split_indices["test"])
+
+
+def test_download_runs_under_a_socket_timeout(tmp_path, monkeypatch):
+    import socket
+
+    seen = []
+
+    def record(self, *args, **kwargs):
+        seen.append(socket.getdefaulttimeout())
+        raise OSError("offline")
+
+    monkeypatch.setattr("torchvision.datasets.MNIST.download", record)
+    before = socket.getdefaulttimeout()
+    MNISTDataModule(str(tmp_path), download=True).prepare_data()
+    assert seen and seen[0] is not None and seen[0] > 0  # never an unbounded wait
+    assert socket.getdefaulttimeout() == before  # restored afterwards

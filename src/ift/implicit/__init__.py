@@ -1,0 +1,44 @@
+"""The implicit function theorem as a small autograd API.
+
+``implicit_root`` / ``implicit_argmin`` / ``implicit_fixed_point`` attach a solution computed by
+any solver to the autograd graph; backward solves one linear system with a batched matrix-free
+solver (``cg``, ``bicgstab``, ``neumann``, ``direct``) and reports a :class:`LinearSolveInfo`.
+Worked examples (softmax, sparsemax, ridge hypergradient, cubic roots) live in
+``ift.implicit.examples``.
+"""
+
+from ift.implicit.core import implicit_argmin, implicit_fixed_point, implicit_root
+from ift.implicit.diagnostics import ImplicitSolveError, ImplicitSolveWarning, LinearSolveInfo, last_solve_info
+from ift.implicit.linear_solvers import (
+    GMRES,
+    CG,
+    SOLVERS,
+    BiCGStab,
+    Direct,
+    LinearSolver,
+    Neumann,
+    default_tol,
+    get_linear_solver,
+)
+from ift.implicit.operators import hvp, power_iteration
+
+__all__ = [
+    "implicit_root",
+    "implicit_argmin",
+    "implicit_fixed_point",
+    "LinearSolver",
+    "CG",
+    "GMRES",
+    "BiCGStab",
+    "Direct",
+    "Neumann",
+    "SOLVERS",
+    "get_linear_solver",
+    "default_tol",
+    "LinearSolveInfo",
+    "ImplicitSolveWarning",
+    "ImplicitSolveError",
+    "last_solve_info",
+    "hvp",
+    "power_iteration",
+]

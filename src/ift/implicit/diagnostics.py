@@ -1,0 +1,83 @@
+"""What the backward linear solve reports: per-problem iterations and residuals, a warning, an error.
+
+The IFT needs ``dF/dx`` to be nonsingular at the solution (condition 3 of the theorem). When it is
+singular or badly conditioned the linear solve of the backward pass does not converge; we then warn
+with :class:`ImplicitSolveWarning` and keep a :class:`LinearSolveInfo` the caller can inspect, so a
+bad gradient is never returned silently. NaN/Inf raise :class:`ImplicitSolveError`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+
+class ImplicitSolveWarning(UserWarning):
+    """The backward linear solve stopped before reaching its tolerance (gradient may be inaccurate)."""
+
+
+class ImplicitSolveError(ValueError):
+    """Non-finite values in ``F(x*, params)`` or in the linear solve: no gradient can be formed."""
+
+
+@dataclass
+class LinearSolveInfo:
+    """Outcome of one (batched) linear solve ``A u = b``; tensors have one entry per problem.
+
+    ``residual`` is the true final relative residual ``||b - A u|| / ||b||`` (recomputed with one
+    extra matrix-vector product, not the solver's running estimate). ``root_residual`` is
+    ``||F(x*, params)||`` per problem when the solve came from an implicit layer: a large value
+    means ``x_star`` was not a solution and the IFT gradient does not apply.
+    """
+
+    solver: str
+    iterations: torch.Tensor
+    residual: torch.Tensor
+    converged: torch.Tensor
+    tol: float
+    maxiter: int
+    root_residual: torch.Tensor | None = None
+
+    @property
+    def all_converged(self) -> bool:
+        return bool(self.converged.all())
+
+    @property
+    def max_residual(self) -> float:
+        return float(self.residual.max()) if self.residual.numel() else 0.0
+
+    @property
+    def max_iterations(self) -> int:
+        return int(self.iterations.max()) if self.iterations.numel() else 0
+
+    def summary(self) -> str:
+        failed = int((~self.converged).sum())
+        return (
+            f"{self.solver}: {failed}/{self.converged.numel()} problems not converged, "
+            f"max relative residual {self.max_residual:.3e} (tol {self.tol:.1e}), "
+            f"max iterations {self.max_iterations} (maxiter {self.maxiter})"
+        )
+
+
+# Backward may run on an autograd worker thread (one per CUDA device), so a thread-local would
+# not be visible to the caller; a lock-protected global holds the latest info instead.
+_lock = threading.Lock()
+_last_info: LinearSolveInfo | None = None
+
+
+def _record(info: LinearSolveInfo) -> None:
+    global _last_info
+    with _lock:
+        _last_info = info
+
+
+def last_solve_info() -> LinearSolveInfo | None:
+    """The :class:`LinearSolveInfo` of the most recent implicit backward solve in this process.
+
+    With several backward passes running concurrently "most recent" is ambiguous; pass
+    ``on_solve=`` to the implicit function instead, which is called with the info of that layer.
+    """
+    with _lock:
+        return _last_info

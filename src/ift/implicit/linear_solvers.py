@@ -1,0 +1,350 @@
+"""Batched matrix-free linear solvers for the IFT backward pass: ``(A + ridge I) u = b``.
+
+Every solver works on ``b`` of shape ``(B, n)``: ``B`` independent problems of size ``n``, and a
+``matvec`` that maps ``(B, n) -> (B, n)`` row by row (a block-diagonal operator). Scalars such as
+step sizes are kept per row and each row stops on its own once ``||b - A u|| <= tol ||b||``.
+
+After the iterations the true residual is recomputed; rows whose recursive residual drifted
+above ``tol`` are restarted from where they are (residual replacement) while budget remains.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from ift.implicit.diagnostics import LinearSolveInfo
+from ift.implicit.operators import power_iteration
+
+MatVec = Callable[[torch.Tensor], torch.Tensor]
+
+_DEFAULT_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    """Relative-residual tolerance used when ``tol=None``: near sqrt-precision of the dtype."""
+    return _DEFAULT_TOL.get(dtype, 1e-3)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise inner product, shape ``(B, 1)`` so it broadcasts against ``(B, n)``."""
+    return (a * b).sum(dim=-1, keepdim=True)
+
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """``num / den`` where ``ok``, else 0 (inactive or broken-down rows must not produce NaN)."""
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+class LinearSolver:
+    """Base class: validates settings, adds ridge damping, restarts, and reports a LinearSolveInfo.
+
+    Subclasses implement ``_iterate(matvec, b, x0, threshold, maxiter) -> (x, iterations)`` where
+    ``threshold`` is the per-row absolute residual target ``tol * ||b||`` of shape ``(B, 1)``.
+    """
+
+    name = "base"
+
+    def __init__(self, tol: float | None = None, maxiter: int | None = None, ridge: float = 0.0):
+        if tol is not None and not (isinstance(tol, (int, float)) and tol > 0):
+            raise ValueError(f"{type(self).__name__}: tol must be a positive float or None, got {tol!r}")
+        if maxiter is not None and not (isinstance(maxiter, int) and maxiter >= 1):
+            raise ValueError(f"{type(self).__name__}: maxiter must be an int >= 1 or None, got {maxiter!r}")
+        if not (isinstance(ridge, (int, float)) and ridge >= 0 and math.isfinite(ridge)):
+            raise ValueError(f"{type(self).__name__}: ridge must be a finite float >= 0, got {ridge!r}")
+        self.tol = tol
+        self.maxiter = maxiter
+        self.ridge = float(ridge)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(tol={self.tol}, maxiter={self.maxiter}, ridge={self.ridge})"
+
+    def default_maxiter(self, n: int) -> int:
+        return min(10 * n, 1000)
+
+    def solve(self, matvec: MatVec, b: torch.Tensor) -> tuple[torch.Tensor, LinearSolveInfo]:
+        """Solve ``(A + ridge I) u = b`` for ``b`` of shape ``(B, n)``; returns ``(u, info)``."""
+        if b.dim() != 2:
+            raise ValueError(f"{self.name}: b must have shape (batch, n), got {tuple(b.shape)}")
+        tol = self.tol if self.tol is not None else default_tol(b.dtype)
+        maxiter = self.maxiter if self.maxiter is not None else self.default_maxiter(b.shape[1])
+        op = self._damped(matvec)
+        b_norm = b.norm(dim=-1, keepdim=True)
+        threshold = tol * b_norm
+        x = torch.zeros_like(b)
+        iterations = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
+        while True:
+            x, its = self._iterate(op, b, x, threshold, maxiter - int(iterations.max()))
+            iterations = iterations + its
+            res = (b - op(x)).norm(dim=-1, keepdim=True)
+            unfinished = res > threshold
+            # Restart only rows that still move, while budget remains.
+            if not bool(unfinished.any()) or int(its.max()) == 0 or int(iterations.max()) >= maxiter:
+                break
+        rel = (res / b_norm.clamp_min(torch.finfo(b.dtype).tiny)).squeeze(-1)
+        rel = torch.where(b_norm.squeeze(-1) > 0, rel, res.squeeze(-1))
+        info = LinearSolveInfo(
+            solver=self.name,
+            iterations=iterations,
+            residual=rel.detach(),
+            converged=(rel <= tol) & torch.isfinite(rel),
+            tol=tol,
+            maxiter=maxiter,
+        )
+        return x, info
+
+    def _damped(self, matvec: MatVec) -> MatVec:
+        if self.ridge == 0.0:
+            return matvec
+        return lambda v: matvec(v) + self.ridge * v
+
+    def _iterate(self, matvec: MatVec, b, x, threshold, maxiter):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class CG(LinearSolver):
+    """Conjugate gradient for symmetric definite operators (a Hessian at a minimum, or minus one
+    at a maximum: CG's iterates do not change when both ``A`` and ``b`` flip sign)."""
+
+    name = "cg"
+
+    def _iterate(self, matvec, b, x, threshold, maxiter):
+        r = b - matvec(x)
+        p = r.clone()
+        rs = _dot(r, r)
+        active = rs.sqrt() > threshold
+        iterations = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
+        for _ in range(max(maxiter, 0)):
+            if not bool(active.any()):
+                break
+            Ap = matvec(p)
+            pAp = _dot(p, Ap)
+            ok = active & (pAp != 0) & torch.isfinite(pAp)  # pAp == 0: breakdown (singular direction)
+            alpha = _safe_div(rs, pAp, ok)
+            x = x + alpha * p
+            r = r - alpha * Ap
+            rs_new = _dot(r, r)
+            beta = _safe_div(rs_new, rs, ok & (rs > 0))
+            p = torch.where(ok, r + beta * p, p)
+            rs = torch.where(ok, rs_new, rs)
+            iterations += ok.squeeze(-1).long()
+            active = ok & (rs_new.sqrt() > threshold)
+        return x, iterations
+
+
+class BiCGStab(LinearSolver):
+    """Stabilised biconjugate gradient (van der Vorst) for non-symmetric operators.
+
+    Two matvecs per iteration and no stored basis, but it can break down (``omega = 0`` or
+    ``r_hat^T A p = 0``), typically on symmetric indefinite systems such as KKT matrices; a
+    broken-down row is reported as not converged. Prefer :class:`GMRES` when in doubt.
+    """
+
+    name = "bicgstab"
+
+    def _iterate(self, matvec, b, x, threshold, maxiter):
+        r = b - matvec(x)
+        r_hat = r.clone()
+        ones = torch.ones_like(_dot(r, r))
+        rho, alpha, omega = ones.clone(), ones.clone(), ones.clone()
+        v = torch.zeros_like(b)
+        p = torch.zeros_like(b)
+        active = r.norm(dim=-1, keepdim=True) > threshold
+        iterations = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
+        for _ in range(max(maxiter, 0)):
+            if not bool(active.any()):
+                break
+            rho_new = _dot(r_hat, r)
+            ok = active & (rho_new != 0) & (omega != 0)
+            beta = _safe_div(rho_new, rho, ok) * _safe_div(alpha, omega, ok)
+            p = torch.where(ok, r + beta * (p - omega * v), p)
+            v_new = matvec(p)
+            r_hat_v = _dot(r_hat, v_new)
+            ok = ok & (r_hat_v != 0) & torch.isfinite(r_hat_v)
+            alpha_new = _safe_div(rho_new, r_hat_v, ok)
+            s = r - alpha_new * v_new
+            s_small = s.norm(dim=-1, keepdim=True) <= threshold
+            t = matvec(s)
+            tt = _dot(t, t)
+            full = ok & ~s_small & (tt > 0)
+            omega_new = _safe_div(_dot(t, s), tt, full)
+            x = torch.where(ok, x + alpha_new * p + omega_new * s, x)
+            r = torch.where(full, s - omega_new * t, torch.where(ok, s, r))
+            iterations += ok.squeeze(-1).long()
+            rho = torch.where(ok, rho_new, rho)
+            alpha = torch.where(ok, alpha_new, alpha)
+            omega = torch.where(full, omega_new, omega)
+            v = torch.where(ok, v_new, v)
+            # A row stops when converged, after breakdown, or when omega hit 0 (s small is converged).
+            active = full & (r.norm(dim=-1, keepdim=True) > threshold) & (omega_new != 0)
+        return x, iterations
+
+
+class GMRES(LinearSolver):
+    """Restarted GMRES for general (non-symmetric or indefinite) operators, batched per row.
+
+    Each cycle builds an orthonormal Krylov basis of up to ``restart`` vectors (classical Gram-Schmidt
+    applied twice) and picks the combination with the smallest residual via the pseudo-inverse of
+    the small Hessenberg matrix, so rank-deficient (singular) problems stagnate instead of failing.
+    A row stops as soon as its residual reaches ``tol`` or its Krylov space stops growing.
+    """
+
+    name = "gmres"
+
+    def __init__(self, tol=None, maxiter=None, ridge=0.0, restart: int = 30):
+        super().__init__(tol, maxiter, ridge)
+        if not (isinstance(restart, int) and restart >= 1):
+            raise ValueError(f"GMRES: restart must be an int >= 1, got {restart!r}")
+        self.restart = restart
+
+    def _iterate(self, matvec, b, x, threshold, maxiter):
+        batch, n = b.shape
+        iterations = torch.zeros(batch, dtype=torch.long, device=b.device)
+        r = b - matvec(x)
+        active = r.norm(dim=-1, keepdim=True) > threshold
+        while bool(active.any()) and int(iterations.max()) < maxiter:
+            m = min(self.restart, n, maxiter - int(iterations.max()))
+            beta = r.norm(dim=-1, keepdim=True)
+            basis = torch.zeros(batch, m + 1, n, dtype=b.dtype, device=b.device)
+            basis[:, 0] = r / beta.clamp_min(torch.finfo(b.dtype).tiny)
+            hess = torch.zeros(batch, m + 1, m, dtype=b.dtype, device=b.device)
+            target = torch.zeros(batch, m + 1, 1, dtype=b.dtype, device=b.device)
+            target[:, 0] = beta
+            pending = active.clone()  # rows still iterating in this cycle
+            for j in range(m):
+                w = matvec(basis[:, j])
+                for _ in range(2):  # Gram-Schmidt twice keeps the basis orthogonal in floating point
+                    coef = torch.bmm(basis[:, : j + 1], w.unsqueeze(-1))
+                    w = w - torch.bmm(basis[:, : j + 1].transpose(1, 2), coef).squeeze(-1)
+                    hess[:, : j + 1, j] += coef.squeeze(-1)
+                h_next = w.norm(dim=-1, keepdim=True)
+                hess[:, j + 1, j] = h_next.squeeze(-1)
+                grows = h_next > torch.finfo(b.dtype).eps * hess[:, : j + 2, j].norm(dim=-1, keepdim=True)
+                basis[:, j + 1] = torch.where(grows, w / h_next.clamp_min(torch.finfo(b.dtype).tiny), 0.0)
+                iterations += pending.squeeze(-1).long()
+                y = torch.linalg.pinv(hess[:, : j + 2, : j + 1]) @ target[:, : j + 2]
+                res = (target[:, : j + 2] - hess[:, : j + 2, : j + 1] @ y).norm(dim=(1, 2)).unsqueeze(-1)
+                stop = pending & ((res <= threshold) | ~grows | (j == m - 1))
+                x = torch.where(stop, x + (basis[:, : j + 1].transpose(1, 2) @ y).squeeze(-1), x)
+                # A row whose Krylov space stopped growing without converging is singular here: give up.
+                active = active & ~(stop & ~grows & (res > threshold))
+                pending = pending & ~stop
+                if not bool(pending.any()):
+                    break
+            r = b - matvec(x)
+            active = active & (r.norm(dim=-1, keepdim=True) > threshold)
+        return x, iterations
+
+
+class Neumann(LinearSolver):
+    """Truncated Neumann series ``u = alpha sum_k (I - alpha A)^k b`` (Lorraine et al., 2019).
+
+    Converges when the spectral radius of ``I - alpha A`` is below 1, e.g. ``0 < alpha < 2 /
+    lambda_max`` for a positive definite ``A``. ``alpha="auto"`` sets ``alpha = 1 / lambda_max``
+    per problem from a few power iterations (negative for a negative definite ``A``).
+    """
+
+    name = "neumann"
+
+    def __init__(self, tol=None, maxiter=None, ridge=0.0, alpha: float | str = 1.0, power_iters: int = 20):
+        super().__init__(tol, maxiter, ridge)
+        if alpha != "auto" and not (isinstance(alpha, (int, float)) and alpha != 0 and math.isfinite(alpha)):
+            raise ValueError(f"Neumann: alpha must be a nonzero finite float or 'auto', got {alpha!r}")
+        self.alpha = alpha
+        self.power_iters = power_iters
+
+    def default_maxiter(self, n: int) -> int:
+        return 500
+
+    def _iterate(self, matvec, b, x, threshold, maxiter):
+        if self.alpha == "auto":
+            lam, _ = power_iteration(matvec, b.detach().clone(), iters=self.power_iters)
+            alpha = (1.0 / torch.where(lam == 0, torch.ones_like(lam), lam)).unsqueeze(-1)
+        else:
+            alpha = torch.full_like(b[:, :1], float(self.alpha))
+        # term_k = alpha (I - alpha A)^k r0 and the residual after adding terms 0..k-1 is term_k / alpha.
+        r = b - matvec(x)
+        term = alpha * r
+        active = r.norm(dim=-1, keepdim=True) > threshold
+        iterations = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
+        for _ in range(max(maxiter, 0)):
+            if not bool(active.any()):
+                break
+            x = torch.where(active, x + term, x)
+            term = torch.where(active, term - alpha * matvec(term), term)
+            iterations += active.squeeze(-1).long()
+            res = (term / alpha).norm(dim=-1, keepdim=True)
+            active = active & (res > threshold) & torch.isfinite(res)
+        return x, iterations
+
+
+class Direct(LinearSolver):
+    """Materialise the ``n x n`` matrix of every problem (``n`` matvecs) and solve exactly.
+
+    For small ``n`` only (``max_dim``). Singular problems are solved in the least-squares sense
+    (pseudo-inverse) and reported as not converged by the residual check.
+    """
+
+    name = "direct"
+
+    def __init__(self, tol=None, maxiter=None, ridge=0.0, max_dim: int = 4096):
+        super().__init__(tol, maxiter, ridge)
+        self.max_dim = max_dim
+
+    def default_maxiter(self, n: int) -> int:
+        return 1
+
+    def materialise(self, matvec: MatVec, b: torch.Tensor) -> torch.Tensor:
+        """The ``(B, n, n)`` matrices ``M`` with ``M[i] @ e_j = matvec(e_j)[i]``."""
+        n = b.shape[1]
+        if n > self.max_dim:
+            raise ValueError(
+                f"direct: problem size n={n} exceeds max_dim={self.max_dim}; materialising an n x n "
+                "matrix per problem is too costly. Use linear_solver='cg' (symmetric) or 'bicgstab', "
+                "or pass Direct(max_dim=...) to allow it."
+            )
+        eye = torch.eye(n, dtype=b.dtype, device=b.device)
+        columns = [matvec(eye[j].expand_as(b)) for j in range(n)]
+        return torch.stack(columns, dim=-1)
+
+    def _iterate(self, matvec, b, x, threshold, maxiter):
+        M = self.materialise(matvec, b)
+        r = b - matvec(x)
+        delta, status = torch.linalg.solve_ex(M, r)
+        singular = (status != 0) | ~torch.isfinite(delta).all(dim=-1)
+        if bool(singular.any()):
+            delta = torch.where(singular.unsqueeze(-1), (torch.linalg.pinv(M) @ r.unsqueeze(-1)).squeeze(-1), delta)
+        iterations = torch.ones(b.shape[0], dtype=torch.long, device=b.device)
+        return x + delta, iterations
+
+
+SOLVERS: dict[str, type[LinearSolver]] = {"cg": CG, "gmres": GMRES, "bicgstab": BiCGStab, "neumann": Neumann, "direct": Direct}
+
+
+def get_linear_solver(
+    spec: str | LinearSolver | type[LinearSolver],
+    tol: float | None = None,
+    maxiter: int | None = None,
+    ridge: float | None = None,
+) -> LinearSolver:
+    """A solver from a name (``"cg"``, ``"gmres"``, ``"bicgstab"``, ``"neumann"``, ``"direct"``), a class or an
+    instance. Settings go either in the keywords (name / class) or in the instance, not both."""
+    kwargs = {k: v for k, v in dict(tol=tol, maxiter=maxiter, ridge=ridge).items() if v is not None}
+    if isinstance(spec, LinearSolver):
+        if kwargs:
+            raise ValueError(
+                f"linear_solver is an instance ({spec!r}); set {sorted(kwargs)} on the instance "
+                "instead of passing them separately"
+            )
+        return spec
+    if isinstance(spec, type) and issubclass(spec, LinearSolver):
+        return spec(**kwargs)
+    if isinstance(spec, str):
+        if spec not in SOLVERS:
+            raise ValueError(f"unknown linear_solver {spec!r}; choose one of {sorted(SOLVERS)}")
+        return SOLVERS[spec](**kwargs)
+    raise TypeError(
+        f"linear_solver must be a name in {sorted(SOLVERS)}, a LinearSolver subclass or instance, got {type(spec).__name__}"
+    )

@@ -9,6 +9,8 @@ global ones are attributions of removing a feature (SHAP, Square), i.e. they pla
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -43,10 +45,24 @@ def to_global(explanation: Explanation) -> Explanation:
 
 
 # ----------------------------------------------------------------------------- captum methods
+@contextmanager
+def quiet_captum():
+    """Silence captum's per-call notices (inputs made to require grad, ReLU hooks, one Lime model
+    per example): they are expected here and would flood the logs of batched Monte Carlo loops."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"captum\.")
+        yield
+
+
 def gradient(model: nn.Module) -> Explanation:
     """``Phi = grad_x f_target(x)`` (captum Saliency without the absolute value)."""
     sal = Saliency(model)
-    return Explanation("Grad", lambda x, t: sal.attribute(x, target=t, abs=False))
+
+    def fn(x, t):
+        with quiet_captum():
+            return sal.attribute(x, target=t, abs=False)
+
+    return Explanation("Grad", fn)
 
 
 def integrated_gradients(model: nn.Module, n_steps: int = 20, baseline: float = 0.0,
@@ -55,13 +71,15 @@ def integrated_gradients(model: nn.Module, n_steps: int = 20, baseline: float = 
 
     ``multiply_by_inputs=True`` is the usual IG attribution ``(x - b) * avg-grad`` (a global one);
     ``False`` is the path-averaged gradient, the local form the paper uses (its global form is
-    again ``x * avg-grad`` when the baseline is 0).
+    again ``x * avg-grad`` when the baseline is 0). Left Riemann sum with alphas ``i / n_steps`` as
+    in the authors' code (captum 0.9's ``riemann_trapezoid`` weights sum to (n-1)/n, not 1).
     """
     ig = IntegratedGradients(model, multiply_by_inputs=multiply_by_inputs)
 
     def fn(x, t):
-        return ig.attribute(x, baselines=baseline, target=t, n_steps=n_steps, method="riemann_trapezoid",
-                            internal_batch_size=max(x.shape[0], max_batch))
+        with quiet_captum():
+            return ig.attribute(x, baselines=baseline, target=t, n_steps=n_steps, method="riemann_left",
+                                internal_batch_size=max(x.shape[0], max_batch))
 
     return Explanation("IG", fn, is_global=multiply_by_inputs)
 
@@ -72,7 +90,12 @@ def guided_backprop(model: nn.Module) -> Explanation:
         raise ValueError("guided_backprop needs nn.ReLU modules in the model (functional ReLUs are "
                          "invisible to captum, GBP would silently be the plain gradient)")
     gbp = GuidedBackprop(model)
-    return Explanation("GBP", lambda x, t: gbp.attribute(x, target=t))
+
+    def fn(x, t):
+        with quiet_captum():
+            return gbp.attribute(x, target=t)
+
+    return Explanation("GBP", fn)
 
 
 def kernel_shap(model: nn.Module, n_samples: int = 2000, baseline: float = 0.0,
@@ -87,8 +110,9 @@ def kernel_shap(model: nn.Module, n_samples: int = 2000, baseline: float = 0.0,
     def fn(x, t):
         b, c, h, w = x.shape
         mask = torch.arange(h * w, device=x.device).view(1, 1, h, w).expand(1, c, h, w)
-        out = shap.attribute(x, baselines=baseline, target=t, feature_mask=mask, n_samples=n_samples,
-                             perturbations_per_eval=max(1, min(n_samples, max_batch)))
+        with quiet_captum():
+            out = shap.attribute(x, baselines=baseline, target=t, feature_mask=mask, n_samples=n_samples,
+                                 perturbations_per_eval=max(1, min(n_samples, max_batch)))
         return out / c
 
     return Explanation("SHAP", fn, is_global=True)

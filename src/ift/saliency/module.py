@@ -1,0 +1,154 @@
+"""LightningModule for the classifiers of the explanation study: natural or PGD adversarial training
+(Madry et al.), natural and PGD accuracy logged, and the saliency report as the eval hook."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from ift.saliency.networks import ARCHITECTURES, build_network, default_arch
+from ift.saliency.pgd import pgd_attack
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+def default_attack(input_shape: Sequence[int]) -> dict[str, float]:
+    """Madry et al. on MNIST (eps 0.3, 40 steps of 0.01); CIFAR-10 eps 8/255 with 7 steps of 2/255;
+    8x8 digits (coarse, 16 grey levels) eps 0.1 with 10 steps of 0.025."""
+    c, h, w = (int(s) for s in input_shape)
+    if h < 16:
+        return {"eps": 0.1, "step_size": 0.025, "steps": 10}
+    if c == 3:
+        return {"eps": 8 / 255, "step_size": 2 / 255, "steps": 7}
+    return {"eps": 0.3, "step_size": 0.01, "steps": 40}
+
+
+class ClassifierModule(L.LightningModule):
+    """Image classifier; ``pgd=True`` trains on PGD adversarial examples (``classifier_pgd``).
+
+    Attack settings left as ``None`` take the per-dataset defaults of ``default_attack``; the
+    validation/test attack uses ``eval_steps`` steps (default: the training steps).
+    """
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, arch: str = "auto", width: float = 1.0,
+                 hidden: Sequence[int] = (64, 64), depth: int = 20, lr: float = 1e-3, optimizer: str = "adam",
+                 weight_decay: float = 0.0, pgd: bool = False, eps: float | None = None,
+                 step_size: float | None = None, steps: int | None = None, eval_steps: int | None = None,
+                 eval_pgd: bool = True):
+        super().__init__()
+        self.save_hyperparameters()
+        input_shape = tuple(int(s) for s in input_shape)
+        arch = default_arch(input_shape) if arch == "auto" else arch
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"arch must be 'auto' or one of {ARCHITECTURES}, got {arch!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        kwargs = {"madry_cnn": {"width": width}, "small_cnn": {"width": width}, "resnet": {"depth": depth, "width": width},
+                  "softplus_mlp": {"hidden": tuple(hidden)}}[arch]
+        self.arch = arch
+        self.net = build_network(arch, input_shape, num_classes, **kwargs)
+        attack = default_attack(input_shape)
+        self.attack = {"eps": attack["eps"] if eps is None else float(eps),
+                       "step_size": attack["step_size"] if step_size is None else float(step_size),
+                       "steps": attack["steps"] if steps is None else int(steps)}
+        if self.attack["eps"] < 0 or self.attack["step_size"] < 0 or self.attack["steps"] < 0:
+            raise ValueError(f"eps, step_size and steps must be >= 0, got {self.attack}")
+        self.eval_steps = self.attack["steps"] if eval_steps is None else int(eval_steps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def adversarial(self, x: torch.Tensor, y: torch.Tensor, steps: int) -> torch.Tensor:
+        """PGD examples, attacked in eval mode (BatchNorm statistics untouched), mode restored after.
+        Works inside Lightning's inference-mode validation by leaving inference mode locally."""
+        was_training = self.net.training
+        self.net.eval()
+        with torch.inference_mode(False), torch.enable_grad():
+            x_adv = pgd_attack(self.net, x.clone(), y.clone(), self.attack["eps"], self.attack["step_size"], steps)
+        self.net.train(was_training)
+        return x_adv
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.hparams.pgd:
+            x = self.adversarial(x, y, self.attack["steps"])
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", (logits.argmax(1) == y).float().mean())
+        return loss
+
+    def _eval_step(self, batch, stage: str):
+        x, y = batch
+        logits = self(x)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), prog_bar=stage == "val", sync_dist=True)
+        self.log(f"{stage}/acc", (logits.argmax(1) == y).float().mean(), sync_dist=True)
+        if self.hparams.eval_pgd:
+            x_adv = self.adversarial(x, y, self.eval_steps)
+            with torch.inference_mode(False):
+                adv_logits = self(x_adv)
+            self.log(f"{stage}/pgd_acc", (adv_logits.argmax(1) == y).float().mean(), sync_dist=True)
+            self.log(f"{stage}/pgd_loss", F.cross_entropy(adv_logits, y), sync_dist=True)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    def configure_optimizers(self):
+        if self.hparams.optimizer == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9,
+                                   weight_decay=self.hparams.weight_decay)
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    # ------------------------------------------------------------------ eval.py hook
+    def evaluate_extra(self, datamodule, eval_cfg: dict, out_dir: Path) -> dict[str, float]:
+        """With ``eval_cfg["saliency"]`` true: the SENS_max / INFD table on ``saliency_examples`` test
+        examples (other keys: see ``SaliencyConfig``), written to ``out_dir/saliency.{json,md,png}``."""
+        from ift.saliency.report import SaliencyConfig, flatten_metrics, saliency_table, save_maps_png, write_report
+
+        eval_cfg = dict(eval_cfg or {})
+        if not eval_cfg.get("saliency"):
+            return {}
+        cfg = SaliencyConfig.from_dict(eval_cfg)
+        n = int(eval_cfg.get("saliency_examples", 10))
+        x, y = first_examples(datamodule, n)
+        x, y = x.to(self.device), y.to(self.device)
+        tables, maps = saliency_table(self.net, x, y, cfg)
+        out_dir = Path(out_dir)
+        write_report(tables, cfg, out_dir, extra={"n_examples": len(x), "arch": self.arch, "pgd": self.hparams.pgd})
+        save_maps_png(x, maps, out_dir / "saliency.png")
+        self._log_wandb_table(tables)
+        return flatten_metrics(tables)
+
+    def _log_wandb_table(self, tables: dict) -> None:
+        try:
+            from lightning.pytorch.loggers import WandbLogger
+        except ImportError:  # pragma: no cover
+            return
+        for logger in getattr(self, "loggers", []) or []:
+            if isinstance(logger, WandbLogger):
+                rows = [[setting, m, v["sens_max"], v["infd"]] for setting, t in tables.items() for m, v in t.items()]
+                logger.log_table(key="saliency/table", columns=["setting", "method", "sens_max", "infd"], data=rows)
+
+
+def first_examples(datamodule, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` test examples (fixed, so regular and robust models see the same inputs)."""
+    if n < 1:
+        raise ValueError(f"saliency_examples must be >= 1, got {n}")
+    datamodule.setup("test")
+    xs, ys, have = [], [], 0
+    for x, y in datamodule.test_dataloader():
+        xs.append(x)
+        ys.append(y)
+        have += len(x)
+        if have >= n:
+            break
+    return torch.cat(xs)[:n], torch.cat(ys)[:n]

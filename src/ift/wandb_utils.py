@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -43,9 +44,21 @@ def prepare_wandb(cfg: DictConfig, resumed_run_dir: Path | None = None) -> None:
 
 
 def finish_wandb(loggers: list[Logger]) -> None:
-    """Always close the W&B run (also after an exception) so its files are complete."""
+    """Always close the W&B run (also after an exception) so its files are complete.
+
+    wandb-core does not write `files/wandb-summary.json` for offline runs; we write it, so the
+    final metrics of an offline run can be read without syncing.
+    """
     if any(isinstance(lg, WandbLogger) for lg in loggers):
         import wandb
 
-        if wandb.run is not None:
-            wandb.finish()
+        run = wandb.run
+        if run is None:
+            return
+        try:
+            summary = {k: run.summary.get(k) for k in run.summary.keys()}
+            summary = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))}
+            (Path(run.dir) / "wandb-summary.json").write_text(json.dumps(summary, indent=2))
+        except Exception as err:  # never lose the run over its summary file
+            log.warning("could not write the W&B summary file: %s", err)
+        wandb.finish()

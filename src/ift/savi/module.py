@@ -172,7 +172,8 @@ class SAVIModule(pl.LightningModule):
                 result.grad_norm.nan_to_num(0.0).mean())
             metrics["inner/diverged" if split == "train" else f"inner/{split}_diverged"] = (
                 result.diverged.float().sum())
-        self.log_dict(metrics, on_step=on_step, on_epoch=True, batch_size=batch_size,
+        # train: per step (names stay `train/elbo`); val/test: epoch means reduced across ranks.
+        self.log_dict(metrics, on_step=on_step, on_epoch=not on_step, batch_size=batch_size,
                       sync_dist=not on_step)
 
     def validation_step(self, batch, batch_idx):

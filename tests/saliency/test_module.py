@@ -81,8 +81,10 @@ def test_evaluate_extra_writes_table_and_returns_metrics(tmp_path):
     torch.manual_seed(0)
     model = ClassifierModule((1, 8, 8), 3)
     assert model.evaluate_extra(TinyData(), {"saliency": False}, tmp_path) == {}
-    eval_cfg = {"saliency": True, "saliency_examples": 2, "sens_samples": 2, "infd_samples": 20, "sg_samples": 2,
-                "ig_steps": 3, "shap_samples": 30, "nb_samples": 100, "square_sizes": [1, 2], "local": True}
+    eval_cfg = {"saliency": True, "saliency_examples": 2, "saliency_sens_samples": 2, "saliency_infd_samples": 20,
+                "saliency_sg_samples": 2, "saliency_ig_steps": 3, "saliency_shap_samples": 30,
+                "saliency_nb_samples": 100, "saliency_square_sizes": [1, 2], "saliency_local": True,
+                "iwae_samples": 1000}  # other evaluations' keys are ignored
     metrics = model.evaluate_extra(TinyData(), eval_cfg, tmp_path)
     for method in ("Grad", "Grad-SG", "IG", "IG-SG", "GBP", "GBP-SG", "SHAP", "Square", "NB"):
         assert metrics[f"saliency/{method}/sens_max"] >= 0 and metrics[f"saliency/{method}/infd"] >= 0
@@ -92,4 +94,4 @@ def test_evaluate_extra_writes_table_and_returns_metrics(tmp_path):
     assert (tmp_path / "saliency.md").read_text().startswith("**global**")
     assert (tmp_path / "saliency.png").stat().st_size > 0
     with pytest.raises(ValueError, match="unknown saliency settings"):
-        model.evaluate_extra(TinyData(), {"saliency": True, "sens_radiuss": 1}, tmp_path)
+        model.evaluate_extra(TinyData(), {"saliency": True, "saliency_sens_radiuss": 1}, tmp_path)

@@ -111,7 +111,8 @@ class ClassifierModule(L.LightningModule):
     # ------------------------------------------------------------------ eval.py hook
     def evaluate_extra(self, datamodule, eval_cfg: dict, out_dir: Path) -> dict[str, float]:
         """With ``eval_cfg["saliency"]`` true: the SENS_max / INFD table on ``saliency_examples`` test
-        examples (other keys: see ``SaliencyConfig``), written to ``out_dir/saliency.{json,md,png}``."""
+        examples, written to ``out_dir/saliency.{json,md,png}``. Other settings are
+        ``saliency_<field>`` keys of ``SaliencyConfig`` (e.g. ``saliency_sens_samples: 50``)."""
         from ift.saliency.report import SaliencyConfig, flatten_metrics, saliency_table, save_maps_png, write_report
 
         eval_cfg = dict(eval_cfg or {})

@@ -45,10 +45,15 @@ class SaliencyConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "SaliencyConfig":
-        known = {k: v for k, v in cfg.items() if k in cls.__dataclass_fields__}
-        unknown = sorted(set(cfg) - set(known) - {"saliency", "saliency_examples", "saliency_maps"})
+        """From eval settings: ``saliency_<field>`` keys (e.g. ``saliency_sens_samples``); keys of
+        other evaluations are ignored, an unknown ``saliency_*`` key raises."""
+        own = {k[len("saliency_"):]: v for k, v in cfg.items() if k.startswith("saliency_")}
+        own.pop("examples", None)
+        unknown = sorted(set(own) - set(cls.__dataclass_fields__))
         if unknown:
-            raise ValueError(f"unknown saliency settings {unknown}; allowed: {sorted(cls.__dataclass_fields__)}")
+            raise ValueError(f"unknown saliency settings {['saliency_' + k for k in unknown]}; allowed: "
+                             f"{['saliency_' + k for k in cls.__dataclass_fields__] + ['saliency_examples']}")
+        known = own
         out = cls(**known)
         bad = [m for m in out.methods if m not in METHODS]
         if bad:

@@ -10,6 +10,8 @@ Three entry points share one autograd.Function:
 ``implicit_argmin``      ``grad_x f(x, *params) = 0`` (stationary point of a scalar ``f``)
 ``implicit_fixed_point`` ``x = T(x, *params)``, i.e. ``F = x - T(x, *params)``
 
+Works with ``torch.func.grad`` / ``torch.func.vjp`` but not ``vmap`` (nor ``jacrev``, which
+vmaps), since the solvers stop on data-dependent tests; ``batch_dims`` covers batches.
 Only first-order gradients are supported: the backward treats ``x*`` as a constant, so
 differentiating the backward again (``create_graph=True``, nested ``torch.func.grad``) would miss
 the second-order IFT terms; it raises instead.
@@ -129,17 +131,16 @@ class _FuncLinearization:
 
 def _refuse_higher_order(tensors: Sequence[torch.Tensor]) -> None:
     """Raise when the backward itself would be differentiated (its result would miss terms)."""
-    level = _functorch_level()
-    if level is None:
-        higher = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    else:
-        # Under torch.func.grad the current level is the one being differentiated; a param that is
-        # still wrapped one level down means an outer transform will differentiate this backward.
-        functorch = torch._C._functorch
-        higher = any(
-            functorch.is_gradtrackingtensor(t) and functorch.is_gradtrackingtensor(functorch.get_unwrapped(t))
-            for t in tensors
-        )
+    functorch = torch._C._functorch
+
+    def differentiated_again(t: torch.Tensor) -> bool:
+        if functorch.is_gradtrackingtensor(t):
+            # Inside torch.func.grad / vjp the outer wrapper is the level being differentiated now;
+            # a second wrapper underneath means an enclosing transform differentiates this backward.
+            return functorch.is_gradtrackingtensor(functorch.get_unwrapped(t))
+        return torch.is_grad_enabled() and t.requires_grad  # plain autograd with create_graph=True
+
+    higher = any(differentiated_again(t) for t in tensors)
     if higher:
         raise RuntimeError(
             "implicit differentiation supports first-order gradients only: the backward would be "
@@ -172,6 +173,12 @@ class _ImplicitFunction(torch.autograd.Function):
         if not picked:
             return (None, None) + (None,) * len(params)
         _refuse_higher_order([params[i] for i in picked])
+        if torch._C._functorch.is_batchedtensor(grad_output):
+            raise RuntimeError(
+                f"implicit_{problem.kind} does not support torch.func.vmap (nor jacrev/jacfwd/hessian, which "
+                "use it): its iterative linear solvers stop on data-dependent tests. Use batch_dims for "
+                "batches of problems and torch.autograd.functional.jacobian for Jacobians."
+            )
 
         linearization_cls = _AutogradLinearization if _functorch_level() is None else _FuncLinearization
         lin = linearization_cls(problem, x_star, params, picked)
@@ -185,14 +192,17 @@ class _ImplicitFunction(torch.autograd.Function):
             )
 
         b = grad_output.reshape(batch, -1)
+        if not bool(torch.isfinite(b).all()):
+            # Propagate, as plain autograd would (e.g. AMP's GradScaler relies on seeing the Inf).
+            warnings.warn(ImplicitSolveWarning(f"implicit_{problem.kind}: incoming gradient has NaN/Inf; gradients are NaN"))
+            return (None, None, *[torch.full_like(params[i], float("nan")) if i in picked else None for i in range(len(params))])
         u, info = problem.solver.solve(lambda w: lin.vjp_x(w.reshape(shape)).reshape(batch, -1), b)
         info.root_residual = lin.value.detach().reshape(batch, -1).norm(dim=-1)
         if not bool(torch.isfinite(u).all()):
-            cause = "the incoming gradient contains NaN/Inf" if not bool(torch.isfinite(b).all()) else (
-                "dF/dx is singular or the solver diverged at x_star (IFT condition 3); try ridge > 0 "
-                "or linear_solver='direct'"
+            raise ImplicitSolveError(
+                f"implicit_{problem.kind}: the {info.solver} linear solve gave NaN/Inf: dF/dx is singular or the "
+                "solver diverged at x_star (IFT condition 3); try ridge > 0 or linear_solver='direct'"
             )
-            raise ImplicitSolveError(f"implicit_{problem.kind}: the {info.solver} linear solve gave NaN/Inf: {cause}")
         _record(info)
         if problem.on_solve is not None:
             problem.on_solve(info)

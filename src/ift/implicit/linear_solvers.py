@@ -80,8 +80,13 @@ class LinearSolver:
             iterations = iterations + its
             res = (b - op(x)).norm(dim=-1, keepdim=True)
             unfinished = res > threshold
-            # Restart only rows that still move, while budget remains.
-            if not bool(unfinished.any()) or int(its.max()) == 0 or int(iterations.max()) >= maxiter:
+            # Restart only rows that still move, while budget remains; a non-finite row is hopeless.
+            if (
+                not bool(unfinished.any())
+                or int(its.max()) == 0
+                or int(iterations.max()) >= maxiter
+                or not bool(torch.isfinite(res).all())
+            ):
                 break
         rel = (res / b_norm.clamp_min(torch.finfo(b.dtype).tiny)).squeeze(-1)
         rel = torch.where(b_norm.squeeze(-1) > 0, rel, res.squeeze(-1))
@@ -116,12 +121,18 @@ class CG(LinearSolver):
         rs = _dot(r, r)
         active = rs.sqrt() > threshold
         iterations = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
+        max_curvature = torch.zeros_like(rs)
+        eps = torch.finfo(b.dtype).eps
         for _ in range(max(maxiter, 0)):
             if not bool(active.any()):
                 break
             Ap = matvec(p)
             pAp = _dot(p, Ap)
-            ok = active & (pAp != 0) & torch.isfinite(pAp)  # pAp == 0: breakdown (singular direction)
+            # Curvature p^T A p / ||p||^2 below eps times the largest seen: a numerically singular
+            # direction, where a step would blow up; stop the row (it is reported not converged).
+            curvature = pAp.abs() / _dot(p, p).clamp_min(torch.finfo(b.dtype).tiny)
+            max_curvature = torch.maximum(max_curvature, torch.nan_to_num(curvature, nan=0.0, posinf=0.0))
+            ok = active & (curvature > eps * max_curvature) & torch.isfinite(pAp)
             alpha = _safe_div(rs, pAp, ok)
             x = x + alpha * p
             r = r - alpha * Ap

@@ -5,6 +5,12 @@ primal-dual interior point method and differentiates the KKT conditions in backw
 ``solve_qp_with_info`` also returns the duals, a per-example status and residuals.
 """
 
+from ift.optnet.layer import OptNetLayer, SoftmaxHead, SparsemaxHead, sparsemax_closed_form, sparsemax_qp
 from ift.optnet.qp import QPInfeasibleError, QPSolution, QPStatus, solve_qp, solve_qp_with_info
 
-__all__ = ["solve_qp", "solve_qp_with_info", "QPSolution", "QPStatus", "QPInfeasibleError"]
+__all__ = [
+    "OptNetLayer",
+    "SparsemaxHead",
+    "SoftmaxHead",
+    "sparsemax_qp",
+    "sparsemax_closed_form","solve_qp", "solve_qp_with_info", "QPSolution", "QPStatus", "QPInfeasibleError"]

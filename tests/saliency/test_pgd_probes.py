@@ -53,6 +53,16 @@ def test_gradient_and_hessian_norm_of_quadratic():
     assert torch.allclose(hess, spectral.expand(3), rtol=1e-4)
 
 
+def test_hessian_norm_of_indefinite_hessian_with_opposite_eigenvalues():
+    """Eigenvalues +2 and -2: a plain Rayleigh quotient of H would report about 0."""
+    a = torch.diag(torch.tensor([2.0, -2.0, 0.5, 0.1], dtype=torch.float64))
+    score = lambda x: 0.5 * torch.einsum("bi,ij,bj->b", x.flatten(1), a, x.flatten(1))
+    x = torch.randn(2, 1, 2, 2, dtype=torch.float64)
+    v0_gen = torch.Generator().manual_seed(1)
+    hess = input_hessian_norm(score, x, iters=200, tol=1e-12, generator=v0_gen)
+    assert torch.allclose(hess, torch.full((2,), 2.0, dtype=torch.float64), rtol=1e-6)
+
+
 def test_softplus_lipschitz_bound_holds_and_matches_one_layer_formula():
     torch.manual_seed(0)
     net = build_network("softplus_mlp", (1, 3, 3), 2, hidden=(6,)).double()

@@ -178,16 +178,17 @@ def square_infidelity(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.
 
 
 def infidelity(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, explanation: torch.Tensor,
-               perturbation: str = "noisy_baseline", n_samples: int | None = 1000,
+               perturbation: str = "noisy_baseline", n_samples: int | None = None,
                target: int | torch.Tensor | None = None, *, sigma: float = 0.2, baseline: float = 0.0,
                square_sizes: Sequence[int] = (1, 10), global_attribution: bool = False,
                max_batch: int = 4096, generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-example INFD with optimal scaling, shape (B,).
 
     forward: ``x -> (N,)`` scores, or ``(N, C)`` logits together with ``target``.
-    perturbation: ``"noisy_baseline"`` (``I = x - clip(baseline + sigma*eps, 0, 1)``, n_samples draws)
-        or ``"square"`` (remove a square of side ``square_sizes``; ``n_samples=None`` uses every
-        square at every position, as the paper does).
+    perturbation: ``"noisy_baseline"`` (``I = x - clip(baseline + sigma*eps, 0, 1)``, ``n_samples``
+        draws, 1000 when None as in the paper) or ``"square"`` (remove a square of side
+        ``square_sizes``; ``n_samples=None`` uses every square at every position, as the paper does,
+        an integer draws that many squares uniformly).
     explanation: the local explanation ``Phi`` shaped like x; with ``global_attribution=True`` (square
         only) it is an attribution of removing each feature, like SHAP, compared as ``z^T Phi``.
     """
@@ -198,10 +199,9 @@ def infidelity(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     if explanation.shape != x.shape:
         raise ValueError(f"explanation shape {tuple(explanation.shape)} != input shape {tuple(x.shape)}")
     if perturbation == "noisy_baseline":
+        n_samples = 1000 if n_samples is None else n_samples
         if global_attribution:
             raise ValueError("global_attribution=True is defined for perturbation='square' only")
-        if n_samples is None:
-            raise ValueError("perturbation='noisy_baseline' needs an integer n_samples")
         pert = noisy_baseline_perturbations(x, n_samples, sigma, baseline, generator)
         return infidelity_from_perturbations(forward, x, explanation, pert, target, max_batch)
     masks = pick_squares(square_masks(x.shape[2], x.shape[3], square_sizes, x.device), n_samples, generator)

@@ -28,18 +28,22 @@ def input_hessian_norm(score_fn: Callable[[torch.Tensor], torch.Tensor], x: torc
     Hessian-vector products. Examples are independent, so the Hessian of ``sum_b s(x_b)`` is block
     diagonal and one batched HVP gives every example's product.
 
+    The iteration runs on ``H^2`` (two HVPs per step) and returns ``sqrt(lambda_max(H^2))``: on an
+    indefinite Hessian with eigenvalues ``+l`` and ``-l`` the Rayleigh quotient of ``H`` itself
+    hovers near 0, while ``H^2`` is positive semi-definite.
+
     Note: for piecewise-linear nets (ReLU, max-pool) the Hessian of a logit is zero almost
     everywhere; probe a smooth score such as the log-probability instead.
     """
     x = x.detach()
 
-    def matvec(v: torch.Tensor) -> torch.Tensor:
+    def h(v: torch.Tensor) -> torch.Tensor:
         # detach: otherwise each iterate keeps the graph of all previous HVPs alive
         return hvp(lambda z: score_fn(z).sum(), x, v.detach()).detach()
 
     v0 = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-    eig, _ = power_iteration(matvec, v0, iters=iters, tol=tol)
-    return eig.abs()
+    eig, _ = power_iteration(lambda v: h(h(v)), v0, iters=iters, tol=tol)
+    return eig.clamp_min(0).sqrt()
 
 
 def softplus_gradient_lipschitz(weights: Sequence[torch.Tensor], norm: str = "spectral") -> float:

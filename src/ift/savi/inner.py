@@ -86,6 +86,7 @@ def refine(objective: Callable[[torch.Tensor], torch.Tensor], lam0: torch.Tensor
     state2 = torch.zeros_like(lam)  # Adam second moment
     grad_norm = torch.full((batch,), float("nan"), device=lam.device, dtype=lam.dtype)
 
+    # Masks are rebuilt, never updated in place: torch.where saves them for the unrolled backward.
     for step in range(cfg.steps + 1):
         with torch.enable_grad():
             lam_in = lam if create_graph else lam.detach().requires_grad_(True)
@@ -95,9 +96,9 @@ def refine(objective: Callable[[torch.Tensor], torch.Tensor], lam0: torch.Tensor
             grad = grad.detach()
         grad_norm = grad.detach().norm(dim=-1)
         bad = ~torch.isfinite(value.detach()) | ~torch.isfinite(grad_norm)
-        diverged |= bad & active
-        active &= ~bad
-        active &= grad_norm > cfg.tol
+        diverged = diverged | (bad & active)
+        active = active & ~bad
+        active = active & (grad_norm > cfg.tol)
         if step == cfg.steps or not bool(active.any()):
             break
         grad = torch.where(torch.isfinite(grad), grad, torch.zeros_like(grad))
@@ -118,8 +119,8 @@ def refine(objective: Callable[[torch.Tensor], torch.Tensor], lam0: torch.Tensor
             update = cfg.lr * m_hat / ((v_hat + 1e-16).sqrt() + 1e-8)
         proposal = lam + update
         out_of_bounds = ~torch.isfinite(proposal).all(-1) | (proposal.detach().abs().amax(-1) > cfg.max_abs)
-        diverged |= out_of_bounds & active
-        active &= ~out_of_bounds
+        diverged = diverged | (out_of_bounds & active)
+        active = active & ~out_of_bounds
         lam = torch.where(active.unsqueeze(-1), proposal, lam)
         steps_taken += active.long()
 

@@ -38,6 +38,7 @@ class SAVIModule(pl.LightningModule):
         gamma: dict[str, Any] | None = None,
         lr: float = 1e-3,
         train_samples: int = 1,
+        inner_samples: int = 1,
         inner: dict[str, Any] | None = None,
         ift: dict[str, Any] | None = None,
         amortized_weight: float | None = None,
@@ -51,8 +52,9 @@ class SAVIModule(pl.LightningModule):
             raise ValueError(f"model.mode={mode!r} is unknown; use one of {MODES}")
         if not lr > 0:
             raise ValueError(f"model.lr must be > 0, got {lr}")
-        if train_samples < 1:
-            raise ValueError(f"model.train_samples must be >= 1, got {train_samples}")
+        if train_samples < 1 or inner_samples < 1:
+            raise ValueError(f"model.train_samples and model.inner_samples must be >= 1, got "
+                             f"{train_samples}, {inner_samples}")
         gamma = {"init": 1.0, "learn": True, "min": 1e-4, **(gamma or {})}
         inner_kwargs = dict(inner or {})
         if "betas" in inner_kwargs:
@@ -111,10 +113,22 @@ class SAVIModule(pl.LightningModule):
         lam_star = implicit_argmin(
             negative_objective, result.lam.detach(), lam0, *theta,
             batch_dims=1, linear_solver=self.ift_cfg["solver"], tol=self.ift_cfg["tol"],
-            maxiter=self.ift_cfg["maxiter"], ridge=self.ift_cfg["ridge"],
+            maxiter=self.ift_cfg["maxiter"], ridge=self.ift_cfg["ridge"], on_solve=self._record_solve,
         )
         # Diverged examples fell back to lambda_0: their gradient is the amortized one.
         return torch.where(good.unsqueeze(-1), lam_star, lam0)
+
+    def _record_solve(self, info) -> None:
+        self._solve_info = info
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        """The IFT's linear solve runs in backward, after training_step: log its diagnostics here."""
+        info, self._solve_info = getattr(self, "_solve_info", None), None
+        if info is not None:
+            self.log_dict({"ift/linsolve_iters": info.iterations.float().mean(),
+                           "ift/linsolve_residual": info.residual.max(),
+                           "ift/linsolve_unconverged": (~info.converged).float().sum()},
+                          on_step=True, on_epoch=False, batch_size=len(info.iterations))
 
     # --- steps ------------------------------------------------------------------------------
     def _flatten(self, batch) -> torch.Tensor:
@@ -124,8 +138,10 @@ class SAVIModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x = self._flatten(batch)
         lam0 = self.vae.encode(x)
+        result = self.refine(x, lam0, self.vae.sample_eps(x.shape[0], self.hparams.inner_samples, like=x))
+        # Fresh noise for the outer ELBO: lambda_K was fitted to the inner noise, so the ELBO on
+        # that same noise would be optimistically biased.
         eps = self.vae.sample_eps(x.shape[0], self.hparams.train_samples, like=x)
-        result = self.refine(x, lam0, eps)
         recon, kl = self.vae.elbo_terms(x, result.lam, eps)
         elbo = recon - kl
         loss = -elbo.mean()
@@ -142,9 +158,10 @@ class SAVIModule(pl.LightningModule):
         x = self._flatten(batch)
         gen = torch.Generator(device=x.device).manual_seed(self.hparams.eval_seed + batch_idx)
         lam0 = self.vae.encode(x)
+        eps_inner = self.vae.sample_eps(x.shape[0], self.hparams.inner_samples, generator=gen, like=x)
         eps = self.vae.sample_eps(x.shape[0], 1, generator=gen, like=x)
         with torch.no_grad():
-            result = self.refine(x, lam0, eps)
+            result = self.refine(x, lam0, eps_inner)
             recon, kl = self.vae.elbo_terms(x, result.lam, eps)
             elbo_amortized = self.vae.elbo(x, lam0, eps)
             mu = result.lam.chunk(2, dim=-1)[0]
@@ -198,6 +215,30 @@ class SAVIModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_active_units("test")
+
+    @torch.no_grad()
+    def evaluate_extra(self, datamodule, eval_cfg: dict, out_dir) -> dict[str, float]:
+        """eval.py: importance-weighted log p(x) on the test set (IWAE bound, proposal = the
+        module's own q: refined for SVI/SAVI modes, amortized for the VAE)."""
+        n_samples = int(eval_cfg.get("iwae_samples", 1000))
+        chunk = int(eval_cfg.get("iwae_chunk", 100))
+        max_examples = eval_cfg.get("iwae_max_examples")
+        datamodule.setup("test")
+        gen = torch.Generator(device=self.device).manual_seed(self.hparams.eval_seed)
+        total, count = 0.0, 0
+        for batch_idx, (x, _) in enumerate(datamodule.test_dataloader()):
+            if max_examples is not None and count >= max_examples:
+                break
+            x = x.to(self.device).flatten(1)
+            if max_examples is not None:
+                x = x[: max_examples - count]
+            eps = self.vae.sample_eps(x.shape[0], 1, generator=gen, like=x)
+            lam = self.refine(x, self.vae.encode(x), eps).lam
+            ll = self.vae.iwae_log_likelihood(x, lam, n_samples=n_samples, chunk=chunk, generator=gen)
+            total += float(ll.sum())
+            count += x.shape[0]
+        return {"test/iwae_ll": total / max(count, 1), "test/iwae_samples": float(n_samples),
+                "test/iwae_examples": float(count)}
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)

@@ -92,7 +92,7 @@ def test_gradcheck_implicit_root(solver):
     assert torch.autograd.gradcheck(fn, (W, b))
 
 
-@pytest.mark.parametrize("solver", ["gmres", "direct", Neumann(maxiter=2000)])
+@pytest.mark.parametrize("solver", ["gmres", "bicgstab", "direct", Neumann(maxiter=2000)])
 def test_gradcheck_implicit_fixed_point(solver):
     g = gen(3)
     W = (torch.randn(5, 5, dtype=DT, generator=g) / 3).requires_grad_()

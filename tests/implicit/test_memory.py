@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ift.implicit import implicit_argmin, implicit_fixed_point
+from ift.implicit import implicit_argmin, implicit_fixed_point, implicit_root
 from ift.implicit.examples import (
     ridge_gradient_descent,
     ridge_hypergradient_closed_form,
@@ -93,3 +93,14 @@ def test_fixed_point_memory_is_flat_in_iterations():
     assert grow_1000 > 50 * grow_10  # ~100x the bytes for 100x the iterations
     for gi, gu in zip(grads_implicit, grads_unrolled):  # both converge to the same true gradient
         torch.testing.assert_close(gi, gu, rtol=1e-8, atol=1e-10)
+
+
+def test_implicit_node_saves_exactly_x_star_and_params():
+    theta = torch.randn(4, 3, dtype=DT, requires_grad=True)
+    weight = torch.randn(3, 3, dtype=DT, requires_grad=True)
+    frozen = torch.randn(3, dtype=DT)
+    F = lambda x, theta, weight, frozen: x @ weight - theta - frozen
+    x_star = torch.zeros(4, 3, dtype=DT)
+    with SavedBytes() as counter:
+        implicit_root(F, x_star, theta, weight, frozen, batch_dims=1)
+    assert counter.bytes == 8 * (x_star.numel() + theta.numel() + weight.numel() + frozen.numel())

@@ -75,14 +75,18 @@ class LinearSolver:
         threshold = tol * b_norm
         x = torch.zeros_like(b)
         iterations = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
+        previous = torch.full_like(b_norm, float("inf"))
         while True:
             x, its = self._iterate(op, b, x, threshold, maxiter - int(iterations.max()))
             iterations = iterations + its
             res = (b - op(x)).norm(dim=-1, keepdim=True)
             unfinished = res > threshold
-            # Restart only rows that still move, while budget remains; a non-finite row is hopeless.
+            # Restart while budget remains and some unfinished row at least halved its residual
+            # (a singular row would otherwise restart forever); a non-finite row is hopeless.
+            progressed = unfinished & (res < 0.5 * previous)
+            previous = res
             if (
-                not bool(unfinished.any())
+                not bool(progressed.any())
                 or int(its.max()) == 0
                 or int(iterations.max()) >= maxiter
                 or not bool(torch.isfinite(res).all())

@@ -27,13 +27,14 @@ def batch_size_of(batch: Any) -> int:
 class TelemetryCallback(pl.Callback):
     """Logs, per training step: `perf/step_time_s`, `perf/samples_per_s`, `perf/peak_mem_mb`
     (CUDA max allocated, reset every step, on GPU; process peak RSS on CPU) and, when
-    `saved_tensors=True`, `perf/saved_tensor_mb` (bytes saved for backward during the step).
+    `saved_tensors=True`, `perf/saved_tensor_mb` (bytes held for backward when backward starts).
     """
 
     def __init__(self, saved_tensors: bool = False) -> None:
         self.saved_tensors = saved_tensors
         self._start = 0.0
         self._counter: SavedTensorCounter | None = None
+        self._saved_mb: float | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         device = pl_module.device
@@ -43,6 +44,10 @@ class TelemetryCallback(pl.Callback):
         if self.saved_tensors:
             self._counter = SavedTensorCounter().__enter__()
         self._start = time.perf_counter()
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if self._counter is not None:
+            self._saved_mb = self._counter.live_bytes / 2**20
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         device = pl_module.device
@@ -60,8 +65,10 @@ class TelemetryCallback(pl.Callback):
         }
         if self._counter is not None:
             self._counter.__exit__(None, None, None)
-            metrics["perf/saved_tensor_mb"] = self._counter.megabytes
             self._counter = None
+        if self._saved_mb is not None:
+            metrics["perf/saved_tensor_mb"] = self._saved_mb
+            self._saved_mb = None
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size_of(batch))
 
     def on_exception(self, trainer, pl_module, exception) -> None:

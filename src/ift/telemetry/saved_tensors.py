@@ -1,37 +1,41 @@
-"""Bytes of tensors autograd saves for backward, counted with `saved_tensors_hooks`.
+"""Bytes of tensors autograd holds for backward, counted with `saved_tensors_hooks`.
 
 This is the memory that grows with an unrolled inner loop and stays flat under the IFT, so it
-is the number our memory claims are made in. Each storage is counted once, however often it is
-saved (a weight used by many layers is saved many times but costs its bytes once).
+is the number our memory claims are made in. Two readings:
+
+- `live_bytes`: tensors saved inside the block that are still held by a graph when you ask
+  (read it just before `backward()`): what the backward pass has to keep in memory. Graphs that
+  were already freed (e.g. an inner loop's per-step gradient graphs without `create_graph`) do
+  not count.
+- `total_bytes`: everything packed inside the block, freed or not.
+
+Each storage counts once, however often it is saved (a weight used by many layers is saved many
+times but costs its bytes once).
 """
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 
+def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:
+    return (str(tensor.device), tensor.untyped_storage().data_ptr())
+
+
 class SavedTensorCounter:
-    """Context manager: `with SavedTensorCounter() as c: loss = f(x)` then `c.bytes`.
+    """`with SavedTensorCounter() as c: loss = f(x)`, then `c.live_bytes` before `loss.backward()`."""
 
-    Counts unique storages saved for backward by the autograd graph built inside the block.
-    `include_parameters=False` skips tensors that are leaf parameters (their memory exists anyway).
-    """
-
-    def __init__(self, include_parameters: bool = True) -> None:
-        self.include_parameters = include_parameters
-        self._seen: set[tuple[torch.device, int]] = set()
-        self.bytes = 0
-        self.count = 0
+    def __init__(self) -> None:
+        self._records: list[tuple[weakref.ref, tuple[str, int], int]] = []
+        self._total: dict[tuple[str, int], int] = {}
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.include_parameters or not isinstance(tensor, torch.nn.Parameter):
-            storage = tensor.untyped_storage()
-            key = (tensor.device, storage.data_ptr())
-            if key not in self._seen:
-                self._seen.add(key)
-                self.bytes += storage.nbytes()
-                self.count += 1
+        key, nbytes = _storage_key(tensor), tensor.untyped_storage().nbytes()
+        self._records.append((weakref.ref(tensor), key, nbytes))
+        self._total[key] = nbytes
         return tensor
 
     @staticmethod
@@ -44,10 +48,15 @@ class SavedTensorCounter:
         return self
 
     def __exit__(self, *exc) -> None:
-        assert self._hooks is not None
-        self._hooks.__exit__(*exc)
-        self._hooks = None
+        if self._hooks is not None:
+            self._hooks.__exit__(*exc)
+            self._hooks = None
 
     @property
-    def megabytes(self) -> float:
-        return self.bytes / 2**20
+    def live_bytes(self) -> int:
+        live = {key: nbytes for ref, key, nbytes in self._records if ref() is not None}
+        return sum(live.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self._total.values())

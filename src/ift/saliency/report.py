@@ -62,7 +62,7 @@ class SaliencyConfig:
 
 
 def evaluate_method(model: nn.Module, name: str, x: torch.Tensor, y: torch.Tensor, cfg: SaliencyConfig,
-                    local: bool) -> tuple[dict[str, float], torch.Tensor]:
+                    local: bool, refs: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, float], torch.Tensor]:
     """Per-example SENS_max and INFD of one method; returns (mean metrics, explanation of x)."""
     gen = torch.Generator(device=x.device).manual_seed(cfg.seed)
     expl = make_explanation(name, model, sg_radius=cfg.sg_radius, sg_samples=cfg.sg_samples, ig_steps=cfg.ig_steps,
@@ -73,6 +73,8 @@ def evaluate_method(model: nn.Module, name: str, x: torch.Tensor, y: torch.Tenso
         expl = to_global(expl)
     phi = expl(x, y)
     gen_m = torch.Generator(device=x.device).manual_seed(cfg.seed + 1)
+    pert = "noisy_baseline" if use_local else "square"
+    ref = refs[pert] if refs is not None else zero_explanation_infd(model, x, y, cfg, pert)
     if use_local:
         infd = infidelity(model, x, phi, "noisy_baseline", cfg.infd_samples, y, sigma=cfg.nb_sigma,
                           max_batch=cfg.max_batch, generator=gen_m)
@@ -83,23 +85,48 @@ def evaluate_method(model: nn.Module, name: str, x: torch.Tensor, y: torch.Tenso
     metrics = {"sens_max": float(sens.mean()), "infd": float(infd.mean()),
                "sens_max_sem": float(sens.std() / len(sens) ** 0.5) if len(sens) > 1 else 0.0,
                "infd_sem": float(infd.std() / len(infd) ** 0.5) if len(infd) > 1 else 0.0,
-               "perturbation": "noisy_baseline" if use_local else "square"}
+               "perturbation": "noisy_baseline" if use_local else "square",
+               "infd_rel": float((infd / ref.clamp_min(1e-30)).mean()), "infd_zero": float(ref.mean())}
     return metrics, phi
+
+
+def zero_explanation_infd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SaliencyConfig,
+                          perturbation: str) -> torch.Tensor:
+    """INFD of the zero explanation, ``E[(f(x) - f(x - I))^2]``, on the same perturbations as
+    ``evaluate_method``: the scale of the score changes, against which INFD is read (INFD is not
+    invariant to rescaling f, and a robust model's logits move less)."""
+    zero = torch.zeros_like(x)
+    if perturbation == "square":
+        return infidelity(model, x, zero, "square", None, y, square_sizes=cfg.square_sizes, max_batch=cfg.max_batch)
+    gen_m = torch.Generator(device=x.device).manual_seed(cfg.seed + 1)
+    return infidelity(model, x, zero, "noisy_baseline", cfg.infd_samples, y, sigma=cfg.nb_sigma,
+                      max_batch=cfg.max_batch, generator=gen_m)
 
 
 def saliency_table(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                    cfg: SaliencyConfig) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
-    """``({"global"|"local": {method: metrics}}, {method: maps of x})`` for the examples ``(x, y)``."""
+    """``({"global"|"local": {method: metrics}}, {method: maps of x})`` for the examples ``(x, y)``.
+
+    Each method also gets ``infd_rel``: per-example INFD over the zero explanation's INFD
+    (``1 - R^2`` of the best scaled explanation), averaged over examples.
+    """
     model.eval()
+    ref = {p: zero_explanation_infd(model, x, y, cfg, p) for p in ("square", "noisy_baseline")}  # shared
     tables: dict[str, dict] = {"global": {}}
     maps: dict[str, torch.Tensor] = {}
+
+    def add(setting, name, local):
+        metrics, phi = evaluate_method(model, name, x, y, cfg, local=local, refs=ref)
+        tables[setting][name] = metrics
+        return phi
+
     for name in cfg.methods:
-        tables["global"][name], maps[name] = evaluate_method(model, name, x, y, cfg, local=False)
+        maps[name] = add("global", name, local=False)
     if cfg.local:
         tables["local"] = {}
         for name in cfg.methods:
             if name in LOCAL_METHODS and name != "NB":
-                tables["local"][name], _ = evaluate_method(model, name, x, y, cfg, local=True)
+                add("local", name, local=True)
     return tables, maps
 
 
@@ -121,15 +148,18 @@ def markdown_table(tables: dict[str, dict], columns: dict[str, dict[str, dict]] 
     lines = []
     for setting in next(iter(columns.values())):
         names = list(columns)
-        head = "| Method | " + " | ".join(f"{n} SENS_max | {n} INFD".strip() for n in names) + " |"
+        head = "| Method | " + " | ".join(f"{n} SENS_max | {n} INFD | {n} INFD/INFD(0)".strip() for n in names) + " |"
         lines += [f"**{setting}** ({'x*Phi, square removal; NB: noisy baseline' if setting == 'global' else 'Phi, noisy baseline'})",
-                  "", head, "|---" * (1 + 2 * len(names)) + "|"]
+                  "", head, "|---" * (1 + 3 * len(names)) + "|"]
         for method in next(iter(columns.values()))[setting]:
             cells = []
             for n in names:
                 m = columns[n][setting][method]
-                cells += [f"{m['sens_max']:.3g} ± {m['sens_max_sem']:.2g}", f"{m['infd']:.3g} ± {m['infd_sem']:.2g}"]
+                cells += [f"{m['sens_max']:.3g} ± {m['sens_max_sem']:.2g}", f"{m['infd']:.3g} ± {m['infd_sem']:.2g}",
+                          f"{m['infd_rel']:.3g}"]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        zero = [f"| - | {columns[n][setting][method]['infd_zero']:.3g} | 1" for n in names]
+        lines.append("| zero explanation (E[df^2]) " + " ".join(zero) + " |")
         lines.append("")
     return "\n".join(lines)
 

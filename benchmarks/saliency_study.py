@@ -90,6 +90,13 @@ def table4(name: str, datamodule, spec: dict, out: Path) -> dict:
                           "saliency_seconds": time.perf_counter() - t0, "arch": model.arch,
                           "attack": model.attack}
         print(name, label, metrics, results[label]["probes"], flush=True)
+    payload = {"sizes": spec, "results": results}
+    (out / f"saliency_table4_{name}.json").write_text(json.dumps(payload, indent=2, default=list))
+    (out / f"saliency_table4_{name}.md").write_text(table4_markdown(name, results, spec))
+    return models
+
+
+def table4_markdown(name: str, results: dict, spec: dict) -> str:
     md = [f"### {name}: regular vs PGD-trained ({results['regular']['arch']}, "
           f"PGD eps {results['robust']['attack']['eps']}, {spec['examples']} test examples)", "",
           "| model | test acc | test PGD acc | mean grad norm (logit) | mean Hessian norm (log-prob) |",
@@ -102,10 +109,7 @@ def table4(name: str, datamodule, spec: dict, out: Path) -> dict:
         md += ["Paper, Table 4 (MNIST, global explanations, Madry et al.'s robust model):", "",
                "| Method | regular SENS_max | regular INFD | robust SENS_max | robust INFD |", "|---|---|---|---|---|"]
         md += [f"| {m} | {a[0]} | {a[1]} | {b[0]} | {b[1]} |" for m, (a, b) in PAPER_TABLE4.items()]
-    payload = {"sizes": spec, "results": results}
-    (out / f"saliency_table4_{name}.json").write_text(json.dumps(payload, indent=2, default=list))
-    (out / f"saliency_table4_{name}.md").write_text("\n".join(md) + "\n")
-    return models
+    return "\n".join(md) + "\n"
 
 
 def figure6(model, datamodule, radii, spec: dict, out: Path, name: str) -> None:
@@ -240,11 +244,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, writes to /tmp/saliency_quick")
     parser.add_argument("--mnist-root", default="/work/shared/data/mnist")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--markdown-only", action="store_true",
+                        help="rebuild the Table 4 markdown from the saved JSON (no training)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sizes = SIZES["quick" if args.quick else "full"]
     out = Path("/tmp/saliency_quick") if args.quick else Path(__file__).parent / "results"
     out.mkdir(parents=True, exist_ok=True)
+    if args.markdown_only:
+        for path in sorted(out.glob("saliency_table4_*.json")):
+            name = path.stem.removeprefix("saliency_table4_")
+            saved = json.loads(path.read_text())
+            (out / f"saliency_table4_{name}.md").write_text(table4_markdown(name, saved["results"], saved["sizes"]))
+        return
     t0 = time.perf_counter()
     figure5(out)
     digits = DigitsDataModule(batch_size=64)

@@ -158,8 +158,12 @@ def markdown_table(tables: dict[str, dict], columns: dict[str, dict[str, dict]] 
                 cells += [f"{m['sens_max']:.3g} ± {m['sens_max_sem']:.2g}", f"{m['infd']:.3g} ± {m['infd_sem']:.2g}",
                           f"{m['infd_rel']:.3g}"]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        zero = [f"| - | {columns[n][setting][method]['infd_zero']:.3g} | 1" for n in names]
-        lines.append("| zero explanation (E[df^2]) " + " ".join(zero) + " |")
+        for pert in dict.fromkeys(m["perturbation"] for m in next(iter(columns.values()))[setting].values()):
+            zero = []
+            for n in names:
+                ref = next(m["infd_zero"] for m in columns[n][setting].values() if m["perturbation"] == pert)
+                zero.append(f"| - | {ref:.3g} | 1")
+            lines.append(f"| zero explanation, {pert} (E[df^2]) " + " ".join(zero) + " |")
         lines.append("")
     return "\n".join(lines)
 

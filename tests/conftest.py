@@ -9,30 +9,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-import ift.config  # noqa: F401  (resolvers)
+import ift.config
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+CONFIGS = ift.config.CONFIG_DIR
 SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def compose_config(config_name: str, overrides: list[str], run_dir: Path) -> DictConfig:
-    """Compose configs/<config_name>.yaml as Hydra would, with the run directory set to `run_dir`."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
-        cfg = compose(config_name, overrides=[*overrides, f"hydra.run.dir={run_dir}"], return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
+    cfg = ift.config.compose_config(config_name, overrides, run_dir)
     with open_dict(cfg):
-        cfg.paths.output_dir = str(run_dir)
         cfg.paths.log_dir = str(run_dir.parent / "logs")
-        del cfg.hydra
     return cfg
 
 

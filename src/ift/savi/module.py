@@ -38,7 +38,7 @@ class SAVIModule(pl.LightningModule):
         gamma: dict[str, Any] | None = None,
         lr: float = 1e-3,
         train_samples: int = 1,
-        inner_samples: int = 1,
+        inner_samples: int = 4,
         inner: dict[str, Any] | None = None,
         ift: dict[str, Any] | None = None,
         amortized_weight: float | None = None,

@@ -7,16 +7,17 @@ from typing import Callable
 import torch
 
 
-def hvp(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def hvp(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, v: torch.Tensor,
+        create_graph: bool = False) -> torch.Tensor:
     """Hessian-vector product ``d^2 f(x) v`` of a scalar function ``f`` at ``x`` (double backward).
 
-    ``f`` may close over parameters; the graph to them is kept (``create_graph=True``) so the
-    product itself can be differentiated.
+    With ``create_graph=True`` the product keeps its graph (to ``x``, ``v`` and whatever ``f``
+    closes over) so it can be differentiated again; by default it is a plain tensor.
     """
     with torch.enable_grad():
         x = x.detach().requires_grad_(True) if not x.requires_grad else x
         (g,) = torch.autograd.grad(f(x), x, create_graph=True)
-        (hv,) = torch.autograd.grad(g, x, grad_outputs=v, create_graph=torch.is_grad_enabled())
+        (hv,) = torch.autograd.grad(g, x, grad_outputs=v, create_graph=create_graph)
     return hv
 
 
@@ -29,6 +30,9 @@ def power_iteration(
     """Dominant eigenvalue (largest magnitude) of a symmetric operator, batched over dim 0.
 
     Returns ``(eigenvalue per batch row, eigenvector)``. Rows keep their own normalisation.
+    Iterates are detached, so a ``matvec`` built on autograd does not grow a graph across
+    iterations. With eigenvalues ``+l`` and ``-l`` of equal magnitude the iteration does not
+    converge; iterate on ``matvec(matvec(v))`` (eigenvalue ``l^2``) in that case.
     """
     if iters < 1:
         raise ValueError(f"power_iteration: iters must be >= 1, got {iters}")
@@ -41,7 +45,7 @@ def power_iteration(
     v = normalise(v0)
     eig = torch.zeros(v0.shape[0], dtype=v0.dtype, device=v0.device)
     for _ in range(iters):
-        w = matvec(v)
+        w = matvec(v).detach()
         new_eig = (w * v).sum(dim=dims)
         v = normalise(w)
         converged = (new_eig - eig).abs() <= tol * new_eig.abs().clamp_min(1e-12)

@@ -20,3 +20,5 @@ __all__ = [
     "SplitDataModule",
     "SyntheticDataModule",
 ]
+__all__ += ["SudokuDataModule"]
+from ift.data.sudoku import SudokuDataModule

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ift.checkpoints import RESOLVED_CONFIG, load_checkpoint, resolve_checkpoint, run_dir_of
 from ift.errors import CheckpointError
+from ift.training import instantiate_checked
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def load_run_config(ckpt: Path) -> DictConfig:
 
 
 def build_model(run_cfg: DictConfig, state: dict[str, Any], ckpt: Path) -> pl.LightningModule:
-    model = instantiate(run_cfg.model, _convert_="all")
+    model = instantiate_checked(run_cfg.model, "model", _convert_="all")
     try:
         model.load_state_dict(state["state_dict"])
     except RuntimeError as err:
@@ -57,7 +58,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(run_cfg.get("seed", cfg.seed), workers=True)
 
     model = build_model(run_cfg, state, ckpt)
-    datamodule = instantiate(data_cfg)
+    datamodule = instantiate_checked(data_cfg, "data")
     trainer = pl.Trainer(logger=False, enable_checkpointing=False, inference_mode=False,
                          **OmegaConf.to_container(cfg.trainer, resolve=True))
     results = trainer.test(model, datamodule=datamodule)

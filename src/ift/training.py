@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from ift.errors import ConfigError
 from ift.checkpoints import RESOLVED_CONFIG, resolve_checkpoint, run_dir_of
 from ift.validation import validate_config
 from ift.wandb_utils import finish_wandb, prepare_wandb
@@ -19,11 +21,23 @@ from ift.wandb_utils import finish_wandb, prepare_wandb
 log = logging.getLogger(__name__)
 
 
-def instantiate_group(group: DictConfig | None) -> list[Any]:
+def instantiate_group(group: DictConfig | None, name: str) -> list[Any]:
     """Instantiate every `_target_` entry of a config group such as `callbacks` or `logger`."""
     if not group:
         return []
-    return [instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
+    return [instantiate_checked(node, f"{name}.{key}") for key, node in group.items()
+            if isinstance(node, DictConfig) and "_target_" in node]
+
+
+def instantiate_checked(node: DictConfig, group: str, **kwargs) -> Any:
+    """`instantiate`, with a bad value reported as one ConfigError line instead of Hydra's wrapper."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, (ValueError, TypeError)):
+            raise ConfigError(f"{group} ({node.get('_target_')}): {cause}") from None
+        raise
 
 
 def to_floats(metrics: dict[str, Any]) -> dict[str, float]:
@@ -37,10 +51,11 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.log_dir) / cfg.task_name)
     prepare_wandb(cfg, resumed_run_dir=run_dir_of(ckpt) if ckpt else None)
 
-    datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model, _convert_="all")
-    callbacks = instantiate_group(cfg.get("callbacks"))
-    loggers: list[Logger] = instantiate_group(cfg.get("logger"))
+    # Model first: its hyperparameter checks fail in the first second, before any data is read.
+    model = instantiate_checked(cfg.model, "model", _convert_="all")
+    datamodule = instantiate_checked(cfg.data, "data")
+    callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
+    loggers: list[Logger] = instantiate_group(cfg.get("logger"), "logger")
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)

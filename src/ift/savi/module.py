@@ -61,6 +61,13 @@ class SAVIModule(pl.LightningModule):
             inner_kwargs["betas"] = tuple(inner_kwargs["betas"])
         self.inner_cfg = InnerConfig(**inner_kwargs)
         self.ift_cfg = {"solver": "cg", "tol": 1e-6, "maxiter": 100, "ridge": 0.0, **(ift or {})}
+        from ift.implicit import get_linear_solver
+
+        try:  # unknown solver names fail here, not at the first backward
+            get_linear_solver(self.ift_cfg["solver"], tol=self.ift_cfg["tol"], maxiter=self.ift_cfg["maxiter"],
+                              ridge=self.ift_cfg["ridge"])
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"model.ift.solver: {err}") from None
         self.mode = mode
         if amortized_weight is None:
             # The encoder needs a training signal of its own when nothing reaches it through the

@@ -125,3 +125,9 @@ def test_bad_inner_settings_are_clear_errors():
         SAVIModule(mode="savi_ift", inner={"eta": 0.0}, **common)
     with pytest.raises(ValueError, match="model.mode"):
         SAVIModule(mode="savi", **common)
+
+
+def test_batch_of_the_wrong_shape_is_a_clear_error():
+    module = SAVIModule(input_shape=[1, 8, 8], mode="vae", latent_dim=2, hidden=[5])
+    with pytest.raises(ValueError, match=r"model.input_shape=\(1, 8, 8\)"):
+        module.training_step((torch.rand(4, 1, 28, 28), torch.zeros(4)), 0)

@@ -140,6 +140,13 @@ class SAVIModule(pl.LightningModule):
     # --- steps ------------------------------------------------------------------------------
     def _flatten(self, batch) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if tuple(x.shape[1:]) != tuple(self.hparams.input_shape):
+            raise ValueError(
+                f"data batches have shape {tuple(x.shape[1:])} per example but the model was built for "
+                f"model.input_shape={tuple(self.hparams.input_shape)}; use matching data/model configs "
+                f"(model configs take input_shape from ${{data.shape}})")
+        if not torch.isfinite(x).all():
+            raise ValueError("data batch contains NaN/Inf values; check the dataset files")
         return x.flatten(1)
 
     def training_step(self, batch, batch_idx):

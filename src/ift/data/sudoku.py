@@ -111,7 +111,7 @@ class SudokuDataModule(SplitDataModule):
         n_train: int = 9000,
         n_test: int = 1000,
         n_blanks: int = 8,
-        batch_size: int = 100,
+        batch_size: int = 20,
         num_workers: int = 0,
         seed: int = 0,
         val_fraction: float = 0.1,

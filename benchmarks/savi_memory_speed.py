@@ -90,7 +90,7 @@ def measure(mode: str, steps: int, batch_size: int, repeats: int, device: torch.
 
 def measure_in_subprocess(mode: str, steps: int, args) -> dict:
     cmd = [sys.executable, __file__, "--single", mode, str(steps), "--batch-size", str(args.batch_size),
-           "--repeats", str(args.repeats), "--device", args.device]
+           "--repeats", str(args.repeats), "--device", args.device, "--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -126,7 +126,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=RESULTS / "savi_memory_speed.json")
     parser.add_argument("--single", nargs=2, metavar=("MODE", "K"), help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: stable timings on a shared machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.single:  # one record in this fresh process, printed as JSON for the parent
         print(json.dumps(measure(args.single[0], int(args.single[1]), args.batch_size, args.repeats, device)))

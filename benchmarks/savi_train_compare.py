@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 import matplotlib
 
 matplotlib.use("Agg")
@@ -103,7 +104,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "logs" / "benchmarks" / "savi_train_compare")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: stable timings on a shared machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.data == "mnist" and args.data_root is None:
         args.data_root = str(ROOT.parent / "shared" / "data" / "mnist")
 

@@ -1,4 +1,5 @@
-"""The inner problem of semi-amortized inference: refine lambda_0 per example by gradient ascent.
+"""The inner problem of semi-amortized inference: refine lambda_0 per example by gradient ascent
+with per-example backtracking (a step that lowers the objective is rejected and the step size halved).
 
 The objective is a per-example function `objective(lam) -> (B,)` (the ELBO with fixed noise, plus
 an optional proximal term). Examples are independent: each keeps its own optimiser state, its own
@@ -85,6 +86,8 @@ def refine(objective: Callable[[torch.Tensor], torch.Tensor], lam0: torch.Tensor
     state1 = torch.zeros_like(lam)  # momentum / Adam first moment
     state2 = torch.zeros_like(lam)  # Adam second moment
     grad_norm = torch.full((batch,), float("nan"), device=lam.device, dtype=lam.dtype)
+    step_size = torch.full((batch,), cfg.lr, device=lam.device, dtype=lam.dtype)
+    prev = None  # (lam, value, grad) of the last accepted point
 
     # Masks are rebuilt, never updated in place: torch.where saves them for the unrolled backward.
     for step in range(cfg.steps + 1):
@@ -98,6 +101,22 @@ def refine(objective: Callable[[torch.Tensor], torch.Tensor], lam0: torch.Tensor
         bad = ~torch.isfinite(value.detach()) | ~torch.isfinite(grad_norm)
         diverged = diverged | (bad & active)
         active = active & ~bad
+        if prev is not None:
+            # Backtracking: an example whose objective went down rejects its step, halves its step
+            # size and restarts its momentum. Ascent is monotone, so the loop still converges when
+            # the curvature (which grows as the decoder sharpens, ~1/gamma) outgrows the initial lr.
+            # (decreases within float rounding of the objective are not a failed step)
+            slack = 8 * torch.finfo(value.dtype).eps * (1 + prev[1].detach().abs())
+            worse = active & (value.detach() < prev[1].detach() - slack)
+            if bool(worse.any()):
+                w = worse.unsqueeze(-1)
+                lam = torch.where(w, prev[0], lam)
+                value = torch.where(worse, prev[1], value)
+                grad = torch.where(w, prev[2], grad)
+                grad_norm = grad.detach().norm(dim=-1)
+                state1 = torch.where(w, torch.zeros_like(state1), state1)
+                step_size = torch.where(worse, step_size / 2, step_size)
+        prev = (lam, value, grad)
         active = active & (grad_norm > cfg.tol)
         if step == cfg.steps or not bool(active.any()):
             break
@@ -107,7 +126,7 @@ def refine(objective: Callable[[torch.Tensor], torch.Tensor], lam0: torch.Tensor
             grad = grad * scale.unsqueeze(-1)
         if cfg.optimizer == "sgd":
             state1 = cfg.momentum * state1 + grad
-            update = cfg.lr * state1
+            update = step_size.unsqueeze(-1) * state1
         else:
             b1, b2 = cfg.betas
             t = step + 1
@@ -116,7 +135,7 @@ def refine(objective: Callable[[torch.Tensor], torch.Tensor], lam0: torch.Tensor
             m_hat, v_hat = state1 / (1 - b1**t), state2 / (1 - b2**t)
             # sqrt(v + tiny): the plain sqrt has an infinite derivative at 0, which would put NaN
             # into the unrolled backward pass.
-            update = cfg.lr * m_hat / ((v_hat + 1e-16).sqrt() + 1e-8)
+            update = step_size.unsqueeze(-1) * m_hat / ((v_hat + 1e-16).sqrt() + 1e-8)
         proposal = lam + update
         out_of_bounds = ~torch.isfinite(proposal).all(-1) | (proposal.detach().abs().amax(-1) > cfg.max_abs)
         diverged = diverged | (out_of_bounds & active)

@@ -7,6 +7,7 @@ from ift.data.base import DatasetNotFoundError, ImageTensorDataset, SplitDataMod
 from ift.data.cifar10 import CIFAR10DataModule
 from ift.data.digits import DigitsDataModule
 from ift.data.mnist import FashionMNISTDataModule, MNISTDataModule
+from ift.data.sudoku import SudokuDataModule
 from ift.data.synthetic import DaiGenerator, SyntheticDataModule
 
 __all__ = [
@@ -18,7 +19,6 @@ __all__ = [
     "ImageTensorDataset",
     "MNISTDataModule",
     "SplitDataModule",
+    "SudokuDataModule",
     "SyntheticDataModule",
 ]
-__all__ += ["SudokuDataModule"]
-from ift.data.sudoku import SudokuDataModule

@@ -33,14 +33,12 @@ def test_eval_config_composes(tmp_path):
 # (model, data) pairs meant to work, each one fast training step in-process.
 SAVI_MODELS = ["vae", "svi", "savi_unrolled", "savi_ift"]
 PAIRS = [(m, "digits") for m in SAVI_MODELS + ["classifier", "classifier_pgd", "mlp_classifier", "optnet_classifier"]]
-PAIRS += [("vae", "synthetic"), ("savi_ift", "synthetic"), ("optnet_sudoku", "sudoku")]
+PAIRS += [("vae", "synthetic"), ("savi_ift", "synthetic"), ("optnet_sudoku", "sudoku"), ("conv_sudoku", "sudoku")]
 PAIRS += [("vae", "mnist"), ("classifier", "mnist")]
 
 
 @pytest.mark.parametrize("model,data", PAIRS)
 def test_model_data_pair_trains_one_fast_step(compose_train, model, data):
-    if not (CONFIGS / "model" / f"{model}.yaml").exists() or not (CONFIGS / "data" / f"{data}.yaml").exists():
-        pytest.skip(f"config model={model} or data={data} not in this checkout")
     overrides = [f"model={model}", f"data={data}", "debug=fast", "logger=csv", "trainer=cpu"]
     if data == "mnist":
         if not SHARED_MNIST.exists():

@@ -21,7 +21,7 @@ import lightning as L
 import torch
 
 from ift.data import DigitsDataModule, MNISTDataModule
-from ift.saliency import (build_network, gradient, infidelity, input_gradient_norm, input_hessian_norm,
+from ift.saliency import (gradient, infidelity, input_gradient_norm, input_hessian_norm,
                           max_sensitivity, smooth, softplus_gradient_lipschitz)
 from ift.saliency.module import ClassifierModule, first_examples
 from ift.saliency.report import SaliencyConfig, markdown_table, saliency_table, save_maps_png

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ift.checkpoints import RESOLVED_CONFIG, load_checkpoint, resolve_checkpoint, run_dir_of

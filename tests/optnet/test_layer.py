@@ -66,7 +66,7 @@ def test_optnet_layer_gradcheck_through_its_parameters():
         return torch.func.functional_call(layer, dict(zip(names, params)), (q,))
 
     params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
-    sol = layer(q)
+    layer(q)
     status = layer.last_solution
     assert bool(status.converged.all())
     # strict complementarity (no weakly active constraint), else z*(params) has a kink

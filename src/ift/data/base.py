@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -252,3 +253,31 @@ def try_download(download, what: str, timeout_s: float = 30.0) -> Exception | No
     finally:
         socket.setdefaulttimeout(previous)
     return None
+
+
+def check_root(root: str | Path | None) -> Path:
+    if root is None or str(root).strip() == "":
+        raise ValueError("data.root must be the folder holding the dataset files, got nothing")
+    return Path(str(root)).expanduser()
+
+
+class FileDataModule(SplitDataModule):
+    """A SplitDataModule read from files under `root`, downloaded there only when `download`."""
+
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        seed: int = 0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        download: bool = False,
+        shape: Sequence[int] | None = None,
+        num_classes: int | None = None,
+    ):
+        super().__init__(batch_size, num_workers, seed, val_fraction, test_fraction, shape, num_classes)
+        self.root = check_root(root)
+        self.download = bool(download)
+        self._download_error: Exception | None = None
+        self._download_attempted = False

@@ -8,17 +8,15 @@ the test split. Missing files give one `DatasetNotFoundError`; a download is tri
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import torch
 import torchvision
 from lightning.pytorch.utilities import rank_zero_only
 
-from ift.data.base import DatasetNotFoundError, ImageTensorDataset, LoadedData, SplitDataModule, try_download
-from ift.data.mnist import check_root
+from ift.data.base import DatasetNotFoundError, FileDataModule, ImageTensorDataset, LoadedData, try_download
 
 
-class CIFAR10DataModule(SplitDataModule):
+class CIFAR10DataModule(FileDataModule):
     """CIFAR-10; see the module docstring. Args as `SplitDataModule` plus `root`, `download`."""
 
     shape = (3, 32, 32)
@@ -26,23 +24,6 @@ class CIFAR10DataModule(SplitDataModule):
     config_name = "cifar10"
     folder = "cifar-10-batches-py"
 
-    def __init__(
-        self,
-        root: str,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        seed: int = 0,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.1,
-        download: bool = False,
-        shape: Sequence[int] | None = None,
-        num_classes: int | None = None,
-    ):
-        super().__init__(batch_size, num_workers, seed, val_fraction, test_fraction, shape, num_classes)
-        self.root = check_root(root)
-        self.download = bool(download)
-        self._download_error: Exception | None = None
-        self._download_attempted = False
 
     def _present(self) -> bool:
         return (self.root / self.folder).is_dir()

@@ -7,7 +7,6 @@ split into seeded train/val/test parts (`val_fraction`, `test_fraction`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import torch
 from sklearn.datasets import load_digits
@@ -22,17 +21,6 @@ class DigitsDataModule(SplitDataModule):
     num_classes = 10
     config_name = "digits"
 
-    def __init__(
-        self,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        seed: int = 0,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.1,
-        shape: Sequence[int] | None = None,
-        num_classes: int | None = None,
-    ):
-        super().__init__(batch_size, num_workers, seed, val_fraction, test_fraction, shape, num_classes)
 
     def load(self) -> LoadedData:
         digits = load_digits()

@@ -12,7 +12,6 @@ Where the files may be, in order: `root/<file>[.gz]` and `root/<MNIST|FashionMNI
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import torchvision
@@ -20,9 +19,9 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from ift.data.base import (
     DatasetNotFoundError,
+    FileDataModule,
     ImageTensorDataset,
     LoadedData,
-    SplitDataModule,
     log_once,
     try_download,
 )
@@ -36,13 +35,8 @@ IDX_FILES = {
 }
 
 
-def check_root(root: str | Path | None) -> Path:
-    if root is None or str(root).strip() == "":
-        raise ValueError("data.root must be the folder holding the dataset files, got nothing")
-    return Path(str(root)).expanduser()
 
-
-class MNISTDataModule(SplitDataModule):
+class MNISTDataModule(FileDataModule):
     """MNIST digits; see the module docstring for where files are looked for.
 
     Args:
@@ -57,23 +51,6 @@ class MNISTDataModule(SplitDataModule):
     torchvision_folder = "MNIST"
     torchvision_class = torchvision.datasets.MNIST
 
-    def __init__(
-        self,
-        root: str,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        seed: int = 0,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.1,
-        download: bool = False,
-        shape: Sequence[int] | None = None,
-        num_classes: int | None = None,
-    ):
-        super().__init__(batch_size, num_workers, seed, val_fraction, test_fraction, shape, num_classes)
-        self.root = check_root(root)
-        self.download = bool(download)
-        self._download_error: Exception | None = None
-        self._download_attempted = False
 
     def _files(self) -> dict[str, Path | None]:
         return {key: find_idx_file(self.root, stem, self.torchvision_folder) for key, stem in IDX_FILES.items()}

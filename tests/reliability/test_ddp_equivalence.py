@@ -16,7 +16,6 @@ the PGD test turns PGD's random start off. What is left is floating-point summat
 from __future__ import annotations
 
 import copy
-from functools import partial
 from pathlib import Path
 from unittest import mock
 
@@ -29,9 +28,7 @@ from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
 
 import ift.config
-import ift.saliency.module as saliency_module
 from ift.saliency.module import ClassifierModule
-from ift.saliency.pgd import pgd_attack
 from ift.savi.module import SAVIModule
 
 WORLD = 2
@@ -92,14 +89,6 @@ class FixedNoiseSAVI(SAVIModule):
             loss = super().training_step(batch, batch_idx)
         assert next(tables, None) is None, "training_step drew noise a different number of times than expected"
         return loss
-
-
-class NoRandomStartClassifier(ClassifierModule):
-    """ClassifierModule whose PGD starts at x (no random start), through the module's own code."""
-
-    def adversarial(self, x, y, steps):
-        with mock.patch.object(saliency_module, "pgd_attack", partial(pgd_attack, random_start=False)):
-            return super().adversarial(x, y, steps)
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -181,7 +170,8 @@ def test_classifier_pgd_ddp_step_equals_single_process(tmp_path):
     kwargs = model_config("classifier_pgd", tmp_path)
     kwargs.pop("_target_")
     assert kwargs["pgd"], "classifier_pgd.yaml should train on PGD examples"
-    module = NoRandomStartClassifier(**kwargs)
+    kwargs["random_start"] = False  # PGD from x itself: no random draw to differ between ranks
+    module = ClassifierModule(**kwargs)
     check_ddp_equals_single(module, *digits_batch("classes"), tmp_path)
 
 

@@ -38,7 +38,7 @@ class ClassifierModule(L.LightningModule):
                  hidden: Sequence[int] = (64, 64), depth: int = 20, lr: float = 1e-3, optimizer: str = "adam",
                  weight_decay: float = 0.0, pgd: bool = False, eps: float | None = None,
                  step_size: float | None = None, steps: int | None = None, eval_steps: int | None = None,
-                 eval_pgd: bool = True):
+                 eval_pgd: bool = True, random_start: bool = True):
         super().__init__()
         self.save_hyperparameters()
         input_shape = tuple(int(s) for s in input_shape)
@@ -70,7 +70,8 @@ class ClassifierModule(L.LightningModule):
         was_training = self.net.training
         self.net.eval()
         with torch.inference_mode(False), torch.enable_grad():
-            x_adv = pgd_attack(self.net, x.clone(), y.clone(), self.attack["eps"], self.attack["step_size"], steps)
+            x_adv = pgd_attack(self.net, x.clone(), y.clone(), self.attack["eps"], self.attack["step_size"], steps,
+                               random_start=self.hparams.random_start)
         self.net.train(was_training)
         return x_adv
 

@@ -352,7 +352,7 @@ def solve_qp_with_info(
         raise ValueError(f"solve_qp: tol must be > 0, got {tol}")
 
     z, lam, nu, s, status, iters, pri, dual, gap = _QPFunction.apply(
-        Q, q, G, h, A, b, batch or 1, tol, max_iter, torch.float64 if work_in_float64 else q.dtype
+        Q, q, G, h, A, b, batch or 1, tol, max_iter, work_dtype
     )
     sol = QPSolution(z, lam, nu, s, status, iters, pri, dual, gap)
     if batch is None:

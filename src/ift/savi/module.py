@@ -107,8 +107,8 @@ class SAVIModule(pl.LightningModule):
         """Re-attach the solver's lambda_K to (lambda_0, theta) through the IFT."""
         from ift.implicit import implicit_argmin
 
-        names = list(self.vae.generative_params())
-        theta = [self.vae.generative_params()[n] for n in names]
+        generative = self.vae.generative_params()
+        names, theta = list(generative), list(generative.values())
         eta = self.inner_cfg.eta
 
         def negative_objective(lam, lam0_, *theta_):

@@ -39,7 +39,8 @@ def input_hessian_norm(score_fn: Callable[[torch.Tensor], torch.Tensor], x: torc
 
     def h(v: torch.Tensor) -> torch.Tensor:
         # detach: otherwise each iterate keeps the graph of all previous HVPs alive
-        return hvp(lambda z: score_fn(z).sum(), x, v.detach()).detach()
+        # the zero quadratic keeps a graph from the gradient to x when the score is linear (Hessian 0)
+        return hvp(lambda z: score_fn(z).sum() + 0 * (z * z).sum(), x, v.detach()).detach()
 
     v0 = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
     eig, _ = power_iteration(lambda v: h(h(v)), v0, iters=iters, tol=tol)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from ift.optnet.kkt import KKTFactor
+from ift.optnet.kkt import ActiveSetFactor, KKTFactor
 
 
 class QPStatus(enum.IntEnum):
@@ -127,15 +127,19 @@ def _check_inputs(args: dict[str, torch.Tensor]) -> tuple[int | None, dict[str, 
     for name, t in args.items():
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"solve_qp: {name} contains NaN or infinite entries")
-    Qs = 0.5 * (args["Q"] + args["Q"].transpose(-1, -2))
-    _, info = torch.linalg.cholesky_ex(Qs.detach())
+    return batch, dims
+
+
+def _cholesky_of_Q(Qs: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of the symmetric part of Q (validation, polish and backward share it)."""
+    LQ, info = torch.linalg.cholesky_ex(Qs)
     if bool((info > 0).any()):
         raise ValueError(
             "solve_qp: Q must be symmetric positive definite (its Cholesky failed"
             + (f" for batch elements {torch.nonzero(info > 0).flatten().tolist()[:10]}" if info.dim() else "")
             + "); add eps * I or parameterise Q = L L^T + eps * I"
         )
-    return batch, dims
+    return LQ
 
 
 def _batched(t: torch.Tensor, rank: int, batch: int) -> torch.Tensor:
@@ -157,7 +161,7 @@ def _inf_norm(v: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# forward: primal-dual interior point
+# forward: primal-dual interior point, then an exact solve on the identified active set
 
 
 def _max_step(v: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
@@ -168,6 +172,58 @@ def _max_step(v: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
 
 def _shift_positive(v: torch.Tensor) -> torch.Tensor:
     return v + (1.0 - v.amin(-1, keepdim=True)).clamp_min(0.0)
+
+
+@dataclass
+class _Problem:
+    """Batched problem data (symmetric Q and its Cholesky factor LQ); `take` selects examples."""
+
+    Q: torch.Tensor
+    LQ: torch.Tensor
+    q: torch.Tensor
+    G: torch.Tensor
+    h: torch.Tensor
+    A: torch.Tensor
+    b: torch.Tensor
+
+    def take(self, index: torch.Tensor) -> "_Problem":
+        return _Problem(*(t[index] for t in (self.Q, self.LQ, self.q, self.G, self.h, self.A, self.b)))
+
+
+def _measure(P: _Problem, z, s, lam, nu):
+    """Residuals, relative residuals (primal, dual, gap) and G^T lam + A^T nu of a point.
+
+    s need not be positive nor lam nonnegative (a polished point): negative parts count as
+    primal / dual infeasibility.
+    """
+    Qz, Gz, Az, Gt_lam, At_nu = _bmv(P.Q, z), _bmv(P.G, z), _bmv(P.A, z), _bmtv(P.G, lam), _bmtv(P.A, nu)
+    rd = Qz + P.q + Gt_lam + At_nu
+    rp = Gz + s - P.h
+    re = Az - P.b
+    objective = 0.5 * (z * Qz).sum(-1) + (P.q * z).sum(-1)
+    # Residuals relative to the size of the terms they are made of (as OSQP does).
+    scale_p = 1 + torch.stack([_inf_norm(t) for t in (Gz, s, P.h, Az, P.b)]).amax(0)
+    scale_d = 1 + torch.stack([_inf_norm(t) for t in (Qz, P.q, Gt_lam, At_nu)]).amax(0)
+    pri = torch.stack([_inf_norm(rp), _inf_norm(re), _inf_norm(s.clamp(max=0))]).amax(0) / scale_p
+    dual = torch.maximum(_inf_norm(rd), _inf_norm(lam.clamp(max=0))) / scale_d
+    gap = (s * lam).abs().sum(-1) / (1 + objective.abs())
+    return rd, rp, re, pri, dual, gap, Gt_lam + At_nu
+
+
+def _farkas(P: _Problem, z, lam, nu, pri, y_res, tol):
+    """The duals approach a certificate y = (lam >= 0, nu): G^T lam + A^T nu = 0, h^T lam + b^T nu < 0.
+
+    Any feasible z0 has h^T lam + b^T nu >= -|z0|_1 |G^T lam + A^T nu|_inf, so the test proves
+    there is no feasible point within 1000 times the size of the current iterate.
+    """
+    y_norm = lam.abs().sum(-1) + nu.abs().sum(-1)
+    cert_res = _inf_norm(y_res) / y_norm
+    cert_obj = ((P.h * lam).sum(-1) + (P.b * nu).sum(-1)) / y_norm
+    return (
+        (pri > tol)
+        & (cert_obj < -1e-6 * (1 + torch.maximum(_inf_norm(P.h), _inf_norm(P.b))))
+        & (1e3 * (1 + z.abs().sum(-1)) * cert_res < -cert_obj)
+    )
 
 
 def _newton_direction(F, G, s, lam, rd, rp, re, rc):
@@ -182,84 +238,160 @@ def _newton_direction(F, G, s, lam, rd, rp, re, rc):
     return dz, ds, dlam, dnu
 
 
+def _equality_solve(P: _Problem, active: torch.Tensor):
+    """Solve the KKT system with the constraints in `active` as equalities, the others dropped.
+
+    Returns the factor and the point (z, s = h - Gz, lam, nu); it is the QP's exact solution iff
+    the dropped constraints hold and the kept multipliers are >= 0 (`_measure` checks both).
+    """
+    F = ActiveSetFactor.build(P.Q, P.LQ, P.G, P.A, active)
+    h_act = torch.gather(P.h, 1, F.idx) * F.valid
+    z, y = F.solve(-P.q, torch.cat([P.b, h_act], dim=1))
+    p = P.b.shape[1]
+    lam = torch.zeros_like(P.h).scatter_add_(1, F.idx, y[:, p:] * F.valid)
+    return F, (z, P.h - _bmv(P.G, z), lam, y[:, :p])
+
+
+def _polish(P: _Problem, active: torch.Tensor, tol: float, corrections: int = 2):
+    """Exact solve on the active set guessed from an interior point iterate, verified.
+
+    A guess that fails the KKT check (a dropped constraint violated, a kept multiplier
+    negative) is corrected by primal-dual active-set steps: keep the constraints with lam > 0,
+    add the violated ones. Returns the factors and points of the last attempt per example, and
+    whether each satisfies the KKT conditions to `tol`.
+    """
+    F, point = _equality_solve(P, active)
+    res = _measure(P, *point)[3:6]
+    ok = (res[0] <= tol) & (res[1] <= tol) & (res[2] <= tol)
+    for _ in range(corrections):
+        bad = (~ok).nonzero().squeeze(-1)
+        if not bad.numel():
+            break
+        Pb = P.take(bad)
+        _, s, lam, _ = (t[bad] for t in point)
+        Fb, point_b = _equality_solve(Pb, lam - s > 0)
+        res_b = _measure(Pb, *point_b)[3:6]
+        F = F.replace(bad, Fb)
+        point = tuple(t.index_copy(0, bad, tb) for t, tb in zip(point, point_b))
+        res = tuple(t.index_copy(0, bad, tb) for t, tb in zip(res, res_b))
+        ok = ok.index_copy(0, bad, (res_b[0] <= tol) & (res_b[1] <= tol) & (res_b[2] <= tol))
+    return F, point, res, ok
+
+
+def first_polish_tol(work_dtype: torch.dtype) -> float:
+    """Residual level at which the active set is first guessed from the interior point iterate."""
+    return 1e-6 if work_dtype == torch.float64 else 1e-3
+
+
+class _Result:
+    """Per-example outputs of `_solve`, filled as examples finish; padded active-set factors."""
+
+    def __init__(self, P: _Problem):
+        B, m, n, p = *P.h.shape, P.q.shape[1], P.b.shape[1]
+        new = lambda *shape, dtype=P.q.dtype: torch.zeros(*shape, dtype=dtype, device=P.q.device)  # noqa: E731
+        self.z, self.lam, self.nu, self.s = new(B, n), new(B, m), new(B, p), new(B, m)
+        self.status = new(B, dtype=torch.long)
+        self.iterations = new(B, dtype=torch.long)
+        self.pri, self.dual, self.gap = new(B), new(B), new(B)
+        self.idx, self.valid = new(B, m, dtype=torch.long), new(B, m, dtype=torch.bool)
+        self.LS = torch.eye(p + m, dtype=P.q.dtype, device=P.q.device).repeat(B, 1, 1)
+
+    def store(self, rows, F: ActiveSetFactor, sel, **values):
+        for name, v in values.items():
+            getattr(self, name)[rows] = v
+        k = F.idx.shape[1]
+        self.idx[rows, :k], self.valid[rows, :k] = F.idx[sel], F.valid[sel]
+        if F.LS is not None:
+            w = F.LS.shape[-1]
+            self.LS[rows, :w, :w] = F.LS[sel]
+
+
 @torch.no_grad()
-def _interior_point(Q, q, G, h, A, b, tol: float, max_iter: int):
-    B, m = h.shape
-    stall_weight = 1e-2 / torch.finfo(h.dtype).eps
+def _solve(P: _Problem, tol: float, max_iter: int) -> _Result:
+    """Mehrotra predictor-corrector; every example stops as soon as it is solved (crossover).
+
+    Once an example's residuals fall below `first_polish_tol`, or it stops for any other reason,
+    its active set {lam > s} is solved exactly (`_polish`); a polished point that satisfies the
+    KKT conditions to `tol` is returned as CONVERGED. Otherwise the example iterates on (one
+    polish attempt before its final one). Finished examples leave the batch.
+    """
+    m = P.h.shape[1]
+    out = _Result(P)
+    stall_weight = 1e-2 / torch.finfo(P.h.dtype).eps
+    near_tol = max(tol, first_polish_tol(P.h.dtype))
 
     # Start from the solution of the problem with unit barrier weights, then shift s, lam > 0.
-    F = KKTFactor.build(Q, G, A, torch.ones_like(h))
-    z, nu = F.solve(-q + _bmtv(G, h), b)
-    Gz_h = _bmv(G, z) - h
+    F = KKTFactor.build(P.Q, P.G, P.A, torch.ones_like(P.h))
+    z, nu = F.solve(-P.q + _bmtv(P.G, P.h), P.b)
+    Gz_h = _bmv(P.G, z) - P.h
     s, lam = _shift_positive(-Gz_h), _shift_positive(Gz_h)
 
-    status = torch.full((B,), int(QPStatus.MAX_ITER), dtype=torch.long, device=q.device)
-    iterations = torch.zeros(B, dtype=torch.long, device=q.device)
-    frozen = torch.zeros(B, dtype=torch.bool, device=q.device)
+    live = torch.arange(P.h.shape[0], device=P.h.device)
+    tried = torch.zeros_like(live, dtype=torch.bool)
+    broken = torch.zeros_like(tried)
+    iters = torch.zeros_like(live)
     for it in range(max_iter + 1):
-        # Factorise first, so the factor of the final iterate is the one the backward reuses.
-        F = KKTFactor.build(Q, G, A, lam / s)
-        Qz, Gz, Az, Gt_lam, At_nu = _bmv(Q, z), _bmv(G, z), _bmv(A, z), _bmtv(G, lam), _bmtv(A, nu)
-        rd = Qz + q + Gt_lam + At_nu
-        rp = Gz + s - h
-        re = Az - b
-        objective = 0.5 * (z * Qz).sum(-1) + (q * z).sum(-1)
-        # Residuals relative to the size of the terms they are made of (as OSQP does).
-        scale_p = 1 + torch.stack([_inf_norm(t) for t in (Gz, s, h, Az, b)]).amax(0)
-        scale_d = 1 + torch.stack([_inf_norm(t) for t in (Qz, q, Gt_lam, At_nu)]).amax(0)
-        pri = torch.maximum(_inf_norm(rp), _inf_norm(re)) / scale_p
-        dual = _inf_norm(rd) / scale_d
-        gap = (s * lam).sum(-1) / (1 + objective.abs())
-        converged = (pri <= tol) & (dual <= tol) & (gap <= tol)
-
-        # Farkas certificate: y = (lam >= 0, nu) with G^T lam + A^T nu = 0, h^T lam + b^T nu < 0.
-        # Any feasible z0 has h^T lam + b^T nu >= -|z0|_1 |G^T lam + A^T nu|_inf, so the test below
-        # proves there is no feasible point within 1000 times the size of the current iterate.
-        y_norm = lam.abs().sum(-1) + nu.abs().sum(-1)
-        cert_res = _inf_norm(Gt_lam + At_nu) / y_norm
-        cert_obj = ((h * lam).sum(-1) + (b * nu).sum(-1)) / y_norm
-        infeasible = (
-            ~converged
-            & (pri > tol)
-            & (cert_obj < -1e-6 * (1 + torch.maximum(_inf_norm(h), _inf_norm(b))))
-            & (1e3 * (1 + z.abs().sum(-1)) * cert_res < -cert_obj)
-        )
-
-        stalled = ~converged & ~infeasible & ((lam / s).amax(-1) > stall_weight)
-
-        newly = ~frozen & (converged | infeasible | stalled)
-        status[newly & converged] = int(QPStatus.CONVERGED)
-        status[newly & infeasible] = int(QPStatus.INFEASIBLE)
-        status[newly & stalled] = int(QPStatus.STALLED)
-        frozen |= newly
-        if bool(frozen.all()) or it == max_iter:
-            break
+        rd, rp, re, pri, dual, gap, y_res = _measure(P, z, s, lam, nu)
+        tight = (pri <= tol) & (dual <= tol) & (gap <= tol)
+        near = ~tried & (pri <= near_tol) & (dual <= near_tol) & (gap <= near_tol)
+        infeasible = ~tight & _farkas(P, z, lam, nu, pri, y_res, tol)
+        stalled = ~tight & ~infeasible & ((lam / s).amax(-1) > stall_weight)
+        done = tight | infeasible | stalled | broken | (it == max_iter)
+        attempt = done | near
+        if bool(attempt.any()):
+            a = attempt.nonzero().squeeze(-1)
+            Fa, (zp, sp, lamp, nup), (ppri, pdual, pgap), ok = _polish(P.take(a), lam[a] > s[a], tol)
+            ok &= ~infeasible[a]
+            fin = ok | done[a]
+            code = torch.full_like(a, int(QPStatus.MAX_ITER))
+            for flag, status in ((stalled, QPStatus.STALLED), (broken, QPStatus.NUMERICAL_ERROR),
+                                 (infeasible, QPStatus.INFEASIBLE), (tight, QPStatus.CONVERGED)):
+                code[flag[a]] = int(status)
+            code[ok] = int(QPStatus.CONVERGED)
+            pick = lambda polished, ip: torch.where(ok.unsqueeze(-1) if ip.dim() > 1 else ok, polished, ip)[fin]  # noqa: E731
+            out.store(
+                live[a[fin]], Fa, fin,
+                z=pick(zp, z[a]), lam=pick(lamp.clamp_min(0), lam[a]), nu=pick(nup, nu[a]),
+                s=pick(sp.clamp_min(0), s[a]), status=code[fin], iterations=iters[a[fin]],
+                pri=pick(ppri, pri[a]), dual=pick(pdual, dual[a]), gap=pick(pgap, gap[a]),
+            )
+            tried |= attempt
+            keep = torch.ones_like(tried)
+            keep[a[fin]] = False
+            if not bool(keep.any()):
+                break
+            if not bool(keep.all()):
+                live, P = live[keep], P.take(keep)
+                z, s, lam, nu, tried, broken, iters = (t[keep] for t in (z, s, lam, nu, tried, broken, iters))
+                rd, rp, re = rd[keep], rp[keep], re[keep]
 
         # Predictor (affine scaling) direction, then Mehrotra's centred corrector: same factor.
+        F = KKTFactor.build(P.Q, P.G, P.A, lam / s)
         mu = (s * lam).sum(-1, keepdim=True) / m
-        dz, ds, dlam, dnu = _newton_direction(F, G, s, lam, rd, rp, re, s * lam)
+        dz, ds, dlam, dnu = _newton_direction(F, P.G, s, lam, rd, rp, re, s * lam)
         alpha = torch.minimum(_max_step(s, ds), _max_step(lam, dlam)).unsqueeze(-1)
         mu_aff = ((s + alpha * ds) * (lam + alpha * dlam)).sum(-1, keepdim=True) / m
         sigma = (mu_aff / mu).clamp(0.0, 1.0) ** 3
         rc = s * lam + ds * dlam - sigma * mu
-        dz, ds, dlam, dnu = _newton_direction(F, G, s, lam, rd, rp, re, rc)
+        dz, ds, dlam, dnu = _newton_direction(F, P.G, s, lam, rd, rp, re, rc)
         alpha = (0.99 * torch.minimum(_max_step(s, ds), _max_step(lam, dlam))).clamp(max=1.0)
 
-        finite = torch.stack([t.isfinite().all(-1) for t in (dz, ds, dlam, dnu)]).all(0)
-        broken = ~frozen & ~finite
-        status[broken] = int(QPStatus.NUMERICAL_ERROR)
-        frozen |= broken
-        alpha = torch.where(frozen, torch.zeros_like(alpha), alpha).unsqueeze(-1)
+        broken = ~torch.stack([t.isfinite().all(-1) for t in (dz, ds, dlam, dnu)]).all(0)
+        alpha = torch.where(broken, torch.zeros_like(alpha), alpha).unsqueeze(-1)
         z = z + alpha * torch.nan_to_num(dz)
         s = s + alpha * torch.nan_to_num(ds)
         lam = lam + alpha * torch.nan_to_num(dlam)
         nu = nu + alpha * torch.nan_to_num(dnu)
-        iterations += (~frozen).long()
-    return z, lam, nu, s, F, (status, iterations, pri, dual, gap)
+        iters += (~broken).long()
+    return out
 
 
 # --------------------------------------------------------------------------------------------
-# backward: implicit differentiation of the KKT conditions
+# backward: implicit differentiation of the KKT conditions on the active set
+
+
+def _outer(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return u.unsqueeze(-1) * v.unsqueeze(-2)
 
 
 class _QPFunction(torch.autograd.Function):
@@ -268,42 +400,42 @@ class _QPFunction(torch.autograd.Function):
         out_dtype = q.dtype
         Q, q, G, h, A, b = (t.to(work_dtype) for t in (Q, q, G, h, A, b))
         Qs = 0.5 * (Q + Q.transpose(-1, -2))  # the objective only sees Q's symmetric part
-        Qb, qb, Gb, hb = (_batched(t, r, batch) for t, r in ((Qs, 2), (q, 1), (G, 2), (h, 1)))
-        Ab, bb = _batched(A, 2, batch), _batched(b, 1, batch)
-        z, lam, nu, s, F, stats = _interior_point(Qb, qb, Gb, hb, Ab, bb, tol, max_iter)
-        ctx.save_for_backward(z, lam, nu, s, G, A, F.L, F.LS if F.LS is not None else F.L.new_zeros(0))
+        LQ = _cholesky_of_Q(Qs)
+        P = _Problem(*(_batched(t, r, batch) for t, r in ((Qs, 2), (LQ, 2), (q, 1), (G, 2), (h, 1), (A, 2), (b, 1))))
+        r = _solve(P, tol, max_iter)
+        ctx.save_for_backward(r.z, r.lam, r.nu, Qs, LQ, G, A, r.idx, r.valid, r.LS)
         ctx.batch = batch
         ctx.ranks = (Q.dim() == 3, q.dim() == 2, G.dim() == 3, h.dim() == 2, A.dim() == 3, b.dim() == 2)
         ctx.out_dtype = out_dtype
-        z, lam, nu, s = (t.to(out_dtype) for t in (z, lam, nu, s))
-        stats = (stats[0], stats[1], *(t.to(out_dtype) for t in stats[2:]))
-        # Only z is differentiated: the duals of active constraints would need (G dz - g)/s with
-        # s ~ 1e-12, which loses all accuracy to cancellation in this reduced form.
-        ctx.mark_non_differentiable(lam, nu, s, *stats)
-        return z, lam, nu, s, *stats
+        outs = [t.to(out_dtype) for t in (r.z, r.lam, r.nu, r.s)]
+        stats = (r.status, r.iterations, *(t.to(out_dtype) for t in (r.pri, r.dual, r.gap)))
+        # Only z is differentiated (the duals are returned for inspection).
+        ctx.mark_non_differentiable(*outs[1:], *stats)
+        return *outs, *stats
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gz, *_unused):
-        z, lam, nu, s, G, A, L, LS = ctx.saved_tensors
+        # Differentiate Qz + q + C^T y = 0, C z = d with C = [A; G_act], d = [b; h_act], y = [nu;
+        # lam_act] (inactive multipliers are 0 and stay 0): the adjoint (u, v) solves
+        # [Q C^T; C 0] (u, v) = (gz, 0) with the factor the forward's polish built.
+        z, lam, nu, Qs, LQ, G, A, idx, valid, LS = ctx.saved_tensors
         batch = ctx.batch
         gz = gz.to(z.dtype)
-        Gb, Ab = _batched(G, 2, batch), _batched(A, 2, batch)
-        F = KKTFactor(L, Ab, LS if LS.numel() else None)
-        # Solve K^T (dz, dlam, dnu) = (gz, 0, 0), K the Jacobian of the KKT conditions
-        # (Qz + q + G^T lam + A^T nu, diag(lam)(Gz - h), Az - b) in (z, lam, nu). Eliminating
-        # dlam = G dz / s leaves the forward's matrix H = Q + G^T diag(lam/s) G and its Schur
-        # complement: the saved factors.
-        dz, dnu = F.solve(gz, gz.new_zeros(gz.shape[0], Ab.shape[1]))
-        lam_dlam = lam / s * _bmv(Gb, dz)
-        outer = lambda u, v: u.unsqueeze(-1) * v.unsqueeze(-2)  # noqa: E731
+        Qb, LQb, Gb, Ab = (_batched(t, 2, batch) for t in (Qs, LQ, G, A))
+        F = ActiveSetFactor(Qb, LQb, ActiveSetFactor.constraint_rows(Ab, Gb, idx, valid), idx, valid, LS)
+        p = Ab.shape[1]
+        u, v = F.solve(gz, gz.new_zeros(batch, F.C.shape[1]))
+        scatter = lambda x: torch.zeros_like(lam).scatter_add_(1, idx, x * valid)  # noqa: E731
+        v_ineq = scatter(v[:, p:])
+        lam_act = lam * (scatter(torch.ones_like(lam)) > 0)
         grads = (
-            -0.5 * (outer(dz, z) + outer(z, dz)),  # Q
-            -dz,  # q
-            -(outer(lam, dz) + outer(lam_dlam, z)),  # G
-            lam_dlam,  # h
-            -(outer(nu, dz) + outer(dnu, z)),  # A
-            dnu,  # b
+            -0.5 * (_outer(u, z) + _outer(z, u)),  # Q
+            -u,  # q
+            -(_outer(lam_act, u) + _outer(v_ineq, z)),  # G
+            v_ineq,  # h
+            -(_outer(nu, u) + _outer(v[:, :p], z)),  # A
+            v[:, :p],  # b
         )
         # A shared (unbatched) argument influences every example: its gradient is the batch sum.
         out = [(g if batched else g.sum(0)).to(ctx.out_dtype) for g, batched in zip(grads, ctx.ranks)]

@@ -1,0 +1,122 @@
+"""solve_qp at realistic size (n = 100) against an exact active-set reference, and against qpth.
+
+The reference is written here with numpy: given an active set, it solves the equality-
+constrained KKT system [Q C^T; C 0] (C = [A; G_act]) directly, and certifies the result: if the
+kept multipliers are > 0 and the dropped constraints hold with slack > 0 (margins checked), the
+point satisfies the KKT conditions, so it is the unique optimum whatever proposed the active set,
+and on a nondegenerate problem the same system gives the exact derivatives.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from ift.optnet import QPStatus, solve_qp_with_info
+
+from .test_qp import random_qp
+
+NAMES = ("Q", "q", "G", "h", "A", "b")
+
+
+def exact_reference(Q, q, G, h, A, b, active, W):
+    """z, lam, nu, the nondegeneracy margin and the gradients of sum(W * z) w.r.t. all six args."""
+    n, m, p = q.shape[0], h.shape[0], b.shape[0]
+    C = np.vstack([A, G[active]])
+    k = C.shape[0]
+    K = np.block([[Q, C.T], [C, np.zeros((k, k))]])
+    sol = np.linalg.solve(K, np.concatenate([-q, b, h[active]]))
+    z, nu, lam_act = sol[:n], sol[n : n + p], sol[n + p :]
+    lam = np.zeros(m)
+    lam[active] = lam_act
+    slack = h - G @ z
+    margin = min(lam_act.min(initial=np.inf), slack[~active].min(initial=np.inf))
+    # d(W.z) = (u, v) . (-(dQ z + dq + dC^T y), dd - dC z) with K (u, v) = (W, 0), K symmetric.
+    adj = np.linalg.solve(K, np.concatenate([W, np.zeros(k)]))
+    u, v_eq, v_act = adj[:n], adj[n : n + p], adj[n + p :]
+    v = np.zeros(m)
+    v[active] = v_act
+    grads = {
+        "Q": -0.5 * (np.outer(u, z) + np.outer(z, u)),
+        "q": -u,
+        "G": -(np.outer(lam, u) + np.outer(v, z)),
+        "h": v,
+        "A": -(np.outer(nu, u) + np.outer(v_eq, z)),
+        "b": v_eq,
+    }
+    return z, lam, nu, margin, grads
+
+
+def solve_with_grads(qp, W):
+    args = [t.detach().clone().requires_grad_() for t in qp]
+    sol = solve_qp_with_info(*args)
+    (sol.z * W).sum().backward()
+    return sol, {k: t.grad for k, t in zip(NAMES, args)}
+
+
+@pytest.mark.parametrize("p", [0, 50])
+def test_n100_solution_duals_and_gradients_are_exact(p):
+    batch, n = 16, 100
+    qp = random_qp(batch, n, n, p, seed=100 + p)
+    W = torch.randn(batch, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    sol, grads = solve_with_grads(qp, W)
+    assert (sol.status == QPStatus.CONVERGED).all()
+    for i in range(batch):
+        data = [t[i].numpy() for t in qp]
+        active = (sol.lam[i] > sol.slack[i]).numpy()
+        z, lam, nu, margin, ref = exact_reference(*data, active, W[i].numpy())
+        assert margin > 1e-6, f"problem {i} is degenerate or the active set is wrong (margin {margin:.1e})"
+        np.testing.assert_allclose(sol.z[i].detach().numpy(), z, atol=1e-9, rtol=0)
+        np.testing.assert_allclose(sol.lam[i].numpy(), lam, atol=1e-9, rtol=0)
+        np.testing.assert_allclose(sol.nu[i].numpy(), nu, atol=1e-9, rtol=0)
+        scale = max(np.abs(g).max() for g in ref.values() if g.size)
+        for name in NAMES:
+            np.testing.assert_allclose(
+                grads[name][i].numpy(), ref[name], atol=1e-8 * scale, rtol=0, err_msg=f"d/d{name}, problem {i}"
+            )
+
+
+@pytest.mark.parametrize("p", [0, 10])
+def test_matches_qpth(p):
+    """Opt-in reference: `pip install -e '.[bench]'` installs qpth 0.0.18."""
+    pytest.importorskip("qpth", reason="qpth not installed: pip install -e '.[bench]' (qpth==0.0.18)")
+    from qpth.qp import QPFunction
+
+    batch, n = 8, 20
+    qp = random_qp(batch, n, n, p, seed=200 + p)
+    W = torch.randn(batch, n, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    sol, grads = solve_with_grads(qp, W)
+    args = [t.detach().clone().requires_grad_() for t in qp]
+    empty = torch.empty(0, dtype=torch.float64)
+    z_qpth = QPFunction(verbose=-1, eps=1e-12)(*args[:4], *(args[4:] if p else (empty, empty)))
+    (z_qpth * W).sum().backward()
+    np.testing.assert_allclose(sol.z.detach().numpy(), z_qpth.detach().numpy(), atol=1e-6, rtol=0)
+    scale = max(g.abs().max().item() for g in grads.values() if g.numel())
+    for name, t in zip(NAMES, args):
+        if t.grad is not None:  # qpth gives no gradient for its empty A, b
+            np.testing.assert_allclose(grads[name].numpy(), t.grad.numpy(), atol=1e-3 * scale, rtol=0, err_msg=name)
+
+
+def test_duplicated_constraints_give_the_same_solution_and_finite_gradients():
+    # Every active constraint twice: the multipliers are not unique (no LICQ), z and dz/dq are.
+    qp = random_qp(8, 100, 100, 0, seed=300)
+    Q, q, G, h = (t.clone() for t in qp[:4])
+    q1, q2 = q.clone().requires_grad_(), q.clone().requires_grad_()
+    W = torch.randn(8, 100, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    z1 = solve_qp_with_info(Q, q1, G, h).z
+    z2 = solve_qp_with_info(Q, q2, torch.cat([G, G], 1), torch.cat([h, h], 1)).z
+    torch.testing.assert_close(z2, z1, atol=1e-9, rtol=0)
+    (z1 * W).sum().backward()
+    (z2 * W).sum().backward()
+    torch.testing.assert_close(q2.grad, q1.grad, atol=1e-7, rtol=0)
+
+
+def test_weakly_active_constraint_gets_a_one_sided_gradient():
+    # min 1/2 |z|^2 + q^T z s.t. z >= 0 with q_0 = 0: z_0 = 0 with lam_0 = 0 (weakly active).
+    # dz_0/dq_0 is -1 from one side and 0 from the other; the backward returns one of the two.
+    q = torch.tensor([[0.0, -1.0, 2.0]] * 4, dtype=torch.float64, requires_grad=True)
+    eye = torch.eye(3, dtype=torch.float64)
+    sol = solve_qp_with_info(eye, q, -eye, torch.zeros(3, dtype=torch.float64))
+    sol.z.sum().backward()
+    assert torch.isfinite(q.grad).all()
+    assert set(q.grad[:, 0].tolist()) <= {0.0, -1.0}
+    torch.testing.assert_close(q.grad[:, 1:], torch.tensor([[-1.0, 0.0]] * 4, dtype=torch.float64))

@@ -367,3 +367,50 @@ def test_cuda_matches_cpu():
     half = len(results) // 2
     for (_, s, cpu), (_, _, gpu) in zip(results[:half], results[half:]):
         torch.testing.assert_close(cpu, gpu, msg=s)
+
+
+# --- mixed precision: the backward solves in float32 at least ---
+
+
+def _bf16_quadratic(batch=4, n=64):
+    """SPD quadratics f_b = x^T A_b x / 2 - c_b^T x (matmuls run in bf16 under CPU autocast)."""
+    g = gen(7)
+    M = torch.randn(batch, n, n, dtype=DT, generator=g)
+    A = M @ M.transpose(1, 2) / n + 0.5 * torch.eye(n, dtype=DT)
+    c, w = torch.randn(batch, n, dtype=DT, generator=g), torch.randn(batch, n, dtype=DT, generator=g)
+
+    def f(x, A, c):
+        return 0.5 * (x.unsqueeze(1) @ A @ x.unsqueeze(-1)).sum() - (c * x).sum()
+
+    return f, A, c, w
+
+
+def test_backward_under_bf16_autocast_solves_in_float32():
+    # Without disabling autocast in the backward the HVPs run in bf16 and CG stalls near 5e-3.
+    f, A64, c64, w = _bf16_quadratic()
+    A, c = A64.float().requires_grad_(), c64.float().requires_grad_()
+    x_star = torch.linalg.solve(A64, c64).float()
+    infos = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ImplicitSolveWarning)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            x = implicit_argmin(f, x_star, A, c, batch_dims=1, on_solve=infos.append)
+            (gc,) = torch.autograd.grad((x * w.float()).sum(), c)
+    (info,) = infos
+    assert info.tol == 1e-5 and info.all_converged and info.max_residual <= 1e-5
+    assert gc.dtype == torch.float32
+    exact = torch.linalg.solve(A64, w)  # d x*/dc = A^{-1}, symmetric
+    assert float((gc.double() - exact).norm() / exact.norm()) < 1e-4
+
+
+def test_bf16_params_get_bf16_gradients_from_a_float32_solve():
+    f, A64, c64, w = _bf16_quadratic()
+    A, c = A64.bfloat16().requires_grad_(), c64.bfloat16().requires_grad_()
+    x_star = torch.linalg.solve(A.detach().double(), c.detach().double()).bfloat16()
+    infos = []
+    x = implicit_argmin(f, x_star, A, c, batch_dims=1, on_solve=infos.append)
+    gA, gc = torch.autograd.grad((x * w.bfloat16()).sum(), (A, c))
+    assert (gA.dtype, gc.dtype) == (torch.bfloat16, torch.bfloat16)
+    assert infos[0].tol == 1e-5 and infos[0].all_converged
+    exact = torch.linalg.solve(A.detach().double(), w)
+    assert float((gc.double() - exact).norm() / exact.norm()) < 1e-2  # bf16 rounding of x*, A and the result

@@ -72,6 +72,21 @@ def test_batched_equals_one_by_one_with_own_iteration_counts(cls):
     assert len(set(info.iterations.tolist())) > 1  # the rows really stopped at different times
 
 
+@pytest.mark.parametrize("cls", [CG, GMRES, BiCGStab, Neumann])
+def test_sparse_stopping_checks_keep_per_row_results(cls):
+    # Asking the host "all rows stopped?" only every 7 iterations (the accelerator default is 8)
+    # must not change any row's solution, iteration count or reported residual.
+    A = torch.cat([spd_batch(1, 30, 2.0, seed=4), spd_batch(1, 30, 40.0, seed=5)])
+    b = torch.randn(2, 30, dtype=DT, generator=torch.Generator().manual_seed(6))
+    make = (lambda **kw: cls(maxiter=5000, alpha="auto", **kw)) if cls is Neumann else cls
+    u1, info1 = make(check_every=1).solve(as_matvec(A), b)
+    u7, info7 = make(check_every=7).solve(as_matvec(A), b)
+    torch.testing.assert_close(u7, u1, rtol=1e-12, atol=1e-12)
+    assert info7.iterations.tolist() == info1.iterations.tolist()
+    torch.testing.assert_close(info7.residual, info1.residual, rtol=1e-6, atol=1e-16)
+    assert info1.all_converged and info1.iterations[0] < info1.iterations[1]
+
+
 def test_zero_rhs_row_stops_immediately():
     A = spd_batch(2, 5, 10.0)
     b = torch.randn(2, 5, dtype=DT)
@@ -140,7 +155,8 @@ def test_get_linear_solver_by_name_class_instance():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(tol=-1.0), dict(tol=0.0), dict(maxiter=0), dict(maxiter=2.5), dict(ridge=-1.0)]
+    "kwargs",
+    [dict(tol=-1.0), dict(tol=0.0), dict(maxiter=0), dict(maxiter=2.5), dict(ridge=-1.0), dict(check_every=0)],
 )
 def test_bad_settings_raise(kwargs):
     with pytest.raises(ValueError):

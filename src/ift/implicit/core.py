@@ -15,6 +15,11 @@ vmaps), since the solvers stop on data-dependent tests; ``batch_dims`` covers ba
 Only first-order gradients are supported: the backward treats ``x*`` as a constant, so
 differentiating the backward again (``create_graph=True``, nested ``torch.func.grad``) would miss
 the second-order IFT terms; it raises instead.
+
+Precision: the backward's linearization and linear solve run with autocast disabled, in float32
+at least: ``x*``, the incoming gradient and float16 / bfloat16 tensor params are upcast (the
+gradients are cast back to each param's dtype). A bf16 CG cannot reach a useful tolerance. Tensors
+``F`` closes over are not upcast: pass low-precision ones as params.
 """
 
 from __future__ import annotations
@@ -29,6 +34,14 @@ from ift.implicit.diagnostics import ImplicitSolveError, ImplicitSolveWarning, L
 from ift.implicit.linear_solvers import LinearSolver, get_linear_solver
 
 _KINDS = ("root", "argmin", "fixed_point")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _at_least_float32(value: Any) -> Any:
+    """Upcast a float16 / bfloat16 tensor to float32; anything else unchanged."""
+    if isinstance(value, torch.Tensor) and value.dtype in _LOW_PRECISION:
+        return value.float()
+    return value
 
 
 @dataclass(frozen=True)
@@ -179,48 +192,62 @@ class _ImplicitFunction(torch.autograd.Function):
                 "use it): its iterative linear solvers stop on data-dependent tests. Use batch_dims for "
                 "batches of problems and torch.autograd.functional.jacobian for Jacobians."
             )
-
-        linearization_cls = _AutogradLinearization if _functorch_level() is None else _FuncLinearization
-        lin = linearization_cls(problem, x_star, params, picked)
-        shape = x_star.shape
-        batch = int(torch.Size(shape[: problem.batch_dims]).numel())
-        if not bool(torch.isfinite(lin.value).all()):
-            name = "grad_x f" if problem.kind == "argmin" else "F"
-            raise ImplicitSolveError(
-                f"implicit_{problem.kind}: {name}(x_star, *params) contains NaN/Inf; check x_star and the "
-                "params (the forward solver may have diverged)"
-            )
-
-        b = grad_output.reshape(batch, -1)
-        if not bool(torch.isfinite(b).all()):
+        if not bool(torch.isfinite(grad_output).all()):
             # Propagate, as plain autograd would (e.g. AMP's GradScaler relies on seeing the Inf).
             warnings.warn(ImplicitSolveWarning(f"implicit_{problem.kind}: incoming gradient has NaN/Inf; gradients are NaN"))
             return (None, None, *[torch.full_like(params[i], float("nan")) if i in picked else None for i in range(len(params))])
-        u, info = problem.solver.solve(lambda w: lin.vjp_x(w.reshape(shape)).reshape(batch, -1), b)
-        info.root_residual = lin.value.detach().reshape(batch, -1).norm(dim=-1)
-        if not bool(torch.isfinite(u).all()):
-            raise ImplicitSolveError(
-                f"implicit_{problem.kind}: the {info.solver} linear solve gave NaN/Inf: dF/dx is singular or the "
-                "solver diverged at x_star (IFT condition 3); try ridge > 0 or linear_solver='direct'"
+        with torch.autocast(device_type=x_star.device.type, enabled=False):
+            grads = _ift_gradients(
+                problem,
+                _at_least_float32(x_star),
+                [_at_least_float32(p) for p in params],
+                picked,
+                _at_least_float32(grad_output),
             )
-        _record(info)
-        if problem.on_solve is not None:
-            problem.on_solve(info)
-        if not info.all_converged:
-            warnings.warn(
-                ImplicitSolveWarning(
-                    f"implicit_{problem.kind}: backward linear solve did not converge ({info.summary()}). "
-                    "dF/dx may be singular or ill-conditioned at x_star (IFT condition 3), so the gradient "
-                    "is inaccurate; raise maxiter, add ridge damping, or use linear_solver='direct'."
-                ),
-                stacklevel=2,
-            )
-
-        grads = lin.vjp_params((-u).reshape(shape))
         out: list[torch.Tensor | None] = [None] * len(params)
         for i, g in zip(picked, grads):
-            out[i] = g
+            out[i] = g if g is None else g.to(params[i].dtype)
         return (None, None, *out)
+
+
+def _ift_gradients(
+    problem: _Problem, x_star: torch.Tensor, params: list[Any], picked: list[int], grad_output: torch.Tensor
+) -> list[torch.Tensor | None]:
+    """``-(dF/dparams)^T u`` with ``(dF/dx)^T u = grad_output``, for the params in ``picked``."""
+    linearization_cls = _AutogradLinearization if _functorch_level() is None else _FuncLinearization
+    lin = linearization_cls(problem, x_star, params, picked)
+    shape = x_star.shape
+    batch = int(torch.Size(shape[: problem.batch_dims]).numel())
+    if not bool(torch.isfinite(lin.value).all()):
+        name = "grad_x f" if problem.kind == "argmin" else "F"
+        raise ImplicitSolveError(
+            f"implicit_{problem.kind}: {name}(x_star, *params) contains NaN/Inf; check x_star and the "
+            "params (the forward solver may have diverged)"
+        )
+    u, info = problem.solver.solve(lambda w: lin.vjp_x(w.reshape(shape)).reshape(batch, -1), grad_output.reshape(batch, -1))
+    info.root_residual = lin.value.detach().reshape(batch, -1).norm(dim=-1)
+    if not bool(torch.isfinite(u).all()):
+        raise ImplicitSolveError(
+            f"implicit_{problem.kind}: the {info.solver} linear solve gave NaN/Inf: dF/dx is singular or the "
+            "solver diverged at x_star (IFT condition 3); try ridge > 0 or linear_solver='direct'"
+        )
+    _report(problem, info)
+    return lin.vjp_params((-u).reshape(shape))
+
+
+def _report(problem: _Problem, info: LinearSolveInfo) -> None:
+    _record(info)
+    if problem.on_solve is not None:
+        problem.on_solve(info)
+    if not info.all_converged:
+        warnings.warn(
+            ImplicitSolveWarning(
+                f"implicit_{problem.kind}: backward linear solve did not converge ({info.summary()}). "
+                "dF/dx may be singular or ill-conditioned at x_star (IFT condition 3), so the gradient "
+                "is inaccurate; raise maxiter, add ridge damping, or use linear_solver='direct'."
+            ),
+            stacklevel=2,
+        )
 
 
 def _implicit(

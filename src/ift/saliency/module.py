@@ -1,5 +1,7 @@
 """LightningModule for the classifiers of the explanation study: natural or PGD adversarial training
-(Madry et al.), natural and PGD accuracy logged, and the saliency report as the eval hook."""
+(Madry et al.), or one of the other robustifiers of Appendix A.3 (gradient-norm penalty, input
+Hessian regulariser, L2 weight penalty); natural and PGD accuracy logged, and the saliency report
+as the eval hook."""
 
 from __future__ import annotations
 
@@ -10,10 +12,14 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from ift.implicit.operators import hvp, power_iteration
 from ift.saliency.networks import ARCHITECTURES, build_network, default_arch
 from ift.saliency.pgd import pgd_attack
+from ift.saliency.theory import require_smooth
 
 OPTIMIZERS = ("adam", "sgd")
+ROBUST = ("none", "grad_norm", "hessian", "l2")
+HESSIAN_ESTIMATORS = ("hutchinson", "power")
 
 
 def default_attack(input_shape: Sequence[int]) -> dict[str, float]:
@@ -30,6 +36,14 @@ def default_attack(input_shape: Sequence[int]) -> dict[str, float]:
 class ClassifierModule(L.LightningModule):
     """Image classifier; ``pgd=True`` trains on PGD adversarial examples (``classifier_pgd``).
 
+    ``robust`` adds ``robust_weight * R`` to the cross-entropy (Appendix A.3 of Yeh et al.):
+    - ``grad_norm``: ``R = mean_b ||grad_x CE(f(x_b), y_b)||_2^2`` (double backprop, Ross & Doshi-Velez);
+    - ``hessian``: ``R`` estimates ``mean_b ||Hess_x f_{y_b}(x_b)||^2`` of the true-class logit (the
+      explained score) from Hessian-vector products: ``hutchinson`` is ``||H v||^2`` with Rademacher v
+      (unbiased for the squared Frobenius norm, ``hessian_probes`` probes), ``power`` is ``||H v||^2``
+      with v from ``hessian_iters`` power iterations on ``H^2`` (the squared spectral norm). Needs a
+      twice-differentiable network (softplus_mlp): a ReLU net's logit Hessian is zero a.e.;
+    - ``l2``: ``R = sum ||W||^2 / 2`` over weight matrices / kernels (biases and norms excluded).
     Attack settings left as ``None`` take the per-dataset defaults of ``default_attack``; the
     validation/test attack uses ``eval_steps`` steps (default: the training steps).
     """
@@ -38,7 +52,8 @@ class ClassifierModule(L.LightningModule):
                  hidden: Sequence[int] = (64, 64), depth: int = 20, lr: float = 1e-3, optimizer: str = "adam",
                  weight_decay: float = 0.0, pgd: bool = False, eps: float | None = None,
                  step_size: float | None = None, steps: int | None = None, eval_steps: int | None = None,
-                 eval_pgd: bool = True, random_start: bool = True):
+                 eval_pgd: bool = True, random_start: bool = True, robust: str = "none", robust_weight: float = 0.0,
+                 hessian_estimator: str = "hutchinson", hessian_probes: int = 1, hessian_iters: int = 3):
         super().__init__()
         self.save_hyperparameters()
         input_shape = tuple(int(s) for s in input_shape)
@@ -60,6 +75,24 @@ class ClassifierModule(L.LightningModule):
         if self.attack["eps"] < 0 or self.attack["step_size"] < 0 or self.attack["steps"] < 0:
             raise ValueError(f"eps, step_size and steps must be >= 0, got {self.attack}")
         self.eval_steps = self.attack["steps"] if eval_steps is None else int(eval_steps)
+        self._check_robust(robust, float(robust_weight), hessian_estimator, int(hessian_probes), int(hessian_iters), pgd)
+
+    def _check_robust(self, robust, weight, estimator, probes, iters, pgd) -> None:
+        if robust not in ROBUST:
+            raise ValueError(f"model.robust must be one of {ROBUST}, got {robust!r}")
+        if robust == "none":
+            return
+        if pgd:
+            raise ValueError(f"model.pgd=true and model.robust={robust}: pick one robustifier (set model.robust=none "
+                             "for PGD training)")
+        if not weight > 0:
+            raise ValueError(f"model.robust_weight must be > 0 with model.robust={robust}, got {weight}")
+        if robust == "hessian":
+            if estimator not in HESSIAN_ESTIMATORS:
+                raise ValueError(f"model.hessian_estimator must be one of {HESSIAN_ESTIMATORS}, got {estimator!r}")
+            if probes < 1 or iters < 1:
+                raise ValueError(f"model.hessian_probes and model.hessian_iters must be >= 1, got {probes}, {iters}")
+            require_smooth(self.net, f"model.robust=hessian (arch={self.arch})")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -79,11 +112,47 @@ class ClassifierModule(L.LightningModule):
         x, y = batch
         if self.hparams.pgd:
             x = self.adversarial(x, y, self.attack["steps"])
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
+        if self.hparams.robust == "none":
+            logits = self(x)
+            loss = F.cross_entropy(logits, y)
+        else:
+            logits, penalty = self.penalised_forward(x, y)
+            ce = F.cross_entropy(logits, y)
+            loss = ce + self.hparams.robust_weight * penalty
+            self.log("train/ce", ce)
+            self.log("train/penalty", penalty)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", (logits.argmax(1) == y).float().mean())
         return loss
+
+    def penalised_forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, R)`` for ``self.hparams.robust``; R keeps its graph to the weights."""
+        robust = self.hparams.robust
+        if robust == "l2":
+            penalty = sum((p * p).sum() for p in self.net.parameters() if p.dim() > 1) / 2
+            return self(x), penalty
+        if robust == "grad_norm":
+            x = x.detach().requires_grad_(True)
+            logits = self(x)
+            # summed loss: row b of the input gradient is example b's own gradient
+            (g,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), x, create_graph=True)
+            return logits, g.flatten(1).pow(2).sum(1).mean()
+        return self(x), self.hessian_penalty(x, y)
+
+    def hessian_penalty(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``mean_b ||H_b v_b||^2`` of the true-class logit's input Hessian H_b (see the class doc)."""
+        score = lambda z: self(z).gather(1, y.view(-1, 1)).sum()
+        x = x.detach()
+        if self.hparams.hessian_estimator == "power":
+            v0 = torch.randn_like(x)
+            h = lambda v: hvp(score, x, v.detach()).detach()
+            _, v = power_iteration(lambda v: h(h(v)), v0, iters=self.hparams.hessian_iters, tol=0.0)
+            probes = [v]
+        else:
+            probes = [torch.randint(0, 2, x.shape, device=x.device).to(x.dtype) * 2 - 1
+                      for _ in range(self.hparams.hessian_probes)]
+        total = sum(hvp(score, x, v, create_graph=True).flatten(1).pow(2).sum(1).mean() for v in probes)
+        return total / len(probes)
 
     def _eval_step(self, batch, stage: str):
         x, y = batch

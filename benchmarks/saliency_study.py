@@ -15,16 +15,21 @@ import argparse
 import json
 import math
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import lightning as L
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ift.data import DigitsDataModule, MNISTDataModule
-from ift.saliency import (gradient, infidelity, input_gradient_norm, input_hessian_norm,
-                          max_sensitivity, smooth, softplus_gradient_lipschitz)
+from ift.saliency import (build_network, gradient, infidelity, input_gradient_norm, input_hessian_norm,
+                          max_sensitivity, pgd_attack, smooth, softplus_gradient_lipschitz)
 from ift.saliency.module import ClassifierModule, first_examples
-from ift.saliency.report import SaliencyConfig, markdown_table, saliency_table, save_maps_png
+from ift.saliency.explanations import METHODS
+from ift.saliency.report import (SaliencyConfig, evaluate_method, infidelity_cache, markdown_table, saliency_table,
+                                 save_maps_png)
 
 PAPER_TABLE4 = {  # MNIST, regular / robust: (SENS_max, INFD), global explanations (Table 4)
     "Grad": ((2.32, 2.42), (0.21, 0.36)), "Grad-SG": ((1.82, 1.88), (0.13, 0.35)),
@@ -38,17 +43,7 @@ SIZES = {
         "digits": dict(epochs=10, width=1.0, eps=0.1, step_size=0.025, steps=10, examples=20,
                        sal=dict(sens_samples=20, infd_samples=1000, sg_samples=50, shap_samples=1000,
                                 nb_samples=5000, ig_steps=10, square_sizes=(1, 4), local=True)),
-        "mnist": dict(epochs=3, width=0.5, eps=0.2, step_size=0.05, steps=7, examples=8,
-                      sal=dict(sens_samples=8, infd_samples=500, sg_samples=30, shap_samples=500,
-                               nb_samples=3000, ig_steps=10, square_sizes=(1, 10), local=True)),
         "fig6_radii": [0.1, 0.2, 0.5, 1.0, 1.5, 2.0],
-    },
-    "quick": {
-        "digits": dict(epochs=1, width=0.5, eps=0.1, step_size=0.05, steps=2, examples=2,
-                       sal=dict(sens_samples=2, infd_samples=50, sg_samples=2, shap_samples=50, nb_samples=200,
-                                ig_steps=3, square_sizes=(1, 2), local=True)),
-        "mnist": None,
-        "fig6_radii": [0.1, 1.0],
     },
 }
 
@@ -239,35 +234,387 @@ def proposition_a1(datamodule, out: Path, epochs: int) -> None:
     (out / "saliency_prop_a1.md").write_text("\n".join(md) + "\n")
 
 
+# ----------------------------------------------------------------------------- full MNIST (Table 4 setting)
+SENS_REPORTED = ("input", "unit", "none", "input_2019")  # from the same samples; see measures.max_sensitivity
+SETTINGS = {
+    # what fits on 2 CPU cores in about 2 hours, run with 1 torch thread
+    "cpu": dict(width=1.0, batch=128, lr=1e-3, natural_epochs=3, robust_epochs=7, eps=0.3, steps=7,
+                step_size=0.1, eps_warmup_epochs=1.0, val_size=5000, val_pgd_examples=1000,
+                test_pgd=dict(examples=2000, steps=40, step_size=0.01), examples=50,
+                sal=dict(sens_samples=50, sens_normalize=SENS_REPORTED, infd_samples=1000, sg_samples=50,
+                         shap_samples=1000, nb_samples=5000, ig_steps=10, square_sizes=(1, 10),
+                         method_sens={"IG-SG": {"examples": 20}, "SHAP": {"examples": 20}, "Square": {"examples": 5},
+                                      "NB": {"examples": 5, "samples": 20}}),
+                fig6=dict(examples=20, sens_samples=20, sg_samples=50, radii=[0.05, 0.1, 0.2, 0.3, 0.5, 1.0])),
+    # the paper's sizes (Madry et al.: 100k iterations of batch 50 = 83 epochs of PGD-40, Adam 1e-4);
+    # defined for a GPU, not run on the 2-core CPU machine
+    "paper": dict(width=1.0, batch=50, lr=1e-4, natural_epochs=10, robust_epochs=83, eps=0.3, steps=40,
+                  step_size=0.01, eps_warmup_epochs=0.0, val_size=5000, val_pgd_examples=5000,
+                  test_pgd=dict(examples=10000, steps=40, step_size=0.01), examples=50,
+                  sal=dict(sens_samples=50, sens_normalize=SENS_REPORTED, infd_samples=10000, sg_samples=200,
+                           shap_samples=20000, nb_samples=20000, ig_steps=10, square_sizes=(1, 10)),
+                  fig6=dict(examples=50, sens_samples=50, sg_samples=200, radii=[0.05, 0.1, 0.2, 0.3, 0.5, 1.0])),
+    # seconds-long smoke run of the whole MNIST pipeline (tiny training subset)
+    "quick": dict(width=0.25, batch=64, lr=1e-3, natural_epochs=1, robust_epochs=1, eps=0.3, steps=2,
+                  step_size=0.2, eps_warmup_epochs=0.5, val_size=200, val_pgd_examples=100, train_limit=1000,
+                  test_pgd=dict(examples=100, steps=5, step_size=0.1), examples=3,
+                  sal=dict(sens_samples=2, sens_normalize=SENS_REPORTED, infd_samples=50, sg_samples=2,
+                           shap_samples=50, nb_samples=200, ig_steps=3, square_sizes=(1, 3),
+                           method_sens={"Square": {"examples": 1, "samples": 3}}),
+                  fig6=dict(examples=2, sens_samples=2, sg_samples=2, radii=[0.1, 1.0])),
+}
+
+
+def load_mnist(root: Path, val_size: int, seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The official 60k/10k files; validation is a seeded random part of the 60k training images."""
+    from ift.data.idx import find_idx_file, read_idx
+
+    def pair(images, labels):
+        paths = [find_idx_file(root, stem, "MNIST") for stem in (images, labels)]
+        if None in paths:
+            raise FileNotFoundError(f"--mnist-root {root}: {images}/{labels} (.gz) not found; the study needs the "
+                                    f"full 60k/10k MNIST files")
+        return read_idx(paths[0]).unsqueeze(1).float() / 255.0, read_idx(paths[1]).long()
+
+    x, y = pair("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    val, train = perm[:val_size], perm[val_size:]
+    return {"train": (x[train], y[train]), "val": (x[val], y[val]),
+            "test": pair("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+@torch.no_grad()
+def accuracy(net, x, y, batch: int = 1000) -> float:
+    net.eval()
+    return float(sum((net(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum() for i in range(0, len(x), batch)) / len(x))
+
+
+def pgd_accuracy(net, x, y, eps: float, steps: int, step_size: float, batch: int = 500, seed: int = 0) -> float:
+    """Accuracy under PGD (random start, eval mode)."""
+    net.eval()
+    gen = torch.Generator().manual_seed(seed)
+    correct = 0
+    for i in range(0, len(x), batch):
+        adv = pgd_attack(net, x[i:i + batch], y[i:i + batch], eps, step_size, steps, generator=gen)
+        with torch.no_grad():
+            correct += int((net(adv).argmax(1) == y[i:i + batch]).sum())
+    return correct / len(x)
+
+
+def train_mnist(data: dict, spec: dict, robust: bool, log, save=None, seed: int = 0) -> tuple[nn.Module, dict]:
+    """Adam on the training part; robust: PGD examples at eps (linearly warmed up from 0 over
+    ``eps_warmup_epochs``), the last epoch at lr / 10. ``save(net, history)`` runs after every epoch
+    (a partial run still leaves a usable checkpoint). Returns the network and a per-epoch history."""
+    torch.manual_seed(seed)
+    x, y = data["train"]
+    if spec.get("train_limit"):
+        x, y = x[:spec["train_limit"]], y[:spec["train_limit"]]
+    net = build_network("madry_cnn", (1, 28, 28), 10, width=spec["width"])
+    opt = torch.optim.Adam(net.parameters(), lr=spec["lr"])
+    epochs = spec["robust_epochs"] if robust else spec["natural_epochs"]
+    steps_per_epoch = math.ceil(len(x) / spec["batch"])
+    gen = torch.Generator().manual_seed(seed + 1)
+    history, t0 = [], time.perf_counter()
+    vx, vy = data["val"]
+    for epoch in range(epochs):
+        if epoch == epochs - 1 and epochs > 1:
+            for group in opt.param_groups:
+                group["lr"] = spec["lr"] / 10
+        perm = torch.randperm(len(x), generator=gen)
+        total = 0.0
+        for i in range(steps_per_epoch):
+            idx = perm[i * spec["batch"]:(i + 1) * spec["batch"]]
+            xb, yb = x[idx], y[idx]
+            if robust:
+                progress = (epoch + i / steps_per_epoch) / spec["eps_warmup_epochs"] if spec["eps_warmup_epochs"] else 1
+                eps = spec["eps"] * min(1.0, progress)
+                net.eval()
+                xb = pgd_attack(net, xb, yb, eps, spec["step_size"] * eps / spec["eps"], spec["steps"], generator=gen)
+            net.train()
+            loss = F.cross_entropy(net(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item()
+        row = {"epoch": epoch + 1, "train_loss": total / steps_per_epoch, "val_acc": accuracy(net, vx, vy),
+               "seconds": time.perf_counter() - t0}
+        if robust:
+            n = spec["val_pgd_examples"]
+            row["val_pgd_acc"] = pgd_accuracy(net, vx[:n], vy[:n], spec["eps"], spec["steps"], spec["step_size"])
+        history.append(row)
+        log(f"{'robust' if robust else 'regular'} {row}")
+        if save is not None:
+            save(net, {"epochs": history, "train_seconds": time.perf_counter() - t0, "complete": epoch == epochs - 1})
+    return net.eval(), {"epochs": history, "train_seconds": time.perf_counter() - t0, "complete": True}
+
+
+def checkpoint_path(ckpt_dir: Path, setting: str, label: str) -> Path:
+    return ckpt_dir / f"saliency_{setting}_{label}.ckpt"
+
+
+def train_pair(setting: str, mnist_root: Path, ckpt_dir: Path, log, labels=("regular", "robust")) -> None:
+    """Train the regular and the PGD-trained Madry CNN and save both (state dict + history)."""
+    spec = SETTINGS[setting]
+    data = load_mnist(mnist_root, spec["val_size"])
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tx, ty = data["test"]
+    for label in labels:
+        robust = label == "robust"
+
+        def save(net, history):
+            history["test_acc"] = accuracy(net, tx, ty)
+            torch.save({"state_dict": net.state_dict(), "width": spec["width"], "history": history, "setting": setting,
+                        "spec": {k: v for k, v in spec.items() if k not in ("sal", "fig6")}},
+                       checkpoint_path(ckpt_dir, setting, label))
+
+        net, history = train_mnist(data, spec, robust, log, save)
+        log(f"saved {label}: test acc {accuracy(net, tx, ty):.4f}, {history['train_seconds']:.0f}s")
+
+
+def load_pair(setting: str, ckpt_dir: Path) -> dict[str, tuple[nn.Module, dict]]:
+    out = {}
+    for label in ("regular", "robust"):
+        path = checkpoint_path(ckpt_dir, setting, label)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} missing: run --setting {setting} --phase train first")
+        saved = torch.load(path, map_location="cpu")
+        net = build_network("madry_cnn", (1, 28, 28), 10, width=saved["width"])
+        net.load_state_dict(saved["state_dict"])
+        out[label] = (net.eval(), saved)
+    return out
+
+
+CHEAP_METHODS = ("Grad", "GBP", "IG", "Grad-SG", "GBP-SG")
+COSTLY_METHODS = ("SHAP", "IG-SG", "Square", "NB")
+AUTHORS_SG = "Grad-SG, authors' global SG"
+
+
+def explain_pair(setting: str, mnist_root: Path, ckpt_dir: Path, out: Path, log) -> None:
+    """Accuracies, probes, Table 4 (both normalisations side by side), Figure 6 and the maps for
+    the saved pair; the JSON / markdown are rewritten after every step, cheap methods first."""
+    spec = SETTINGS[setting]
+    data = load_mnist(mnist_root, spec["val_size"])
+    pair = load_pair(setting, ckpt_dir)
+    tx, ty = data["test"]
+    x, y = tx[:spec["examples"]], ty[:spec["examples"]]
+    cfg = SaliencyConfig(**spec["sal"])
+    name = f"mnist_{setting}"
+    results = {label: {"training": saved["history"], "spec": saved["spec"], "tables": {"global": {}}}
+               for label, (_, saved) in pair.items()}
+    sizes = {k: v for k, v in spec.items() if k != "sal"} | {"sal": asdict(cfg)}
+
+    def write():
+        payload = {"setting": setting, "sizes": sizes, "results": results}
+        (out / f"saliency_table4_{name}.json").write_text(json.dumps(payload, indent=2, default=list))
+        (out / f"saliency_table4_{name}.md").write_text(table4_mnist_markdown(name, results, sizes))
+
+    tp = spec["test_pgd"]
+    for label, (net, _) in pair.items():
+        r = results[label]
+        r["test_acc"] = accuracy(net, tx, ty)
+        r["test_pgd"] = {"eps": spec["eps"], **tp,
+                         "acc": pgd_accuracy(net, tx[:tp["examples"]], ty[:tp["examples"]], spec["eps"], tp["steps"],
+                                             tp["step_size"])}
+        r["probes"] = probes(net, x, y)
+        with torch.no_grad():
+            r["predictions"] = net(x).argmax(1).tolist()
+        log(f"{label}: test acc {r['test_acc']:.4f}, PGD acc {r['test_pgd']['acc']:.4f}, probes {r['probes']}")
+        write()
+    caches = {label: infidelity_cache(net, x, y, cfg, ("square", "noisy_baseline")) for label, (net, _) in pair.items()}
+    maps = {label: {} for label in pair}
+
+    def run(method, sg_global=None, row=None):
+        for label, (net, _) in pair.items():
+            metrics, phi = evaluate_method(net, method, x, y, cfg, local=False, cache=caches[label], sg_global=sg_global)
+            results[label]["tables"]["global"][row or method] = metrics
+            if row is None:
+                maps[label][method] = phi
+            log(f"{label} {row or method}: " + short(metrics))
+        write()
+
+    def save_maps():
+        for label, (net, _) in pair.items():
+            save_maps_png(x, maps[label], out / f"saliency_maps_{name}_{label}.png", n_rows=6, labels=y,
+                          preds=torch.tensor(results[label]["predictions"]),
+                          title=f"{label} Madry CNN, global explanations (x * Phi), {setting} setting")
+
+    for method in CHEAP_METHODS:
+        run(method)
+    run("Grad-SG", sg_global="mean_of_products", row=AUTHORS_SG)
+    save_maps()
+    figure6_mnist(pair["regular"][0], x, y, spec["fig6"], cfg, out, name, log)
+    for method in COSTLY_METHODS:
+        run(method)
+        save_maps()
+
+
+def figure6_mnist(net, x, y, fig: dict, cfg: SaliencyConfig, out: Path, name: str, log) -> None:
+    """Local Grad-SG (noisy-baseline INFD, SENS_max) as the SmoothGrad radius grows (radius 0: Grad)."""
+    x, y = x[:fig["examples"]], y[:fig["examples"]]
+    base = replace(cfg, sens_samples=fig["sens_samples"], sg_samples=fig["sg_samples"], method_sens={})
+    cache = infidelity_cache(net, x, y, base, ("noisy_baseline",))
+    rows = []
+    for r in [0.0, *fig["radii"]]:
+        method = "Grad-SG" if r > 0 else "Grad"
+        metrics, _ = evaluate_method(net, method, x, y, replace(base, sg_radius=r), local=True, cache=cache)
+        rows.append({"radius": r, **metrics})
+        log(f"fig6 radius {r}: " + short(metrics))
+        (out / f"saliency_fig6_{name}.json").write_text(json.dumps({"sizes": fig, "rows": rows}, indent=2))
+    norms = cfg.normalizations
+    md = [f"Local Grad-SG on the regular model, {fig['examples']} test examples, {fig['sens_samples']} SENS samples "
+          f"(radius {cfg.sens_radius}), {fig['sg_samples']} SmoothGrad samples, {cfg.infd_samples} noisy-baseline "
+          "INFD samples; mean ± standard error.", "",
+          "| SG radius (0 = Grad) | INFD (noisy baseline) | " + " | ".join(f"SENS_max ({n})" for n in norms) + " |",
+          "|---" * (2 + len(norms)) + "|"]
+    for row in rows:
+        sens = [f"{row[f'sens_max_{n}']:.3g} ± {row[f'sens_max_{n}_sem']:.2g}" for n in norms]
+        md.append(f"| {row['radius']} | {row['infd']:.3g} ± {row['infd_sem']:.2g} | " + " | ".join(sens) + " |")
+    (out / f"saliency_fig6_{name}.md").write_text("\n".join(md) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    radii = [row["radius"] for row in rows]
+    fig_, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    axes[0].errorbar(radii, [row["infd"] for row in rows], [row["infd_sem"] for row in rows], fmt="o-")
+    axes[0].set_title("Infidelity (noisy baseline)", fontsize=9)
+    axes[0].set_ylabel("INFD")
+    for n in ("input", "unit"):  # the 2019 replay and the raw norm are on other scales: see the markdown
+        axes[1].errorbar(radii, [row[f"sens_max_{n}"] for row in rows], [row[f"sens_max_{n}_sem"] for row in rows],
+                         fmt="s-", label=f"{n} normalisation")
+    axes[1].set_title(f"Max-sensitivity (r = {cfg.sens_radius})", fontsize=9)
+    axes[1].set_ylabel("SENS_max")
+    axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("SmoothGrad radius (0 = plain gradient)")
+    fig_.suptitle(f"Figure 6 analogue: local Grad-SG, regular Madry CNN on MNIST ({name})", fontsize=9)
+    fig_.tight_layout()
+    fig_.savefig(out / f"saliency_fig6_{name}.png", dpi=100)
+    plt.close(fig_)
+
+
+def short(metrics: dict) -> str:
+    keys = [k for k in metrics if k.startswith("sens_max_") and not k.endswith("_sem")]
+    return ", ".join(f"{k} {metrics[k]:.4g}" for k in ["infd", "infd_rel", *keys, "seconds"])
+
+
+def cell(m: dict | None, key: str) -> str:
+    return "-" if m is None or key not in m else f"{m[key]:.3g} ± {m[key + '_sem']:.2g}"
+
+
+def ordering(reg: dict | None, rob: dict | None, key: str) -> str:
+    """Does robust < regular reproduce (the paper's finding for every method)? With > 2 SE when so."""
+    if reg is None or rob is None or key not in reg or key not in rob:
+        return "-"
+    diff, se = reg[key] - rob[key], math.hypot(reg[key + "_sem"], rob[key + "_sem"])
+    if diff > 0:
+        return "yes" + (" (> 2 SE)" if diff > 2 * se else " (< 2 SE)")
+    return "no" + (" (> 2 SE)" if -diff > 2 * se else " (< 2 SE)")
+
+
+def table4_mnist_markdown(name: str, results: dict, sizes: dict) -> str:
+    sal = sizes["sal"]
+    reg, rob = results["regular"], results["robust"]
+    md = [f"### {name}: Table 4 on full MNIST (Madry CNN width {sizes['width']}, PGD training eps {sizes['eps']}, "
+          f"{sizes['steps']} steps of {sizes['step_size']})", "",
+          "| model | training | test acc (10k) | PGD acc, eps 0.3 | mean grad norm (logit) | mean Hessian norm (log-prob) |",
+          "|---|---|---|---|---|---|"]
+    for label, r in results.items():
+        if "test_acc" not in r:
+            continue
+        h = r["training"]
+        tr = f"{len(h['epochs'])} epochs, {h['train_seconds'] / 60:.0f} min" + ("" if h.get("complete", True) else " (cut)")
+        p = r["test_pgd"]
+        md.append(f"| {label} | {tr} | {r['test_acc']:.4f} | {p['acc']:.3f} ({p['steps']} x {p['step_size']}, "
+                  f"{p['examples']} images) | {r['probes']['grad_norm_logit']:.3g} | {r['probes']['hessian_norm_logprob']:.3g} |")
+    t_reg, t_rob = reg["tables"]["global"], rob["tables"]["global"]
+    methods = list(dict.fromkeys([*t_reg, *t_rob]))
+    norms = [n for n in ("input", "unit", "none", "input_2019") if any(f"sens_max_{n}" in t_reg.get(m, {}) for m in methods)]
+    md += ["", f"Counts: {sizes['examples']} test examples (the first of the test set), SENS radius {sal['sens_radius']} "
+           f"with {sal['sens_samples']} samples, SmoothGrad radius {sal['sg_radius']} with {sal['sg_samples']} samples, "
+           f"IG {sal['ig_steps']} steps, SHAP {sal['shap_samples']} samples, NB {sal['nb_samples']} samples, INFD over "
+           f"every square of side {sal['square_sizes'][0]}..{sal['square_sizes'][1]} (NB: {sal['infd_samples']} "
+           "noisy-baseline draws). Mean ± standard error over examples. Paper: Table 4 of Yeh et al. 2019 "
+           "(GBP there equals Grad, see docs/saliency.md).", "",
+           "**SENS_max** (robust < regular is the paper's finding for every method)", "",
+           "| Method | SENS examples x samples | paper regular | paper robust | "
+           + " | ".join(f"ours regular ({n}) | ours robust ({n}) | robust < regular? ({n})" for n in norms) + " |",
+           "|---" * (4 + 3 * len(norms)) + "|"]
+    for m in methods:
+        a, b = t_reg.get(m), t_rob.get(m)
+        paper = PAPER_TABLE4.get(m)
+        cnt = f"{(a or b)['sens_examples']} x {(a or b)['sens_samples']}"
+        row = [m, cnt, *(("-", "-") if paper is None else (str(paper[0][0]), str(paper[1][0])))]
+        for n in norms:
+            key = f"sens_max_{n}"
+            row += [cell(a, key), cell(b, key), ordering(a, b, key)]
+        md.append("| " + " | ".join(row) + " |")
+    md += ["", "**INFD** (square removal; NB: noisy baseline)", "",
+           "| Method | paper regular | paper robust | ours regular | ours robust | robust < regular? | "
+           "ours INFD/INFD(0) regular | robust |", "|---" * 8 + "|"]
+    for m in methods:
+        a, b = t_reg.get(m), t_rob.get(m)
+        paper = PAPER_TABLE4.get(m)
+        row = [m, *(("-", "-") if paper is None else (str(paper[0][1]), str(paper[1][1]))),
+               cell(a, "infd"), cell(b, "infd"), ordering(a, b, "infd"),
+               "-" if a is None else f"{a['infd_rel']:.3g}", "-" if b is None else f"{b['infd_rel']:.3g}"]
+        md.append("| " + " | ".join(row) + " |")
+    zero = [f"{r['tables']['global'][next(iter(r['tables']['global']))]['infd_zero']:.3g}"
+            for r in (reg, rob) if r["tables"]["global"]]
+    if len(zero) == 2:
+        md.append(f"| zero explanation (E[df^2], square) | - | - | {zero[0]} | {zero[1]} | - | 1 | 1 |")
+    missing = [m for m in METHODS if m not in methods]
+    if missing:
+        md += ["", f"Not finished: {', '.join(missing)}."]
+    return "\n".join(md) + "\n"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, writes to /tmp/saliency_quick")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", choices=("digits", "cpu", "paper", "quick"), default="digits",
+                        help="digits: toy, Prop. A.1 and the 8x8 digits study; cpu / paper: full MNIST (SETTINGS)")
+    parser.add_argument("--phase", choices=("train", "explain", "all"), default="all",
+                        help="MNIST settings: train and save the pair, explain from the saved pair, or both")
     parser.add_argument("--mnist-root", default="/work/shared/data/mnist")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--checkpoints", default=str(Path(__file__).parent / "checkpoints"),
+                        help="where the trained pair is saved (*.ckpt, not committed)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--train-only", choices=("regular", "robust"), help="train one model of the pair")
     parser.add_argument("--markdown-only", action="store_true",
                         help="rebuild the Table 4 markdown from the saved JSON (no training)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sizes = SIZES["quick" if args.quick else "full"]
-    out = Path("/tmp/saliency_quick") if args.quick else Path(__file__).parent / "results"
+    quick = args.setting == "quick"
+    out = Path("/tmp/saliency_quick") if quick else Path(__file__).parent / "results"
+    ckpt_dir = Path("/tmp/saliency_quick") if quick else Path(args.checkpoints)
     out.mkdir(parents=True, exist_ok=True)
     if args.markdown_only:
         for path in sorted(out.glob("saliency_table4_*.json")):
             name = path.stem.removeprefix("saliency_table4_")
             saved = json.loads(path.read_text())
-            (out / f"saliency_table4_{name}.md").write_text(table4_markdown(name, saved["results"], saved["sizes"]))
+            writer = table4_markdown if name == "digits" else table4_mnist_markdown
+            (out / f"saliency_table4_{name}.md").write_text(writer(name, saved["results"], saved["sizes"]))
         return
     t0 = time.perf_counter()
-    figure5(out)
-    digits = DigitsDataModule(batch_size=64)
-    proposition_a1(digits, out, epochs=sizes["digits"]["epochs"])
-    models = table4("digits", digits, sizes["digits"], out)
-    figure6(models["regular"], digits, sizes["fig6_radii"], sizes["digits"], out, "digits")
-    if sizes["mnist"] is not None and Path(args.mnist_root).exists():
-        mnist = MNISTDataModule(root=args.mnist_root, batch_size=128)
-        models = table4("mnist", mnist, sizes["mnist"], out)
-        figure6(models["regular"], mnist, sizes["fig6_radii"], sizes["mnist"], out, "mnist")
-    print(f"total {time.perf_counter() - t0:.0f}s", flush=True)
+    if args.setting == "digits":
+        sizes = SIZES["full"]
+        figure5(out)
+        digits = DigitsDataModule(batch_size=64)
+        proposition_a1(digits, out, epochs=sizes["digits"]["epochs"])
+        models = table4("digits", digits, sizes["digits"], out)
+        figure6(models["regular"], digits, sizes["fig6_radii"], sizes["digits"], out, "digits")
+    else:
+        if args.phase in ("train", "all"):
+            labels = (args.train_only,) if args.train_only else ("regular", "robust")
+            train_pair(args.setting, Path(args.mnist_root), ckpt_dir, log, labels)
+        if args.phase in ("explain", "all"):
+            explain_pair(args.setting, Path(args.mnist_root), ckpt_dir, out, log)
+    log(f"total {time.perf_counter() - t0:.0f}s")
 
 
 if __name__ == "__main__":

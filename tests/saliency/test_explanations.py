@@ -127,3 +127,32 @@ def test_make_explanation_names():
     assert make_explanation("SHAP", model).is_global and make_explanation("Square", model).is_global
     with pytest.raises(ValueError, match="explanation must be one of"):
         make_explanation("LIME", model)
+
+
+def test_global_smoothgrad_variants():
+    """Ours: x * mean grad f(x + d); the authors': mean[(x + d) * grad f(x + d)], on the same draws.
+    On a linear model they are x * w and (x + mean d) * w."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x = torch.rand(X_SHAPE, dtype=torch.float64)
+    delta = (torch.rand((6, *X_SHAPE), generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 2 - 1) * 0.3
+    grad = gradient(model)
+    grads = torch.stack([grad(x + d, TARGET) for d in delta])
+    kw = dict(sg_radius=0.3, sg_samples=6)
+    ours = make_explanation("Grad-SG", model, sg_global="x_times_mean", generator=torch.Generator().manual_seed(5), **kw)
+    authors = make_explanation("Grad-SG", model, sg_global="mean_of_products",
+                               generator=torch.Generator().manual_seed(5), **kw)
+    assert ours.is_global and authors.is_global
+    assert torch.allclose(ours(x, TARGET), x * grads.mean(0))
+    assert torch.allclose(authors(x, TARGET), ((x + delta) * grads).mean(0))
+    lin = linear_model()
+    w = weights_for(lin, TARGET, X_SHAPE)
+    got = make_explanation("Grad-SG", lin, sg_global="mean_of_products", generator=torch.Generator().manual_seed(5),
+                           **kw)(x, TARGET)
+    assert torch.allclose(got, (x + delta.mean(0)) * w)
+    local = make_explanation("Grad-SG", model, generator=torch.Generator().manual_seed(5), **kw)
+    assert not local.is_global and torch.allclose(local(x, TARGET), grads.mean(0))
+    with pytest.raises(ValueError, match="sg_global"):
+        make_explanation("Grad-SG", model, sg_global="authors")
+    with pytest.raises(ValueError, match="needs a local explanation"):
+        smooth(kernel_shap(model, 10), multiply_by_inputs=True)

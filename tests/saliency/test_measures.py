@@ -7,8 +7,9 @@ from captum.metrics import sensitivity_max as captum_sensitivity_max
 from torch import nn
 
 from ift.saliency import infidelity, max_sensitivity
-from ift.saliency.measures import (infidelity_from_perturbations, noisy_baseline_perturbations,
-                                   square_masks)
+from ift.saliency.measures import (SENS_NORMALISATIONS, infidelity_from_perturbations, max_sensitivities,
+                                   noisy_baseline_perturbations, perturbation_drops, square_drops,
+                                   square_infidelity, square_masks)
 
 
 def linear_model(c=1, h=4, w=4, classes=3, seed=0):
@@ -140,3 +141,49 @@ def test_bad_inputs_raise():
         max_sensitivity(lambda z: z, x, normalize="l1")
     with pytest.raises(ValueError, match="shaped like"):
         max_sensitivity(lambda z: z[:, :, :2], x, n_samples=2)
+
+
+def test_sens_normalisations_closed_forms_and_2019_replay():
+    """Phi(x) = x on fixed samples: unit compares directions, none is ||delta||, input divides by
+    ||x||, and input_2019 replays the authors' 2019 loop m <- max(m, d_k) / ||x|| in draw order."""
+    x = torch.rand(3, 1, 2, 2, dtype=torch.float64) + 0.5
+    noise = (torch.rand(6, 3, 1, 2, 2, dtype=torch.float64) * 2 - 1) * 0.1
+    out = max_sensitivities(lambda z: z, x, noise=noise, normalizations=SENS_NORMALISATIONS, max_batch=4)
+    d = noise.flatten(2).norm(dim=2)  # (n, B)
+    norm = x.flatten(1).norm(dim=1)
+    assert torch.allclose(out["none"], d.max(0).values)
+    assert torch.allclose(out["input"], d.max(0).values / norm)
+    y = (x + noise).flatten(2)
+    unit = (y / y.norm(dim=2, keepdim=True) - (x.flatten(1) / norm.unsqueeze(1))).norm(dim=2)
+    assert torch.allclose(out["unit"], unit.max(0).values)
+    assert (out["unit"] <= 2).all()
+    running = torch.full((3,), -torch.inf, dtype=torch.float64)
+    for dk in d:  # the 2019 code, sample by sample
+        running = torch.maximum(running, dk) / norm
+    assert torch.allclose(out["input_2019"], running)
+    # every normalisation agrees with the single-normalisation call on the same samples
+    for name in SENS_NORMALISATIONS:
+        assert torch.allclose(max_sensitivity(lambda z: z, x, noise=noise, normalize=name), out[name])
+    # both normalised forms ignore a constant scale of the explanation
+    scaled = max_sensitivities(lambda z: 3 * z, x, noise=noise, normalizations=("unit", "input"))
+    assert torch.allclose(scaled["unit"], out["unit"]) and torch.allclose(scaled["input"], out["input"])
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        max_sensitivities(lambda z: z, x, noise=noise, normalizations=("input", "l1"))
+
+
+def test_cached_drops_give_the_same_infidelity():
+    model = tanh_net()
+    x = torch.rand(3, 1, 4, 4, dtype=torch.float64)
+    target = torch.tensor([0, 2, 1])
+    phi = torch.randn_like(x)
+    masks = square_masks(4, 4, (1, 3))
+    drops = square_drops(model, x, masks, target, max_batch=7)
+    assert drops.shape == (masks.shape[0], 3)
+    direct = square_infidelity(model, x, x * phi, masks, target, max_batch=7)
+    assert torch.allclose(square_infidelity(model, x, x * phi, masks, target, drops=drops), direct)
+    pert = noisy_baseline_perturbations(x, 40, generator=torch.Generator().manual_seed(0))
+    drops_nb = perturbation_drops(model, x, pert, target)
+    direct_nb = infidelity_from_perturbations(model, x, phi, pert, target)
+    assert torch.allclose(infidelity_from_perturbations(model, x, phi, pert, target, drops=drops_nb), direct_nb)
+    with pytest.raises(ValueError, match="drops must be"):
+        square_infidelity(model, x, x * phi, masks, target, drops=drops[:-1])

@@ -22,6 +22,8 @@ from ift.saliency.measures import (as_target, chunk_sizes, noisy_baseline_pertur
                                    scores, square_masks, uniform_linf_noise)
 
 METHODS = ("Grad", "Grad-SG", "IG", "IG-SG", "GBP", "GBP-SG", "SHAP", "Square", "NB")
+# global SmoothGrad: ours x * mean Phi(x + d); the authors' code mean[(x + d) * Phi(x + d)]
+SG_GLOBAL_VARIANTS = ("x_times_mean", "mean_of_products")
 
 
 @dataclass
@@ -120,21 +122,30 @@ def kernel_shap(model: nn.Module, n_samples: int = 2000, baseline: float = 0.0,
 
 # ----------------------------------------------------------------------------- SmoothGrad
 def smooth(explanation: Explanation, radius: float = 0.2, n_samples: int = 200, max_batch: int = 4096,
-           generator: torch.Generator | None = None) -> Explanation:
+           generator: torch.Generator | None = None, multiply_by_inputs: bool = False) -> Explanation:
     """SmoothGrad with the paper's kernel: the mean of ``Phi(x + delta)``, delta uniform in the
-    L-infinity ball of ``radius`` (no clamping to the pixel range, as in the authors' code)."""
+    L-infinity ball of ``radius`` (no clamping to the pixel range, as in the authors' code).
+
+    ``multiply_by_inputs=True`` returns the global explanation of the authors' code,
+    ``mean[(x + delta) * Phi(x + delta)]`` (each sample times its own perturbed input), instead of
+    ``to_global``'s ``x * mean Phi(x + delta)``; the two differ by ``mean[delta * Phi(x + delta)]``.
+    """
     if radius < 0 or n_samples < 1:
         raise ValueError(f"smooth: radius must be >= 0 and n_samples >= 1, got {radius}, {n_samples}")
+    if multiply_by_inputs and explanation.is_global:
+        raise ValueError(f"smooth: multiply_by_inputs needs a local explanation, {explanation.name} is global")
 
     def fn(x, t):
         total = torch.zeros_like(x)
         for k in chunk_sizes(n_samples, x.shape[0], max_batch):
-            delta = uniform_linf_noise((k, *x.shape), radius, x, generator)
-            out = explanation.fn((x.unsqueeze(0) + delta).flatten(0, 1), repeat_target(t, k))
+            points = (x.unsqueeze(0) + uniform_linf_noise((k, *x.shape), radius, x, generator)).flatten(0, 1)
+            out = explanation.fn(points, repeat_target(t, k))
+            if multiply_by_inputs:
+                out = out * points
             total += out.view(k, *x.shape).sum(0)
         return total / n_samples
 
-    return Explanation(explanation.name + "-SG", fn, explanation.is_global)
+    return Explanation(explanation.name + "-SG", fn, explanation.is_global or multiply_by_inputs)
 
 
 # ----------------------------------------------------------------------------- optimal explanations
@@ -210,9 +221,16 @@ def optimal_square(model: nn.Module, square_sizes: Sequence[int] = (1, 10), n_sa
 def make_explanation(name: str, model: nn.Module, *, sg_radius: float = 0.2, sg_samples: int = 200,
                      ig_steps: int = 20, shap_samples: int = 2000, nb_samples: int = 20000,
                      nb_sigma: float = 0.2, square_sizes: Sequence[int] = (1, 10), ridge: float = 0.0,
-                     max_batch: int = 4096, generator: torch.Generator | None = None) -> Explanation:
+                     max_batch: int = 4096, generator: torch.Generator | None = None,
+                     sg_global: str | None = None) -> Explanation:
     """One of ``METHODS`` by name, with the paper's defaults (SG radius 0.2 and 200 samples, 20k
-    samples for NB, squares of side 1..10)."""
+    samples for NB, squares of side 1..10).
+
+    ``sg_global`` (``-SG`` methods only): None gives the local SmoothGrad; ``"x_times_mean"``
+    the global ``x * mean Phi(x + delta)`` (ours); ``"mean_of_products"`` the authors' global
+    ``mean[(x + delta) * Phi(x + delta)]``."""
+    if sg_global not in (None, *SG_GLOBAL_VARIANTS):
+        raise ValueError(f"sg_global must be None or one of {SG_GLOBAL_VARIANTS}, got {sg_global!r}")
     base = name[:-3] if name.endswith("-SG") else name
     if name not in METHODS:
         raise ValueError(f"explanation must be one of {METHODS}, got {name!r}")
@@ -230,5 +248,8 @@ def make_explanation(name: str, model: nn.Module, *, sg_radius: float = 0.2, sg_
         return optimal_noisy_baseline(model, nb_samples, nb_sigma, ridge=ridge, max_batch=max_batch,
                                       generator=generator)
     if name.endswith("-SG"):
-        expl = smooth(expl, sg_radius, sg_samples, max_batch, generator)
+        expl = smooth(expl, sg_radius, sg_samples, max_batch, generator,
+                      multiply_by_inputs=sg_global == "mean_of_products")
+        if sg_global == "x_times_mean":
+            expl = to_global(expl)
     return expl

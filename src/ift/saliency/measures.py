@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 PERTURBATIONS = ("noisy_baseline", "square")
-SENS_NORMALISATIONS = ("input", "unit", "none")
+SENS_NORMALISATIONS = ("input", "unit", "none", "input_2019")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -120,61 +120,85 @@ def optimal_scaling_infidelity(sum_aa: torch.Tensor, sum_ab: torch.Tensor, sum_b
 
 
 @torch.no_grad()
-def infidelity_from_perturbations(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                                  explanation: torch.Tensor, perturbations: torch.Tensor,
-                                  target: int | torch.Tensor | None = None, max_batch: int = 4096,
-                                  optimal_scaling: bool = True) -> torch.Tensor:
-    """INFD on given perturbations ``I`` of shape (n, B, *x.shape[1:]); returns (B,)."""
+def perturbation_drops(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, perturbations: torch.Tensor,
+                       target: int | torch.Tensor | None = None, max_batch: int = 4096) -> torch.Tensor:
+    """``f(x) - f(x - I_k)`` for perturbations (n, B, ...), shape (n, B), float64. It does not depend
+    on the explanation, so one call serves every explanation of the same examples."""
     if perturbations.shape[1:] != x.shape:
         raise ValueError(f"perturbations must have shape (n, *x.shape) = (n, {tuple(x.shape)}), "
                          f"got {tuple(perturbations.shape)}")
-    if explanation.shape != x.shape:
-        raise ValueError(f"explanation shape {tuple(explanation.shape)} != input shape {tuple(x.shape)}")
     batch = x.shape[0]
     target = as_target(target, batch, x.device)
     f_x = scores(forward, x, target).double()
-    sums = torch.zeros(3, batch, dtype=torch.float64, device=x.device)
-    start = 0
+    out, start = [], 0
     for k in chunk_sizes(perturbations.shape[0], batch, max_batch):
         pert = perturbations[start:start + k]
         start += k
         f_pert = scores(forward, (x.unsqueeze(0) - pert).flatten(0, 1), repeat_target(target, k))
-        b = f_x.unsqueeze(0) - f_pert.view(k, batch).double()
-        a = (pert * explanation.unsqueeze(0)).flatten(2).sum(-1).double()
-        sums += torch.stack([(a * a).sum(0), (a * b).sum(0), (b * b).sum(0)])
-    n = perturbations.shape[0]
+        out.append(f_x.unsqueeze(0) - f_pert.view(k, batch).double())
+    return torch.cat(out)
+
+
+def scaled_infidelity(a: torch.Tensor, b: torch.Tensor, optimal_scaling: bool = True) -> torch.Tensor:
+    """INFD from the dots ``a_k = I_k^T Phi`` and drops ``b_k`` (both (n, B)), per example."""
+    sums = torch.stack([(a * a).sum(0), (a * b).sum(0), (b * b).sum(0)])
     if optimal_scaling:
-        return optimal_scaling_infidelity(sums[0], sums[1], sums[2], n)
-    return (sums[0] - 2 * sums[1] + sums[2]) / n
+        return optimal_scaling_infidelity(sums[0], sums[1], sums[2], a.shape[0])
+    return (sums[0] - 2 * sums[1] + sums[2]) / a.shape[0]
 
 
 @torch.no_grad()
-def square_infidelity(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                      attribution: torch.Tensor, masks: torch.Tensor,
-                      target: int | torch.Tensor | None = None, max_batch: int = 4096) -> torch.Tensor:
-    """INFD for square removal ``I = x * z`` in the binary form of Appendix B.2.
+def infidelity_from_perturbations(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                                  explanation: torch.Tensor, perturbations: torch.Tensor,
+                                  target: int | torch.Tensor | None = None, max_batch: int = 4096,
+                                  optimal_scaling: bool = True, drops: torch.Tensor | None = None) -> torch.Tensor:
+    """INFD on given perturbations ``I`` of shape (n, B, *x.shape[1:]); returns (B,).
+    ``drops``: ``perturbation_drops`` of the same perturbations, to skip the model calls."""
+    if explanation.shape != x.shape:
+        raise ValueError(f"explanation shape {tuple(explanation.shape)} != input shape {tuple(x.shape)}")
+    if drops is None:
+        drops = perturbation_drops(forward, x, perturbations, target, max_batch)
+    elif drops.shape != perturbations.shape[:2]:
+        raise ValueError(f"drops must be (n, B) = {tuple(perturbations.shape[:2])}, got {tuple(drops.shape)}")
+    a = (perturbations * explanation.unsqueeze(0)).flatten(2).sum(-1).double()
+    return scaled_infidelity(a, drops, optimal_scaling)
 
-    ``attribution`` is the global attribution ``x * Phi`` (B, C, H, W); with ``I = x * z`` the dot
-    ``I^T Phi = z^T (x * Phi)``, summed over channels because a square covers every channel.
-    ``masks`` is (n, H*W).
-    """
+
+@torch.no_grad()
+def square_drops(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, masks: torch.Tensor,
+                 target: int | torch.Tensor | None = None, max_batch: int = 4096) -> torch.Tensor:
+    """``f(x) - f(x * (1 - z_k))`` for square masks (n, H*W), shape (n, B), float64."""
     batch, c, h, w = x.shape
     if masks.shape[1] != h * w:
         raise ValueError(f"masks must be (n, H*W) = (n, {h * w}), got {tuple(masks.shape)}")
     target = as_target(target, batch, x.device)
     f_x = scores(forward, x, target).double()
-    a_pix = attribution.sum(1).flatten(1).double()  # (B, H*W)
-    sums = torch.zeros(3, batch, dtype=torch.float64, device=x.device)
-    start = 0
+    out, start = [], 0
     for k in chunk_sizes(masks.shape[0], batch, max_batch):
-        z = masks[start:start + k].to(x.dtype)
+        keep = (1 - masks[start:start + k].to(x.dtype)).view(k, 1, 1, h, w)
         start += k
-        keep = (1 - z).view(k, 1, 1, h, w)
         f_pert = scores(forward, (x.unsqueeze(0) * keep).flatten(0, 1), repeat_target(target, k))
-        b = f_x.unsqueeze(0) - f_pert.view(k, batch).double()
-        a = z.double() @ a_pix.T  # (k, B)
-        sums += torch.stack([(a * a).sum(0), (a * b).sum(0), (b * b).sum(0)])
-    return optimal_scaling_infidelity(sums[0], sums[1], sums[2], masks.shape[0])
+        out.append(f_x.unsqueeze(0) - f_pert.view(k, batch).double())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def square_infidelity(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                      attribution: torch.Tensor, masks: torch.Tensor,
+                      target: int | torch.Tensor | None = None, max_batch: int = 4096,
+                      drops: torch.Tensor | None = None) -> torch.Tensor:
+    """INFD for square removal ``I = x * z`` in the binary form of Appendix B.2.
+
+    ``attribution`` is the global attribution ``x * Phi`` (B, C, H, W); with ``I = x * z`` the dot
+    ``I^T Phi = z^T (x * Phi)``, summed over channels because a square covers every channel.
+    ``masks`` is (n, H*W); ``drops``: ``square_drops`` of the same masks, to skip the model calls.
+    """
+    if drops is None:
+        drops = square_drops(forward, x, masks, target, max_batch)
+    elif drops.shape != (masks.shape[0], x.shape[0]):
+        raise ValueError(f"drops must be (n, B) = {(masks.shape[0], x.shape[0])}, got {tuple(drops.shape)}")
+    a = masks.double() @ attribution.sum(1).flatten(1).double().T  # (n, B)
+    return scaled_infidelity(a, drops)
 
 
 def infidelity(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, explanation: torch.Tensor,
@@ -233,13 +257,28 @@ def max_sensitivity(explain: Callable, x: torch.Tensor, radius: float = 0.1, n_s
 
     explain: ``x -> explanation shaped like x`` (or ``(x, target) -> ...`` when target is given);
         it is called on ``k*B`` rows at a time (perturbation-major), so it must be batched.
-    normalize: ``"input"`` divides ``||Phi(y) - Phi(x)||`` by ``||Phi(x)||`` (the authors' code and
-        captum's ``sensitivity_max``); ``"unit"`` compares unit-norm explanations
-        ``||Phi(y)/||Phi(y)|| - Phi(x)/||Phi(x)||||``; ``"none"`` is the raw L2 difference.
+    normalize: ``"input"`` divides ``||Phi(y) - Phi(x)||`` by ``||Phi(x)||`` (captum's
+        ``sensitivity_max`` and the authors' code as fixed in 2022); ``"unit"`` compares unit-norm
+        explanations ``||Phi(y)/||Phi(y)|| - Phi(x)/||Phi(x)||||`` (the paper's Appendix B.1, at most 2);
+        ``"none"`` is the raw L2 difference (Definition 3.1); ``"input_2019"`` replays the authors'
+        2019 code, which divided the running maximum by ``||Phi(x)||`` after every sample
+        (``m <- max(m, d_k) / ||Phi(x)||``, so it depends on the sample order): for comparing with the
+        paper's numbers only.
     noise: optional fixed perturbations (n, *x.shape) instead of fresh samples (for common samples).
     """
-    if normalize not in SENS_NORMALISATIONS:
-        raise ValueError(f"normalize must be one of {SENS_NORMALISATIONS}, got {normalize!r}")
+    return max_sensitivities(explain, x, radius, n_samples, target, normalizations=(normalize,),
+                             max_batch=max_batch, noise=noise, generator=generator)[normalize]
+
+
+def max_sensitivities(explain: Callable, x: torch.Tensor, radius: float = 0.1, n_samples: int = 50,
+                      target: int | torch.Tensor | None = None, *, normalizations: Sequence[str] = ("input",),
+                      max_batch: int = 4096, noise: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """``max_sensitivity`` under several normalisations from the same samples (one explanation call
+    per sample): ``{normalisation: (B,) tensor}``."""
+    bad = [n for n in normalizations if n not in SENS_NORMALISATIONS]
+    if bad or not normalizations:
+        raise ValueError(f"normalize must be one of {SENS_NORMALISATIONS}, got {list(normalizations)!r}")
     if radius < 0:
         raise ValueError(f"radius must be >= 0, got {radius}")
     if noise is not None:
@@ -250,19 +289,25 @@ def max_sensitivity(explain: Callable, x: torch.Tensor, radius: float = 0.1, n_s
     target = as_target(target, batch, x.device)
     base = call_explain(explain, x, target).flatten(1).double()
     base_norm = base.norm(dim=1)
-    if normalize == "unit":
-        base = base / base_norm.clamp_min(1e-30).unsqueeze(1)
-    worst = torch.full((batch,), -torch.inf, dtype=torch.float64, device=x.device)
+    # a zero explanation is divided by 1, as captum does
+    divisor = torch.where(base_norm > 0, base_norm, torch.ones_like(base_norm))
+    base_unit = base / base_norm.clamp_min(1e-30).unsqueeze(1)
+    worst = {n: torch.full((batch,), -torch.inf, dtype=torch.float64, device=x.device) for n in normalizations}
     start = 0
     for k in chunk_sizes(n_samples, batch, max_batch):
         delta = noise[start:start + k] if noise is not None else uniform_linf_noise((k, *x.shape), radius, x, generator)
         start += k
         expl = call_explain(explain, (x.unsqueeze(0) + delta).flatten(0, 1), repeat_target(target, k))
         expl = expl.view(k, batch, -1).double()
-        if normalize == "unit":
-            expl = expl / expl.norm(dim=2, keepdim=True).clamp_min(1e-30)
-        diff = (expl - base.unsqueeze(0)).norm(dim=2)
-        if normalize == "input":  # a zero explanation is divided by 1, as captum does
-            diff = diff / torch.where(base_norm > 0, base_norm, torch.ones_like(base_norm))
-        worst = torch.maximum(worst, diff.max(0).values)
+        raw = (expl - base.unsqueeze(0)).norm(dim=2)  # (k, B)
+        for name in normalizations:
+            if name == "unit":
+                unit = expl / expl.norm(dim=2, keepdim=True).clamp_min(1e-30)
+                worst[name] = torch.maximum(worst[name], (unit - base_unit.unsqueeze(0)).norm(dim=2).max(0).values)
+            elif name == "input_2019":
+                for d in raw:  # in draw order: the running maximum is divided again after every sample
+                    worst[name] = torch.maximum(worst[name], d) / divisor
+            else:
+                diff = raw / divisor if name == "input" else raw
+                worst[name] = torch.maximum(worst[name], diff.max(0).values)
     return worst

@@ -11,29 +11,42 @@ paper's local table.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from ift.saliency.explanations import METHODS, make_explanation, to_global
-from ift.saliency.measures import infidelity, max_sensitivity
+from ift.saliency.explanations import METHODS, SG_GLOBAL_VARIANTS, make_explanation, to_global
+from ift.saliency.measures import (PERTURBATIONS, SENS_NORMALISATIONS, infidelity_from_perturbations,
+                                   max_sensitivities, noisy_baseline_perturbations, perturbation_drops,
+                                   square_drops, square_infidelity, square_masks)
 
 LOCAL_METHODS = ("Grad", "Grad-SG", "IG", "IG-SG", "GBP", "GBP-SG", "NB")
 
 
 @dataclass
 class SaliencyConfig:
-    """Sample counts and radii; the defaults are the paper's (Appendix B.1)."""
+    """Sample counts and radii; the defaults are the paper's (Appendix B.1).
+
+    sens_normalize: one of ``SENS_NORMALISATIONS`` or a list of them; the first is ``sens_max``, every
+        one is also reported as ``sens_max_<name>`` (all from the same samples).
+    sg_global: the global SmoothGrad, ``"x_times_mean"`` (``x * mean Phi(x + d)``) or the authors'
+        ``"mean_of_products"`` (``mean[(x + d) * Phi(x + d)]``).
+    method_sens: per-method limits for costly explanations, ``{method: {"examples": m, "samples": k}}``:
+        SENS on the first m examples with k draws (INFD still uses every example).
+    """
 
     methods: Sequence[str] = METHODS
     sens_radius: float = 0.1
     sens_samples: int = 50
+    sens_normalize: str | Sequence[str] = "input"
     infd_samples: int = 1000  # noisy-baseline draws; square removal uses every square
     sg_radius: float = 0.2
     sg_samples: int = 200
+    sg_global: str = "x_times_mean"
     ig_steps: int = 10
     shap_samples: int = 2000
     nb_samples: int = 20000
@@ -42,6 +55,24 @@ class SaliencyConfig:
     local: bool = False
     max_batch: int = 4096
     seed: int = 0
+    method_sens: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        norms = self.normalizations
+        bad = [n for n in norms if n not in SENS_NORMALISATIONS]
+        if bad or not norms:
+            raise ValueError(f"saliency_sens_normalize={self.sens_normalize!r}: use one of {SENS_NORMALISATIONS} "
+                             f"or a list of them")
+        if self.sg_global not in SG_GLOBAL_VARIANTS:
+            raise ValueError(f"saliency_sg_global={self.sg_global!r}: use one of {SG_GLOBAL_VARIANTS}")
+        for method, lim in self.method_sens.items():
+            if method not in METHODS or not set(lim) <= {"examples", "samples"} or any(int(v) < 1 for v in lim.values()):
+                raise ValueError(f"saliency_method_sens[{method!r}]={lim!r}: keys must be methods of {METHODS} "
+                                 f"with {{examples: m >= 1, samples: k >= 1}}")
+
+    @property
+    def normalizations(self) -> tuple[str, ...]:
+        return (self.sens_normalize,) if isinstance(self.sens_normalize, str) else tuple(self.sens_normalize)
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "SaliencyConfig":
@@ -53,54 +84,81 @@ class SaliencyConfig:
         if unknown:
             raise ValueError(f"unknown saliency settings {['saliency_' + k for k in unknown]}; allowed: "
                              f"{['saliency_' + k for k in cls.__dataclass_fields__] + ['saliency_examples']}")
-        known = own
-        out = cls(**known)
+        if "method_sens" in own:
+            own["method_sens"] = {m: dict(v) for m, v in dict(own["method_sens"]).items()}
+        if "sens_normalize" in own and not isinstance(own["sens_normalize"], str):
+            own["sens_normalize"] = list(own["sens_normalize"])
+        out = cls(**own)
         bad = [m for m in out.methods if m not in METHODS]
         if bad:
             raise ValueError(f"saliency methods {bad} not in {METHODS}")
         return out
 
 
+def infidelity_cache(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SaliencyConfig,
+                     perturbations: Sequence[str] = PERTURBATIONS) -> dict[str, torch.Tensor]:
+    """Score drops ``f(x) - f(x - I)`` per perturbation kind, shape (n, B): they do not depend on
+    the explanation, so every method's INFD reuses them (the model calls are the cost)."""
+    cache = {}
+    if "square" in perturbations:
+        masks = square_masks(x.shape[2], x.shape[3], cfg.square_sizes, x.device)
+        cache["square"] = square_drops(model, x, masks, y, cfg.max_batch)
+    if "noisy_baseline" in perturbations:
+        cache["noisy_baseline"] = perturbation_drops(model, x, noisy_perturbations(x, cfg), y, cfg.max_batch)
+    return cache
+
+
+def noisy_perturbations(x: torch.Tensor, cfg: SaliencyConfig) -> torch.Tensor:
+    """The noisy-baseline draws of the INFD, the same for every method (seeded)."""
+    gen = torch.Generator(device=x.device).manual_seed(cfg.seed + 1)
+    return noisy_baseline_perturbations(x, cfg.infd_samples, cfg.nb_sigma, generator=gen)
+
+
+def sem(v: torch.Tensor) -> float:
+    return float(v.std() / len(v) ** 0.5) if len(v) > 1 else 0.0
+
+
 def evaluate_method(model: nn.Module, name: str, x: torch.Tensor, y: torch.Tensor, cfg: SaliencyConfig,
-                    local: bool, refs: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, float], torch.Tensor]:
-    """Per-example SENS_max and INFD of one method; returns (mean metrics, explanation of x)."""
+                    local: bool, cache: dict[str, torch.Tensor] | None = None,
+                    sg_global: str | None = None) -> tuple[dict, torch.Tensor]:
+    """Per-example SENS_max and INFD of one method; returns (mean metrics, explanation of x).
+    ``cache``: ``infidelity_cache`` of the same (model, x, y); ``sg_global`` overrides the config's."""
+    t0 = time.perf_counter()
+    use_local = local or name == "NB"
+    pert = "noisy_baseline" if use_local else "square"
+    if cache is None or pert not in cache:
+        cache = {**(cache or {}), **infidelity_cache(model, x, y, cfg, (pert,))}
     gen = torch.Generator(device=x.device).manual_seed(cfg.seed)
+    variant = None if use_local or not name.endswith("-SG") else (sg_global or cfg.sg_global)
     expl = make_explanation(name, model, sg_radius=cfg.sg_radius, sg_samples=cfg.sg_samples, ig_steps=cfg.ig_steps,
                             shap_samples=cfg.shap_samples, nb_samples=cfg.nb_samples, nb_sigma=cfg.nb_sigma,
-                            square_sizes=cfg.square_sizes, max_batch=cfg.max_batch, generator=gen)
-    use_local = local or name == "NB"
+                            square_sizes=cfg.square_sizes, max_batch=cfg.max_batch, generator=gen, sg_global=variant)
     if not use_local:
         expl = to_global(expl)
     phi = expl(x, y)
-    gen_m = torch.Generator(device=x.device).manual_seed(cfg.seed + 1)
-    pert = "noisy_baseline" if use_local else "square"
-    ref = refs[pert] if refs is not None else zero_explanation_infd(model, x, y, cfg, pert)
+    drops = cache[pert]
     if use_local:
-        infd = infidelity(model, x, phi, "noisy_baseline", cfg.infd_samples, y, sigma=cfg.nb_sigma,
-                          max_batch=cfg.max_batch, generator=gen_m)
+        infd = infidelity_from_perturbations(model, x, phi, noisy_perturbations(x, cfg), y, drops=drops)
     else:
-        infd = infidelity(model, x, phi, "square", None, y, square_sizes=cfg.square_sizes, global_attribution=True,
-                          max_batch=cfg.max_batch)
-    sens = max_sensitivity(expl, x, cfg.sens_radius, cfg.sens_samples, y, max_batch=cfg.max_batch, generator=gen_m)
-    metrics = {"sens_max": float(sens.mean()), "infd": float(infd.mean()),
-               "sens_max_sem": float(sens.std() / len(sens) ** 0.5) if len(sens) > 1 else 0.0,
-               "infd_sem": float(infd.std() / len(infd) ** 0.5) if len(infd) > 1 else 0.0,
-               "perturbation": "noisy_baseline" if use_local else "square",
-               "infd_rel": float((infd / ref.clamp_min(1e-30)).mean()), "infd_zero": float(ref.mean())}
+        masks = square_masks(x.shape[2], x.shape[3], cfg.square_sizes, x.device)
+        infd = square_infidelity(model, x, phi, masks, y, drops=drops)
+    lim = cfg.method_sens.get(name, {})
+    m, k = int(lim.get("examples", len(x))), int(lim.get("samples", cfg.sens_samples))
+    gen_s = torch.Generator(device=x.device).manual_seed(cfg.seed + 2)
+    sens = max_sensitivities(expl, x[:m], cfg.sens_radius, k, y[:m], normalizations=cfg.normalizations,
+                             max_batch=cfg.max_batch, generator=gen_s)
+    ref = (drops * drops).mean(0)  # INFD of the zero explanation
+    head = sens[cfg.normalizations[0]]
+    metrics = {"sens_max": float(head.mean()), "sens_max_sem": sem(head), "infd": float(infd.mean()),
+               "infd_sem": sem(infd), "perturbation": pert,
+               "infd_rel": float((infd / ref.clamp_min(1e-30)).mean()), "infd_zero": float(ref.mean()),
+               "sens_examples": len(head), "sens_samples": k, "seconds": time.perf_counter() - t0}
+    for norm, v in sens.items():
+        metrics[f"sens_max_{norm}"] = float(v.mean())
+        metrics[f"sens_max_{norm}_sem"] = sem(v)
+    if variant is not None:
+        metrics["sg_global"] = variant
     return metrics, phi
-
-
-def zero_explanation_infd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SaliencyConfig,
-                          perturbation: str) -> torch.Tensor:
-    """INFD of the zero explanation, ``E[(f(x) - f(x - I))^2]``, on the same perturbations as
-    ``evaluate_method``: the scale of the score changes, against which INFD is read (INFD is not
-    invariant to rescaling f, and a robust model's logits move less)."""
-    zero = torch.zeros_like(x)
-    if perturbation == "square":
-        return infidelity(model, x, zero, "square", None, y, square_sizes=cfg.square_sizes, max_batch=cfg.max_batch)
-    gen_m = torch.Generator(device=x.device).manual_seed(cfg.seed + 1)
-    return infidelity(model, x, zero, "noisy_baseline", cfg.infd_samples, y, sigma=cfg.nb_sigma,
-                      max_batch=cfg.max_batch, generator=gen_m)
 
 
 def saliency_table(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -111,22 +169,16 @@ def saliency_table(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     (``1 - R^2`` of the best scaled explanation), averaged over examples.
     """
     model.eval()
-    ref = {p: zero_explanation_infd(model, x, y, cfg, p) for p in ("square", "noisy_baseline")}  # shared
+    cache = infidelity_cache(model, x, y, cfg)  # shared by every method
     tables: dict[str, dict] = {"global": {}}
     maps: dict[str, torch.Tensor] = {}
-
-    def add(setting, name, local):
-        metrics, phi = evaluate_method(model, name, x, y, cfg, local=local, refs=ref)
-        tables[setting][name] = metrics
-        return phi
-
     for name in cfg.methods:
-        maps[name] = add("global", name, local=False)
+        tables["global"][name], maps[name] = evaluate_method(model, name, x, y, cfg, local=False, cache=cache)
     if cfg.local:
         tables["local"] = {}
         for name in cfg.methods:
             if name in LOCAL_METHODS and name != "NB":
-                add("local", name, local=True)
+                tables["local"][name], _ = evaluate_method(model, name, x, y, cfg, local=True, cache=cache)
     return tables, maps
 
 
@@ -142,34 +194,47 @@ def flatten_metrics(tables: dict[str, dict], prefix: str = "saliency") -> dict[s
     return out
 
 
+def sens_columns(metrics: dict) -> list[str]:
+    """The SENS normalisations present in one method's metrics (older JSON has only ``sens_max``)."""
+    return [n for n in SENS_NORMALISATIONS if f"sens_max_{n}" in metrics] or [""]
+
+
 def markdown_table(tables: dict[str, dict], columns: dict[str, dict[str, dict]] | None = None) -> str:
-    """Markdown of one model's tables, or of several (``columns = {model_name: tables}``) side by side."""
+    """Markdown of one model's tables, or of several (``columns = {model_name: tables}``) side by side;
+    one SENS_max column per normalisation computed, mean ± standard error over examples."""
     columns = columns or {"": tables}
     lines = []
     for setting in next(iter(columns.values())):
         names = list(columns)
-        head = "| Method | " + " | ".join(f"{n} SENS_max | {n} INFD | {n} INFD/INFD(0)".strip() for n in names) + " |"
+        norms = sens_columns(next(iter(next(iter(columns.values()))[setting].values())))
+        sens_head = [f"SENS_max ({n})" if n else "SENS_max" for n in norms]
+        head = "| Method | " + " | ".join(" | ".join(f"{n} {h}".strip() for h in [*sens_head, "INFD", "INFD/INFD(0)"])
+                                          for n in names) + " |"
         lines += [f"**{setting}** ({'x*Phi, square removal; NB: noisy baseline' if setting == 'global' else 'Phi, noisy baseline'})",
-                  "", head, "|---" * (1 + 3 * len(names)) + "|"]
+                  "", head, "|---" * (1 + (len(norms) + 2) * len(names)) + "|"]
         for method in next(iter(columns.values()))[setting]:
             cells = []
             for n in names:
                 m = columns[n][setting][method]
-                cells += [f"{m['sens_max']:.3g} ± {m['sens_max_sem']:.2g}", f"{m['infd']:.3g} ± {m['infd_sem']:.2g}",
-                          f"{m['infd_rel']:.3g}"]
+                for norm in norms:
+                    key = f"sens_max_{norm}" if norm else "sens_max"
+                    cells.append(f"{m[key]:.3g} ± {m[key + '_sem']:.2g}")
+                cells += [f"{m['infd']:.3g} ± {m['infd_sem']:.2g}", f"{m['infd_rel']:.3g}"]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         for pert in dict.fromkeys(m["perturbation"] for m in next(iter(columns.values()))[setting].values()):
             zero = []
             for n in names:
                 ref = next(m["infd_zero"] for m in columns[n][setting].values() if m["perturbation"] == pert)
-                zero.append(f"| - | {ref:.3g} | 1")
+                zero.append("| -" * len(norms) + f" | {ref:.3g} | 1")
             lines.append(f"| zero explanation, {pert} (E[df^2]) " + " ".join(zero) + " |")
         lines.append("")
     return "\n".join(lines)
 
 
-def save_maps_png(x: torch.Tensor, maps: dict[str, torch.Tensor], path: Path, n_rows: int = 4) -> None:
-    """Grid: input then each method's map (channel sum, zero mean / unit variance, as the paper)."""
+def save_maps_png(x: torch.Tensor, maps: dict[str, torch.Tensor], path: Path, n_rows: int = 4,
+                  labels: torch.Tensor | None = None, preds: torch.Tensor | None = None, title: str | None = None) -> None:
+    """Grid: input then each method's map (channel sum, zero mean / unit variance, as the paper),
+    one shared colorbar; ``labels`` / ``preds`` are written beside each row's input."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,19 +242,30 @@ def save_maps_png(x: torch.Tensor, maps: dict[str, torch.Tensor], path: Path, n_
 
     n_rows = min(n_rows, x.shape[0])
     names = list(maps)
-    fig, axes = plt.subplots(n_rows, 1 + len(names), figsize=(1.6 * (1 + len(names)), 1.6 * n_rows), squeeze=False)
+    fig, axes = plt.subplots(n_rows, 1 + len(names), figsize=(1.6 * (1 + len(names)) + 0.8, 1.6 * n_rows + 0.4),
+                             squeeze=False)
+    im = None
     for r in range(n_rows):
         img = x[r].detach().cpu()
         axes[r, 0].imshow(img.permute(1, 2, 0).squeeze(-1), cmap="gray" if img.shape[0] == 1 else None)
+        if labels is not None:
+            text = f"label {int(labels[r])}" + (f"\npred {int(preds[r])}" if preds is not None else "")
+            axes[r, 0].text(-0.1, 0.5, text, transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=7)
         for c, name in enumerate(names, start=1):
             m = maps[name][r].detach().cpu().double().sum(0)
             m = (m - m.mean()) / m.std().clamp_min(1e-12)
-            axes[r, c].imshow(m, cmap="bwr", vmin=-3, vmax=3)
-    for c, title in enumerate(["input", *names]):
-        axes[0, c].set_title(title, fontsize=8)
+            im = axes[r, c].imshow(m, cmap="bwr", vmin=-3, vmax=3)
+    for c, name in enumerate(["input", *names]):
+        axes[0, c].set_title(name, fontsize=8)
     for ax in axes.flat:
-        ax.axis("off")
-    fig.tight_layout()
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0.04, 0, 0.93, 1))
+    if im is not None:
+        cax = fig.add_axes((0.94, 0.15, 0.015, 0.7))
+        fig.colorbar(im, cax=cax).set_label("attribution (z-score per map)", fontsize=7)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

@@ -1,12 +1,16 @@
 """Yeh et al. 2019 on CPU: regular vs PGD-trained classifiers, SENS_max / INFD of every explanation
-(Table 4 analogue, digits and MNIST), Grad-SG vs smoothing radius (Figure 6), the toy function of
-Appendix A.5 (Figure 5) and the Proposition A.1 bound check.
+(Table 4), Grad-SG vs smoothing radius (Figure 6), the toy function of Appendix A.5 (Figure 5) and
+the Proposition A.1 bound check.
 
-    python benchmarks/saliency_study.py            # writes benchmarks/results/saliency_*.{json,md,png}
-    python benchmarks/saliency_study.py --quick    # seconds-long smoke run into /tmp
+    python benchmarks/saliency_study.py --setting digits   # toy, Prop. A.1, 8x8 digits (~18 min)
+    python benchmarks/saliency_study.py --setting cpu      # full MNIST, what fits 2 CPU cores (~2 h)
+    python benchmarks/saliency_study.py --setting paper    # full MNIST at the paper's sizes (GPU)
+    python benchmarks/saliency_study.py --setting quick    # seconds-long smoke run into /tmp
 
-Sizes are cut down for 2 CPU cores (see SIZES); the paper's are 50 examples, 50 sensitivity
-samples, 200 SmoothGrad samples, 20k samples for NB and 1000 for INFD.
+The MNIST settings (SETTINGS) train the regular and the PGD-trained Madry CNN on the official 60k
+training images (5k of them held out for validation) and save the pair under --checkpoints;
+``--phase explain`` reruns the explanation study from the saved pair. Results go to
+benchmarks/results/saliency_{table4,fig6,maps}_mnist_<setting>.*, rewritten after every step.
 """
 
 from __future__ import annotations
@@ -238,14 +242,14 @@ def proposition_a1(datamodule, out: Path, epochs: int) -> None:
 SENS_REPORTED = ("input", "unit", "none", "input_2019")  # from the same samples; see measures.max_sensitivity
 SETTINGS = {
     # what fits on 2 CPU cores in about 2 hours, run with 1 torch thread
-    "cpu": dict(width=1.0, batch=128, lr=1e-3, natural_epochs=3, robust_epochs=7, eps=0.3, steps=7,
-                step_size=0.1, eps_warmup_epochs=1.0, val_size=5000, val_pgd_examples=1000,
+    "cpu": dict(width=1.0, batch=128, lr=1e-3, natural_epochs=3, robust_epochs=3, eps=0.3, steps=7,
+                step_size=0.1, eps_warmup_epochs=0.5, robust_init="regular", val_size=5000, val_pgd_examples=1000,
                 test_pgd=dict(examples=2000, steps=40, step_size=0.01), examples=50,
                 sal=dict(sens_samples=50, sens_normalize=SENS_REPORTED, infd_samples=1000, sg_samples=50,
                          shap_samples=1000, nb_samples=5000, ig_steps=10, square_sizes=(1, 10),
-                         method_sens={"IG-SG": {"examples": 20}, "SHAP": {"examples": 20}, "Square": {"examples": 5},
-                                      "NB": {"examples": 5, "samples": 20}}),
-                fig6=dict(examples=20, sens_samples=20, sg_samples=50, radii=[0.05, 0.1, 0.2, 0.3, 0.5, 1.0])),
+                         method_sens={"IG-SG": {"examples": 10}, "SHAP": {"examples": 10}, "Square": {"examples": 3},
+                                      "NB": {"examples": 3, "samples": 10}}),
+                fig6=dict(examples=20, sens_samples=50, sg_samples=50, radii=[0.1, 0.25, 0.5, 1.0, 1.5, 2.0])),
     # the paper's sizes (Madry et al.: 100k iterations of batch 50 = 83 epochs of PGD-40, Adam 1e-4);
     # defined for a GPU, not run on the 2-core CPU machine
     "paper": dict(width=1.0, batch=50, lr=1e-4, natural_epochs=10, robust_epochs=83, eps=0.3, steps=40,
@@ -253,10 +257,11 @@ SETTINGS = {
                   test_pgd=dict(examples=10000, steps=40, step_size=0.01), examples=50,
                   sal=dict(sens_samples=50, sens_normalize=SENS_REPORTED, infd_samples=10000, sg_samples=200,
                            shap_samples=20000, nb_samples=20000, ig_steps=10, square_sizes=(1, 10)),
-                  fig6=dict(examples=50, sens_samples=50, sg_samples=200, radii=[0.05, 0.1, 0.2, 0.3, 0.5, 1.0])),
+                  fig6=dict(examples=50, sens_samples=50, sg_samples=200, radii=[0.1, 0.25, 0.5, 1.0, 1.5, 2.0])),
     # seconds-long smoke run of the whole MNIST pipeline (tiny training subset)
     "quick": dict(width=0.25, batch=64, lr=1e-3, natural_epochs=1, robust_epochs=1, eps=0.3, steps=2,
-                  step_size=0.2, eps_warmup_epochs=0.5, val_size=200, val_pgd_examples=100, train_limit=1000,
+                  step_size=0.2, eps_warmup_epochs=0.5, robust_init="regular", val_size=200, val_pgd_examples=100,
+                  train_limit=1000,
                   test_pgd=dict(examples=100, steps=5, step_size=0.1), examples=3,
                   sal=dict(sens_samples=2, sens_normalize=SENS_REPORTED, infd_samples=50, sg_samples=2,
                            shap_samples=50, nb_samples=200, ig_steps=3, square_sizes=(1, 3),
@@ -301,15 +306,19 @@ def pgd_accuracy(net, x, y, eps: float, steps: int, step_size: float, batch: int
     return correct / len(x)
 
 
-def train_mnist(data: dict, spec: dict, robust: bool, log, save=None, seed: int = 0) -> tuple[nn.Module, dict]:
+def train_mnist(data: dict, spec: dict, robust: bool, log, save=None, init: dict | None = None,
+                seed: int = 0) -> tuple[nn.Module, dict]:
     """Adam on the training part; robust: PGD examples at eps (linearly warmed up from 0 over
-    ``eps_warmup_epochs``), the last epoch at lr / 10. ``save(net, history)`` runs after every epoch
-    (a partial run still leaves a usable checkpoint). Returns the network and a per-epoch history."""
+    ``eps_warmup_epochs``), the last epoch at lr / 10. ``init``: a state dict to start from (the
+    cpu setting fine-tunes the regular model adversarially). ``save(net, history)`` runs after every
+    epoch (a partial run still leaves a usable checkpoint). Returns the network and a per-epoch history."""
     torch.manual_seed(seed)
     x, y = data["train"]
     if spec.get("train_limit"):
         x, y = x[:spec["train_limit"]], y[:spec["train_limit"]]
     net = build_network("madry_cnn", (1, 28, 28), 10, width=spec["width"])
+    if init is not None:
+        net.load_state_dict(init)
     opt = torch.optim.Adam(net.parameters(), lr=spec["lr"])
     epochs = spec["robust_epochs"] if robust else spec["natural_epochs"]
     steps_per_epoch = math.ceil(len(x) / spec["batch"])
@@ -367,7 +376,11 @@ def train_pair(setting: str, mnist_root: Path, ckpt_dir: Path, log, labels=("reg
                         "spec": {k: v for k, v in spec.items() if k not in ("sal", "fig6")}},
                        checkpoint_path(ckpt_dir, setting, label))
 
-        net, history = train_mnist(data, spec, robust, log, save)
+        init = None
+        if robust and spec.get("robust_init") == "regular":
+            init = torch.load(checkpoint_path(ckpt_dir, setting, "regular"), map_location="cpu")["state_dict"]
+            log("robust: fine-tuning the saved regular model")
+        net, history = train_mnist(data, spec, robust, log, save, init)
         log(f"saved {label}: test acc {accuracy(net, tx, ty):.4f}, {history['train_seconds']:.0f}s")
 
 

@@ -184,3 +184,16 @@ def test_bounds_refuse_piecewise_linear_networks_and_bad_input():
         maximise_in_ball(lambda u: u.sum(), x, 0.1, norm="l1")
     with pytest.raises(ValueError, match="perturbations"):
         optimal_explanation(f, x, pert[:, :1])
+
+
+def test_class_score_repeats_targets_over_stacked_copies():
+    torch.manual_seed(0)
+    net = build_network("softplus_mlp", SHAPE, 3, hidden=(4,)).double()
+    from ift.saliency.theory import class_score
+    x, y = inputs(2), torch.tensor([2, 0])
+    f = class_score(net, y)
+    stacked = torch.cat([x, x + 0.1, x - 0.1])
+    expected = torch.cat([net(z)[torch.arange(2), y] for z in (x, x + 0.1, x - 0.1)])
+    torch.testing.assert_close(f(stacked), expected)
+    with pytest.raises(ValueError, match="multiple of the batch"):
+        f(stacked[:5])

@@ -13,7 +13,8 @@
 
 Maxima over a ball are found by projected (sign, for L-inf) gradient ascent from several starts;
 they are lower estimates of the true maxima. ``score_fn`` maps ``(N, ...)`` inputs to ``(N,)``
-scores, one per row, rows independent (put BatchNorm in eval mode).
+scores, one per row, rows independent (put BatchNorm in eval mode); ``class_score`` makes one from a
+classifier and per-example targets.
 """
 
 from __future__ import annotations
@@ -35,6 +36,19 @@ PIECEWISE_LINEAR = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.Hardtanh, nn.H
                     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool2d)
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def class_score(model: nn.Module, target: torch.Tensor) -> ScoreFn:
+    """The logit of class ``target[b]`` for example b, as a ``score_fn``. The functions here evaluate
+    ``k`` stacked copies of a batch of B sample-major (row ``k * B + b``), so the target is repeated."""
+    target = target.reshape(-1)
+
+    def score(z: torch.Tensor) -> torch.Tensor:
+        if len(z) % len(target):
+            raise ValueError(f"class_score: {len(z)} rows are not a multiple of the batch {len(target)}")
+        return model(z).gather(1, target.repeat(len(z) // len(target)).view(-1, 1)).squeeze(1)
+
+    return score
 
 
 # ----------------------------------------------------------------------------- refusals

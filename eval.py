@@ -6,9 +6,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-import ift.config  # noqa: F401  (registers the config resolvers)
+import ift.config  # noqa: F401  (registers the config resolvers, silences third-party noise)
 from ift.errors import IFTError
-from ift.evaluation import run_evaluation
+from ift.validation import check_ckpt_file
 
 log = logging.getLogger("eval")
 
@@ -16,6 +16,9 @@ log = logging.getLogger("eval")
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
     try:
+        check_ckpt_file(cfg.ckpt_path)  # before the heavy imports (torch, Lightning: seconds)
+        from ift.evaluation import run_evaluation  # heavy (torch, Lightning): after Hydra's checks
+
         run_evaluation(cfg)
     except IFTError as err:
         log.error("%s", err)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,89 @@ def test_ckpt_path_last_without_runs_is_a_clear_error(tmp_path):
     cfg = compose_config("train", ["ckpt_path=last", "logger=none"], tmp_path / "run")
     with pytest.raises(CheckpointError, match="no checkpoints/last.ckpt"):
         run_training(cfg)
+
+
+# --- Through train.py / eval.py as a user runs them: exit 1, one line naming the key and the fix,
+# no traceback. The seconds from start to the error are printed (pytest -s) for the README.
+
+def assert_one_line_error(result, *needles: str) -> None:
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    errors = [line for line in out.splitlines() if "Error" in line or "ERROR" in line]
+    assert len(errors) == 1, errors
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+
+
+def timed(script: str, args: list[str]):
+    start = time.monotonic()
+    result = run_script(script, args)
+    print(f"{script} {' '.join(args[:2])}: error after {time.monotonic() - start:.1f} s")
+    return result
+
+
+def test_mnist_with_a_missing_root_names_data_root(tmp_path):
+    result = timed("train.py", ["data=mnist", f"data.root={tmp_path / 'nowhere'}", "logger=none",
+                                f"hydra.run.dir={tmp_path / 'run'}"])
+    assert_one_line_error(result, "data.root=", "data=digits")
+
+
+def test_mnist_root_without_the_files_names_data_root_and_the_files(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = timed("train.py", ["data=mnist", f"data.root={tmp_path / 'empty'}", "model=vae", "logger=none",
+                                "trainer=cpu", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert_one_line_error(result, "data.root=", "t10k-images-idx3-ubyte")
+
+
+def test_unwritable_log_dir_names_paths_log_dir(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder\n")
+    result = timed("train.py", [f"paths.log_dir={blocker / 'logs'}", "logger=none"])
+    assert_one_line_error(result, "paths.log_dir=", "is a file")
+
+
+def test_text_file_named_ckpt_is_one_line_for_train_and_eval(tmp_path):
+    fake = tmp_path / "notes.ckpt"
+    fake.write_text("these are my notes, not a checkpoint\n")
+    result = timed("train.py", [f"ckpt_path={fake}", "model=vae", "logger=none", "trainer=cpu",
+                                f"hydra.run.dir={tmp_path / 'run'}"])
+    assert_one_line_error(result, "cannot read checkpoint", "ckpt_path=")
+    result = timed("eval.py", [f"ckpt_path={fake}", f"hydra.run.dir={tmp_path / 'eval'}"])
+    assert_one_line_error(result, "cannot read checkpoint", "ckpt_path=")
+
+
+def foreign_run(tmp_path: Path) -> Path:
+    """A run directory whose config says model=vae but whose checkpoint holds an MLP classifier."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    classifier = instantiate(compose_config("train", ["model=mlp_classifier"], tmp_path / "c").model)
+    ckpt = checkpoint_in_run(tmp_path, {"state_dict": classifier.state_dict(), "global_step": 0})
+    vae_cfg = compose_config("train", ["model=vae"], tmp_path / "v")
+    (tmp_path / "run" / "config_resolved.yaml").write_text(OmegaConf.to_yaml(vae_cfg))
+    return ckpt
+
+
+def test_checkpoint_of_another_model_is_one_line_with_the_details(tmp_path):
+    ckpt = foreign_run(tmp_path)
+    result = timed("train.py", [f"ckpt_path={ckpt}", "model=vae", "logger=none", "trainer=cpu",
+                                f"hydra.run.dir={tmp_path / 'resume'}"])
+    assert_one_line_error(result, "different model", "missing", "unexpected", "config_resolved.yaml")
+    result = timed("eval.py", [f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'eval'}"])
+    assert_one_line_error(result, "different model", "missing", "unexpected")
+
+
+def test_ckpt_path_last_skips_a_corrupt_newest_checkpoint(tmp_path, caplog):
+    from ift.checkpoints import find_last_checkpoint
+
+    good = tmp_path / "train" / "runs" / "a" / "checkpoints" / "last.ckpt"
+    bad = tmp_path / "train" / "runs" / "b" / "checkpoints" / "last.ckpt"
+    for path in (good, bad):
+        path.parent.mkdir(parents=True)
+        torch.save({"state_dict": {"w": torch.ones(3)}}, path)
+    bad.write_bytes(bad.read_bytes()[:100])
+    os.utime(good, (1, 1))  # bad is the newest
+    with caplog.at_level("WARNING"):
+        assert find_last_checkpoint(tmp_path / "train") == good
+    assert f"skipping {bad}" in caplog.text and f"newest valid checkpoint {good}" in caplog.text

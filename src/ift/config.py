@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from __future__ import annotations
-
+import logging
 import os
+import warnings
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 # configs/ of a source checkout (the package is installed editable from it).
@@ -27,6 +28,28 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def silence_third_party_noise() -> None:
+    """Drop the messages every run printed that are not the user's business, each matched exactly:
+    Lightning's litlogger advertisement, the FutureWarning torch raises when Lightning builds a
+    `LeafSpec` (lightning/pytorch/utilities/_pytree.py), and W&B's notice about the `anonymous`
+    setting (no longer passed at all: see ift.wandb_utils.WandbLogger)."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropMessages("💡 Tip: For seamless cloud"))
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
+
+
+silence_third_party_noise()
+
+
 def compose_config(config_name: str, overrides: list[str], run_dir: str | Path):
     """Compose configs/<config_name>.yaml in-process as `python <config_name>.py` would, with the run
     directory set to `run_dir` (for tests, benchmarks and notebooks)."""
@@ -44,3 +67,46 @@ def compose_config(config_name: str, overrides: list[str], run_dir: str | Path):
         cfg.paths.output_dir = str(run_dir)
         del cfg.hydra
     return cfg
+
+
+def unwritable_reason(folder: Path) -> str | None:
+    """Why `folder` cannot be created and written (None if it can), without creating anything: the
+    nearest existing ancestor must be a folder we can write a file in."""
+    import tempfile
+
+    probe = folder.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            return None
+    except OSError as err:
+        return f"cannot write in {probe}: {err.strerror or err}"
+
+
+class RunDirCheck(Callback):
+    """Hydra callback: an unwritable run directory is one line naming the key, not Hydra's chained
+    tracebacks from inside its job runner (it runs before Hydra creates the directory)."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        self._check(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self._check(config, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(config, key: str) -> None:
+        import sys
+
+        try:
+            folder = Path(str(OmegaConf.select(config, key)))
+        except Exception:  # an interpolation Hydra resolves only later: leave it to Hydra
+            return
+        reason = unwritable_reason(folder)
+        if reason is not None:
+            log_dir = OmegaConf.select(config, "paths.log_dir", default=None)
+            print(f"Error: cannot create the run directory {folder} ({reason}); set paths.log_dir=<a writable "
+                  f"folder> (now {log_dir}) or {key}=<a writable folder>", file=sys.stderr)
+            sys.exit(1)

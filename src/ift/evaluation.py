@@ -10,9 +10,11 @@ from typing import Any
 import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 
-from ift.checkpoints import RESOLVED_CONFIG, load_checkpoint, resolve_checkpoint, run_dir_of
-from ift.errors import CheckpointError
+from ift.checkpoints import RESOLVED_CONFIG, check_matches, load_checkpoint, resolve_checkpoint, run_dir_of
+from ift.data import DatasetNotFoundError
+from ift.errors import CheckpointError, ConfigError
 from ift.training import instantiate_checked
+from ift.validation import check_data_root
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +30,9 @@ def load_run_config(ckpt: Path) -> DictConfig:
 
 def build_model(run_cfg: DictConfig, state: dict[str, Any], ckpt: Path) -> pl.LightningModule:
     model = instantiate_checked(run_cfg.model, "model", _convert_="all")
-    try:
-        model.load_state_dict(state["state_dict"])
-    except RuntimeError as err:
-        raise CheckpointError(
-            f"{ckpt} does not match the model of its run config ({run_cfg.model._target_}): "
-            f"{str(err).splitlines()[0]}") from None
+    check_matches(model, state, ckpt, fix=f"its run config {run_dir_of(ckpt) / RESOLVED_CONFIG} says "
+                  f"model {run_cfg.model._target_}: evaluate the checkpoint with the run it was saved in")
+    model.load_state_dict(state["state_dict"])
     return model
 
 
@@ -53,14 +52,19 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     ckpt = resolve_checkpoint(cfg.ckpt_path, Path(cfg.paths.log_dir) / "train")
     state = load_checkpoint(ckpt)
     run_cfg = load_run_config(ckpt)
-    data_cfg = OmegaConf.merge(run_cfg.data, cfg.get("data") or {})
+    overrides = {k: v for k, v in (cfg.get("data") or {}).items() if v is not None}
+    data_cfg = OmegaConf.merge(run_cfg.data, overrides)
+    check_data_root(data_cfg)
     pl.seed_everything(run_cfg.get("seed", cfg.seed), workers=True)
 
     model = build_model(run_cfg, state, ckpt)
     datamodule = instantiate_checked(data_cfg, "data")
     trainer = pl.Trainer(logger=False, enable_checkpointing=False, inference_mode=False,
                          **OmegaConf.to_container(cfg.trainer, resolve=True))
-    results = trainer.test(model, datamodule=datamodule)
+    try:
+        results = trainer.test(model, datamodule=datamodule, verbose=False)  # the table is printed below
+    except DatasetNotFoundError as err:
+        raise ConfigError(f"{err} (eval.py: override with data.root=...)") from None
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
 
     out_dir = Path(cfg.paths.output_dir)

@@ -14,12 +14,27 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from ift.errors import ConfigError
-from ift.checkpoints import RESOLVED_CONFIG, resolve_checkpoint, run_dir_of
+from ift.checkpoints import (RESOLVED_CONFIG, AtomicCheckpointIO, check_matches, load_checkpoint,
+                             resolve_checkpoint, run_dir_of)
+from ift.data import DatasetNotFoundError
+from ift.errors import ConfigError, IFTError
 from ift.validation import validate_config
 from ift.wandb_utils import finish_wandb, prepare_wandb
 
 log = logging.getLogger(__name__)
+
+
+def log_lightning_through_root() -> None:
+    """train.py imports Lightning after Hydra has set up logging (config errors come sooner): then
+    Lightning's own console handler would print every message a second time, so once Hydra's
+    handlers are there, Lightning's messages go through them only (console and the run's log file)."""
+    import lightning
+
+    if logging.getLogger().hasHandlers():
+        logging.getLogger("lightning").removeHandler(lightning._console)
+
+
+log_lightning_through_root()
 
 
 def instantiate_group(group: DictConfig | None, name: str) -> list[Any]:
@@ -64,12 +79,16 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.log_dir) / cfg.task_name)
     prepare_wandb(cfg, resumed_run_dir=run_dir_of(ckpt) if ckpt else None)
 
-    # Model first: its hyperparameter checks fail in the first second, before any data is read.
+    # Model first: its hyperparameter checks fail before any data is read.
     model = instantiate_checked(cfg.model, "model", _convert_="all")
+    if ckpt is not None:
+        check_matches(model, load_checkpoint(ckpt), ckpt,
+                      fix=f"resume with the model config it was trained with (see {run_dir_of(ckpt) / RESOLVED_CONFIG})")
     datamodule = instantiate_checked(cfg.data, "data")
     callbacks = [*instantiate_group(cfg.get("callbacks"), "callbacks"), PerRankSeed(cfg.seed)]
     loggers: list[Logger] = instantiate_group(cfg.get("logger"), "logger")
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                      plugins=[AtomicCheckpointIO()])
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if trainer.is_global_zero:
@@ -98,6 +117,10 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
             if trainer.is_global_zero:
                 (out_dir / "test_metrics.json").write_text(json.dumps(
                     {"ckpt_path": best, "metrics": test_metrics}, indent=2))
+    except DatasetNotFoundError as err:
+        raise ConfigError(str(err)) from None
+    except IFTError:
+        raise
     except Exception:
         log.exception("Run failed; checkpoints and logs so far are in %s", out_dir)
         raise

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from ift.savi.inner import InnerDivergenceWarning
+from ift.implicit.minimize import MinimizeDivergenceWarning
 from ift.savi.module import SAVIModule
 
 
@@ -19,7 +19,7 @@ def tiny_module(mode: str, eta: float | None = 1.0, steps: int = 400, **inner) -
         gamma={"init": 0.5, "learn": True}, amortized_weight=0.0,
         inner={"optimizer": "sgd", "lr": 0.2, "momentum": 0.5, "clip": None, "eta": eta, "steps": steps,
                "tol": 0.0, **inner},
-        ift={"solver": "cg", "tol": 1e-12, "maxiter": 200},
+        ift={"solver": "cg", "tol": 1e-12, "maxiter": 200, "nonstationary": "ift"},
     )
     return module.double()
 
@@ -34,7 +34,7 @@ def batch():
 def outer_loss(module: SAVIModule, x, eps) -> torch.Tensor:
     """-ELBO at the refined lambda (same noise as the inner problem: a deterministic function)."""
     result = module.refine(x, module.vae.encode(x), eps)
-    return -module.vae.elbo(x, result.lam, eps).sum()
+    return -module.vae.elbo(x, result.x, eps).sum()
 
 
 def grads(module: SAVIModule, x, eps) -> dict[str, torch.Tensor]:
@@ -106,13 +106,13 @@ def test_default_amortized_weight_trains_the_encoder_when_no_gradient_reaches_it
 def test_divergent_inner_loop_falls_back_to_lambda0_and_keeps_gradients_finite(mode):
     x, eps = batch()
     module = tiny_module(mode, steps=30, lr=1e6)  # absurd inner lr
-    with pytest.warns(InnerDivergenceWarning, match="fall back to lambda_0"):
+    with pytest.warns(MinimizeDivergenceWarning, match="fall back to x0"):
         lam0 = module.vae.encode(x)
         result = module.refine(x, lam0, eps)
     assert result.diverged.all()
-    torch.testing.assert_close(result.lam, lam0)
+    torch.testing.assert_close(result.x, lam0)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", InnerDivergenceWarning)
+        warnings.simplefilter("ignore", MinimizeDivergenceWarning)
         g = grads(module, x, eps)
     assert all(torch.isfinite(v).all() for v in g.values())
 

@@ -3,7 +3,8 @@
 ``implicit_root`` / ``implicit_argmin`` / ``implicit_fixed_point`` attach a solution computed by
 any solver to the autograd graph; backward solves one linear system with a batched matrix-free
 solver (``cg``, ``bicgstab``, ``neumann``, ``direct``) and reports a :class:`LinearSolveInfo`.
-Worked examples (softmax, sparsemax, ridge hypergradient, cubic roots) live in
+The forward side: ``minimize`` is a batched per-problem optimiser (damped Newton, SGD, Adam) with
+per-problem stopping at a relative stationarity tolerance. Worked examples (softmax, sparsemax, ridge hypergradient, cubic roots) live in
 ``ift.implicit.examples``.
 """
 
@@ -19,6 +20,15 @@ from ift.implicit.linear_solvers import (
     Neumann,
     default_tol,
     get_linear_solver,
+)
+from ift.implicit.minimize import (
+    METHODS,
+    MinimizeDivergenceWarning,
+    MinimizeResult,
+    batched_hessian,
+    minimize,
+    relative_stationarity,
+    stationarity,
 )
 from ift.implicit.operators import hvp, power_iteration
 
@@ -41,4 +51,11 @@ __all__ = [
     "last_solve_info",
     "hvp",
     "power_iteration",
+    "minimize",
+    "MinimizeResult",
+    "MinimizeDivergenceWarning",
+    "METHODS",
+    "batched_hessian",
+    "relative_stationarity",
+    "stationarity",
 ]

@@ -1,10 +1,19 @@
 """One LightningModule for the four ways of training the Dai et al. VAE.
 
-mode            inner refinement         gradient of the refined ELBO reaches the encoder by
-vae             none (K = 0)             the amortized ELBO directly
-svi             K steps, no graph        - (encoder trained on its amortized ELBO)
-savi_unrolled   K steps, create_graph    backprop through every inner step
-savi_ift        solve without a graph    the implicit function theorem at the refined lambda
+mode               inner refinement          gradient of the refined ELBO reaches the encoder by
+vae                none (K = 0)              the amortized ELBO directly
+svi                K steps, no graph         - (encoder trained on its amortized ELBO)
+savi_unrolled      K steps, create_graph     backprop through every inner step
+savi_checkpointed  K steps, create_graph     the same, recomputed in ~sqrt(K) checkpointed segments
+savi_ift           solve without a graph     the implicit function theorem at the refined lambda
+
+The IFT gradient is only right at a stationary point. Every refinement reports its relative
+stationarity per example; in savi_ift, examples that stopped above `model.inner.tol` follow
+`model.ift.nonstationary`: "amortized" (default) trains them at lambda_0 like a diverged example
+(the IFT formula at a non-stationary point is the gradient of nothing in particular, while the
+amortized ELBO's gradient is exact, so the fallback costs those examples their refinement but never
+gives a wrong direction), "ift" applies the IFT anyway, "error" raises. Either way they are counted
+(`inner/nonstationary_frac`) and a warning is issued.
 
 Why the proximal term (model.inner.eta) matters for savi_ift: at an exact optimum lambda* of the
 ELBO alone, lambda* does not depend on where the solver started, so d lambda*/d lambda_0 = 0 and the
@@ -22,10 +31,23 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from ift.savi.inner import InnerConfig, InnerResult, proximal_objective, refine
+import warnings
+
+from ift.implicit.minimize import MinimizeResult
+from ift.savi.inner import InnerConfig, proximal_objective, refine
 from ift.savi.model import GaussianVAE
 
-MODES = ("vae", "svi", "savi_unrolled", "savi_ift")
+MODES = ("vae", "svi", "savi_unrolled", "savi_checkpointed", "savi_ift")
+UNROLLED = ("savi_unrolled", "savi_checkpointed")
+NONSTATIONARY_POLICIES = ("amortized", "ift", "error")
+
+
+class NonStationaryWarning(RuntimeWarning):
+    """Some examples' inner solve stopped above its stationarity tolerance."""
+
+
+class NonStationaryError(RuntimeError):
+    """model.ift.nonstationary=error and an inner solve stopped above its tolerance."""
 
 
 class SAVIModule(pl.LightningModule):
@@ -42,6 +64,9 @@ class SAVIModule(pl.LightningModule):
         inner: dict[str, Any] | None = None,
         ift: dict[str, Any] | None = None,
         amortized_weight: float | None = None,
+        kl_warmup_steps: int = 0,
+        kl_warmup_start: float = 0.1,
+        grad_clip: float | None = None,
         active_unit_threshold: float = 0.01,
         eval_seed: int = 1234,
         num_classes: int | None = None,  # accepted for a uniform model interface; unused
@@ -59,8 +84,23 @@ class SAVIModule(pl.LightningModule):
         inner_kwargs = dict(inner or {})
         if "betas" in inner_kwargs:
             inner_kwargs["betas"] = tuple(inner_kwargs["betas"])
+        if mode == "savi_checkpointed" and inner_kwargs.get("checkpoint_segments") is None:
+            inner_kwargs["checkpoint_segments"] = max(1, round(math.sqrt(int(inner_kwargs.get("steps", 20)))))
         self.inner_cfg = InnerConfig(**inner_kwargs)
-        self.ift_cfg = {"solver": "cg", "tol": 1e-6, "maxiter": 100, "ridge": 0.0, **(ift or {})}
+        self.ift_cfg = {"solver": "cg", "tol": 1e-6, "maxiter": 100, "ridge": 0.0, "nonstationary": "amortized",
+                        **(ift or {})}
+        policy = self.ift_cfg["nonstationary"]
+        if policy not in NONSTATIONARY_POLICIES:
+            raise ValueError(f"model.ift.nonstationary={policy!r} is unknown; use one of {NONSTATIONARY_POLICIES}")
+        if mode == "savi_ift" and self.inner_cfg.tol == 0 and policy != "ift":
+            raise ValueError(f"model.inner.tol=0 leaves every example above tolerance, so "
+                             f"model.ift.nonstationary={policy} would reject them all; set model.inner.tol > 0 "
+                             f"or model.ift.nonstationary=ift")
+        if kl_warmup_steps < 0 or not 0 <= kl_warmup_start <= 1:
+            raise ValueError(f"model.kl_warmup_steps must be >= 0 and model.kl_warmup_start in [0, 1], got "
+                             f"{kl_warmup_steps}, {kl_warmup_start}")
+        if grad_clip is not None and not grad_clip > 0:
+            raise ValueError(f"model.grad_clip must be > 0 or null, got {grad_clip}")
         from ift.implicit import get_linear_solver
 
         try:  # unknown solver names fail here, not at the first backward
@@ -86,25 +126,25 @@ class SAVIModule(pl.LightningModule):
         self._val_mu: list[torch.Tensor] = []
 
     # --- inference --------------------------------------------------------------------------
-    def refine(self, x: torch.Tensor, lam0: torch.Tensor, eps: torch.Tensor) -> InnerResult:
-        """lambda_K for this module's mode (vae: lambda_0 itself, no steps)."""
+    def refine(self, x: torch.Tensor, lam0: torch.Tensor, eps: torch.Tensor) -> MinimizeResult:
+        """lambda_K for this module's mode (vae: lambda_0 itself, no steps); `.x` is lambda_K."""
         if self.mode == "vae" or self.inner_cfg.steps == 0:
-            zeros = torch.zeros(x.shape[0], device=x.device)
-            return InnerResult(lam0, zeros.long(), zeros, zeros.bool())
-        unrolled = self.mode == "savi_unrolled" and torch.is_grad_enabled()
+            zeros = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
+            return MinimizeResult(lam0, zeros, zeros, zeros, zeros.long(), ~zeros.bool(), zeros.bool(),
+                                  self.inner_cfg.tol)
+        unrolled = self.mode in UNROLLED and torch.is_grad_enabled()
         params = self.vae.generative_params()
         if not unrolled:
             params = {k: v.detach() for k, v in params.items()}
-        objective = proximal_objective(lambda lam: self.vae.elbo(x, lam, eps, params),
-                                       lam0 if unrolled else lam0.detach(), self.inner_cfg.eta)
-        result = refine(objective, lam0, self.inner_cfg, create_graph=unrolled)
+        result = refine(self.vae, x, lam0 if unrolled else lam0.detach(), eps, params, self.inner_cfg,
+                        create_graph=unrolled)
         if self.mode == "savi_ift" and torch.is_grad_enabled():
-            result.lam = self._attach_implicit(x, lam0, eps, result)
+            result.x = self._attach_implicit(x, lam0, eps, result)
         return result
 
     def _attach_implicit(self, x: torch.Tensor, lam0: torch.Tensor, eps: torch.Tensor,
-                         result: InnerResult) -> torch.Tensor:
-        """Re-attach the solver's lambda_K to (lambda_0, theta) through the IFT."""
+                         result: MinimizeResult) -> torch.Tensor:
+        """Re-attach the solver's lambda_K to (lambda_0, theta) through the IFT, per the policy."""
         from ift.implicit import implicit_argmin
 
         generative = self.vae.generative_params()
@@ -116,13 +156,24 @@ class SAVIModule(pl.LightningModule):
             elbo = lambda l: self.vae.elbo(x, l, eps, params)  # noqa: E731
             return -proximal_objective(elbo, lam0_, eta)(lam).sum()
 
-        good = ~result.diverged
+        policy = self.ift_cfg["nonstationary"]
+        nonstationary = result.nonstationary
+        count = int(nonstationary.sum()) if self.inner_cfg.tol > 0 else 0  # tol 0: a fixed budget, no test
+        if count:
+            message = (f"inner solve stopped above model.inner.tol={self.inner_cfg.tol:g} on {count}/{len(nonstationary)} "
+                       f"examples (max stationarity {float(result.stationarity.max()):.2e}); "
+                       f"model.ift.nonstationary={policy}")
+            if policy == "error":
+                raise NonStationaryError(message + ": raise model.inner.steps or choose another policy")
+            warnings.warn(message, NonStationaryWarning, stacklevel=3)
+        good = ~result.diverged & (~nonstationary if policy == "amortized" else True)
+        self._fallback = (~good).float().sum()
         lam_star = implicit_argmin(
-            negative_objective, result.lam.detach(), lam0, *theta,
+            negative_objective, result.x.detach(), lam0, *theta,
             batch_dims=1, linear_solver=self.ift_cfg["solver"], tol=self.ift_cfg["tol"],
             maxiter=self.ift_cfg["maxiter"], ridge=self.ift_cfg["ridge"], on_solve=self._record_solve,
         )
-        # Diverged examples fell back to lambda_0: their gradient is the amortized one.
+        # Diverged (and, by policy, non-stationary) examples train at lambda_0: the amortized gradient.
         return torch.where(good.unsqueeze(-1), lam_star, lam0)
 
     def _record_solve(self, info) -> None:
@@ -156,16 +207,33 @@ class SAVIModule(pl.LightningModule):
         # Fresh noise for the outer ELBO: lambda_K was fitted to the inner noise, so the ELBO on
         # that same noise would be optimistically biased.
         eps = self.vae.sample_eps(x.shape[0], self.hparams.train_samples, like=x)
-        recon, kl = self.vae.elbo_terms(x, result.lam, eps)
+        recon, kl = self.vae.elbo_terms(x, result.x, eps)
         elbo = recon - kl
-        loss = -elbo.mean()
+        beta = self.kl_weight()
+        loss = -(recon - beta * kl).mean()
         # Amortized ELBO with the decoder frozen: it trains only the encoder.
         frozen = {k: v.detach() for k, v in self.vae.generative_params().items()}
         elbo_amortized = self.vae.elbo(x, lam0, eps, frozen)
         if self.amortized_weight:
-            loss = loss - self.amortized_weight * elbo_amortized.mean()
+            recon0, kl0 = self.vae.elbo_terms(x, lam0, eps, frozen)
+            loss = loss - self.amortized_weight * (recon0 - beta * kl0).mean()
         self._log_split("train", elbo, elbo_amortized, kl, result, x.shape[0])
+        if beta < 1:
+            self.log("train/kl_weight", beta, on_step=True, on_epoch=False, batch_size=x.shape[0])
         return loss
+
+    def kl_weight(self) -> float:
+        """Kim et al.'s KL warm-up: linear from kl_warmup_start to 1 over kl_warmup_steps (outer loss only)."""
+        steps = self.hparams.kl_warmup_steps
+        if not steps:
+            return 1.0
+        start = self.hparams.kl_warmup_start
+        return min(1.0, start + (1 - start) * self.global_step / steps)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Outer gradient-norm clipping (Kim et al. clip at 5), when model.grad_clip is set."""
+        if self.hparams.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), self.hparams.grad_clip)
 
     def _evaluate(self, split: str, batch, batch_idx: int) -> None:
         """Val/test: common random numbers (fixed noise per batch index) so epochs are comparable."""
@@ -176,9 +244,9 @@ class SAVIModule(pl.LightningModule):
         eps = self.vae.sample_eps(x.shape[0], 1, generator=gen, like=x)
         with torch.no_grad():
             result = self.refine(x, lam0, eps_inner)
-            recon, kl = self.vae.elbo_terms(x, result.lam, eps)
+            recon, kl = self.vae.elbo_terms(x, result.x, eps)
             elbo_amortized = self.vae.elbo(x, lam0, eps)
-            mu = result.lam.chunk(2, dim=-1)[0]
+            mu = result.x.chunk(2, dim=-1)[0]
             recon_mse = (self.vae.decode(mu) - x).pow(2).mean()
         elbo = recon - kl
         batch_size = x.shape[0]
@@ -188,7 +256,7 @@ class SAVIModule(pl.LightningModule):
         self.log(f"{split}/gamma", self.vae.gamma, batch_size=batch_size, sync_dist=True)
         self._val_mu.append(mu.detach())
 
-    def _log_split(self, split, elbo, elbo_amortized, kl, result: InnerResult, batch_size: int) -> None:
+    def _log_split(self, split, elbo, elbo_amortized, kl, result: MinimizeResult, batch_size: int) -> None:
         on_step = split == "train"
         metrics = {
             f"{split}/elbo": elbo.mean(),
@@ -197,12 +265,18 @@ class SAVIModule(pl.LightningModule):
             f"{split}/kl": kl.mean(),
         }
         if self.mode != "vae":
-            metrics[f"inner/{split}_steps_taken" if split != "train" else "inner/steps_taken"] = (
-                result.steps_taken.float().mean())
-            metrics["inner/grad_norm_final" if split == "train" else f"inner/{split}_grad_norm_final"] = (
-                result.grad_norm.nan_to_num(0.0).mean())
-            metrics["inner/diverged" if split == "train" else f"inner/{split}_diverged"] = (
-                result.diverged.float().sum())
+            name = (lambda key: f"inner/{key}") if split == "train" else (lambda key: f"inner/{split}_{key}")
+            ok = ~result.diverged
+            metrics[name("steps_taken")] = result.iterations.float().mean()
+            metrics[name("grad_norm_final")] = result.grad_norm[ok].mean() if ok.any() else result.grad_norm.new_zeros(())
+            # relative stationarity ||grad J|| / (1 + |J|) at the returned point
+            metrics[name("stationarity")] = result.stationarity[ok].median() if ok.any() else result.grad_norm.new_zeros(())
+            metrics[name("stationarity_max")] = result.stationarity[ok].max() if ok.any() else result.grad_norm.new_zeros(())
+            metrics[name("nonstationary_frac")] = result.nonstationary.float().mean()
+            metrics[name("diverged")] = result.diverged.float().sum()
+            if split == "train" and self.mode == "savi_ift" and getattr(self, "_fallback", None) is not None:
+                metrics["inner/fallback"] = self._fallback
+                self._fallback = None
         # train: per step (names stay `train/elbo`); val/test: epoch means reduced across ranks.
         self.log_dict(metrics, on_step=on_step, on_epoch=not on_step, batch_size=batch_size,
                       sync_dist=not on_step)
@@ -247,7 +321,7 @@ class SAVIModule(pl.LightningModule):
             if max_examples is not None:
                 x = x[: max_examples - count]
             eps = self.vae.sample_eps(x.shape[0], 1, generator=gen, like=x)
-            lam = self.refine(x, self.vae.encode(x), eps).lam
+            lam = self.refine(x, self.vae.encode(x), eps).x
             ll = self.vae.iwae_log_likelihood(x, lam, n_samples=n_samples, chunk=chunk, generator=gen)
             total += float(ll.sum())
             count += x.shape[0]

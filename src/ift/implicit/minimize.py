@@ -1,0 +1,380 @@
+"""A batched per-example optimiser: minimise B independent objectives at once, each to stationarity.
+
+``minimize(objective, x0)`` minimises ``objective(x) -> (B,)`` over ``x`` of shape ``(B, n)``,
+where row ``b`` of the output depends only on row ``b`` of ``x`` (independent problems, e.g. one
+per example or per task). Every problem keeps its own step size / damping, its own stopping test and
+its own divergence flag; the loop ends when all have stopped or after ``max_iter`` iterations.
+
+Methods
+- ``"newton"``: damped Newton (Levenberg-Marquardt / trust-region style) with per-problem
+  Hessians. The step solves ``(H + mu I) p = -g`` with ``mu = max(0, -lambda_min(H)) + nu``, so an
+  indefinite Hessian (a saddle or a maximum nearby) still gives a descent step; ``nu`` shrinks
+  after a step the quadratic model predicted well and grows after a poor or rejected one, so the
+  method is robust far from the optimum and converges quadratically near it. ``H`` comes from
+  ``n`` batched Hessian-vector products (exact, any objective) or from a ``curvature`` callable
+  (e.g. a Gauss-Newton matrix the caller can build cheaply).
+- ``"sgd"`` (with momentum) and ``"adam"``: first-order steps with per-problem backtracking (a
+  step that increases the objective is undone, the step size halved, momentum reset), optional
+  per-problem gradient-norm clipping.
+
+Stationarity is relative: ``||grad f(x)|| / (1 + |f(x)|)``. In float32 the gradient of an
+objective whose terms are of size ``F`` cannot be computed more accurately than about
+``eps_32 * F``, so an absolute tolerance is either unreachable or meaningless depending on the
+problem's scale; relative to ``1 + |f|`` the float32 floor sits near 1e-7.
+
+``create_graph=True`` keeps every iteration in the autograd graph (unrolled differentiation:
+memory grows linearly with the iterations); ``checkpoint_segments=m`` runs the unrolled loop in
+``m`` segments under ``torch.utils.checkpoint`` (memory ~ one segment plus the segment inputs,
+at the cost of recomputing each segment's forward in backward). Without ``create_graph`` the loop
+runs without a graph: the result is a plain tensor (pair it with ``implicit_argmin`` for the IFT).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+METHODS = ("newton", "sgd", "adam")
+
+Objective = Callable[[torch.Tensor], torch.Tensor]
+Curvature = Callable[[torch.Tensor], torch.Tensor]
+
+
+class MinimizeDivergenceWarning(RuntimeWarning):
+    """Some problems produced NaN/Inf or left the bounded region; they fall back to ``x0``."""
+
+
+@dataclass
+class MinimizeResult:
+    """Outcome per problem (all tensors have leading dim B).
+
+    x: the returned point (``x0`` where the problem diverged); carries the graph when
+       ``create_graph=True``.
+    value: objective at ``x`` (detached).
+    grad_norm: ``||grad f(x)||`` (detached).
+    stationarity: ``grad_norm / (1 + |value|)``, the number tested against ``rtol``.
+    iterations: accepted updates per problem.
+    converged: ``stationarity <= rtol``.
+    diverged: NaN/Inf or ``|x| > max_abs`` was met; ``x`` is ``x0`` there.
+    """
+
+    x: torch.Tensor
+    value: torch.Tensor
+    grad_norm: torch.Tensor
+    stationarity: torch.Tensor
+    iterations: torch.Tensor
+    converged: torch.Tensor
+    diverged: torch.Tensor
+    rtol: float
+
+    @property
+    def nonstationary(self) -> torch.Tensor:
+        """Problems that did not diverge but stopped above the tolerance."""
+        return ~self.converged & ~self.diverged
+
+
+def relative_stationarity(value: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``||grad|| / (1 + |value|)`` per problem: the stopping and reporting measure."""
+    return grad.detach().norm(dim=-1) / (1 + value.detach().abs())
+
+
+def stationarity(objective: Objective, x: torch.Tensor) -> torch.Tensor:
+    """Relative stationarity of ``objective`` at ``x`` (one gradient evaluation, no graph kept)."""
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        value = objective(xg)
+        (grad,) = torch.autograd.grad(value.sum(), xg)
+    return relative_stationarity(value, grad)
+
+
+def batched_hessian(objective: Objective, x: torch.Tensor, create_graph: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Value (B,), gradient (B, n) and per-problem Hessian (B, n, n) from n batched HVPs.
+
+    The problems are independent, so the Hessian of ``sum_b f_b`` is block diagonal: one
+    Hessian-vector product with the tangent ``e_j`` in every row gives row ``j`` of every block.
+    """
+    batch, n = x.shape
+    with torch.enable_grad():
+        xg = x if (create_graph and x.requires_grad) else x.detach().requires_grad_(True)
+        value = objective(xg)
+        (grad,) = torch.autograd.grad(value.sum(), xg, create_graph=True)
+        eye = torch.eye(n, dtype=x.dtype, device=x.device).unsqueeze(1).expand(n, batch, n)
+        (rows,) = torch.autograd.grad(grad, xg, eye, is_grads_batched=True, create_graph=create_graph)
+    hess = rows.transpose(0, 1)
+    if not create_graph:
+        value, grad, hess = value.detach(), grad.detach(), hess.detach()
+    return value, grad, 0.5 * (hess + hess.transpose(1, 2))
+
+
+def _value_and_grad(objective: Objective, x: torch.Tensor, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.enable_grad():
+        xg = x if (create_graph and x.requires_grad) else x.detach().requires_grad_(True)
+        value = objective(xg)
+        (grad,) = torch.autograd.grad(value.sum(), xg, create_graph=create_graph)
+    if not create_graph:
+        value, grad = value.detach(), grad.detach()
+    return value, grad
+
+
+def _check_args(method: str, x0: torch.Tensor, max_iter: int, rtol: float, lr: float, damping: float,
+                checkpoint_segments: int | None, create_graph: bool) -> None:
+    if method not in METHODS:
+        raise ValueError(f"minimize: method={method!r} is unknown; use one of {METHODS}")
+    if not isinstance(x0, torch.Tensor) or x0.dim() != 2 or not x0.is_floating_point():
+        raise ValueError(f"minimize: x0 must be a floating-point tensor of shape (B, n), got "
+                         f"{getattr(x0, 'shape', type(x0).__name__)}")
+    if max_iter < 0:
+        raise ValueError(f"minimize: max_iter must be >= 0, got {max_iter}")
+    if not rtol >= 0:
+        raise ValueError(f"minimize: rtol must be >= 0, got {rtol}")
+    if not lr > 0:
+        raise ValueError(f"minimize: lr must be > 0, got {lr}")
+    if not damping > 0:
+        raise ValueError(f"minimize: damping must be > 0, got {damping}")
+    if checkpoint_segments is not None and (checkpoint_segments < 1 or not create_graph):
+        raise ValueError("minimize: checkpoint_segments needs create_graph=True and must be >= 1, got "
+                         f"{checkpoint_segments} (create_graph={create_graph})")
+
+
+def minimize(
+    objective: Objective,
+    x0: torch.Tensor,
+    *,
+    method: str = "newton",
+    max_iter: int = 20,
+    rtol: float = 1e-5,
+    curvature: Curvature | None = None,
+    damping: float = 1e-3,
+    lr: float = 1.0,
+    momentum: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    clip: float | None = None,
+    max_abs: float = math.inf,
+    create_graph: bool = False,
+    checkpoint_segments: int | None = None,
+    args: tuple[torch.Tensor, ...] = (),
+    compact: bool = False,
+) -> MinimizeResult:
+    """Minimise ``objective(x) -> (B,)`` from ``x0`` (B, n), each row to relative stationarity.
+
+    Args:
+        objective: per-problem values; row b may depend only on ``x[b]``. Must be
+            differentiable twice for ``"newton"`` without ``curvature``.
+        x0: starting points (B, n). With ``create_graph=True`` its graph is kept.
+        method: ``"newton"`` (damped Newton), ``"sgd"`` (momentum) or ``"adam"``.
+        max_iter: iterations (gradient evaluations after the first); 0 evaluates only.
+        rtol: stop a problem once ``||grad|| / (1 + |f|) <= rtol``; 0 runs all iterations.
+        curvature: newton only, ``curvature(x) -> (B, n, n)`` symmetric matrices used instead of
+            the exact Hessian (e.g. Gauss-Newton); with ``create_graph`` it must keep its graph.
+        damping: newton only, initial Levenberg-Marquardt damping relative to the largest
+            |eigenvalue| of each problem's Hessian.
+        lr, momentum, betas, clip: first-order methods: initial step size (halved per rejected
+            step), SGD momentum, Adam moments, per-problem gradient-norm clipping (None: off).
+        max_abs: a first-order iterate with ``|x| > max_abs`` counts as diverged; a Newton trial
+            point beyond it is rejected (the damping grows) instead.
+        create_graph: differentiate through the iterations (unrolling).
+        checkpoint_segments: with ``create_graph``, recompute the loop in this many checkpointed
+            segments during backward (about sqrt(max_iter) balances memory and recomputation).
+        args: extra tensors passed on as ``objective(x, *args)`` and ``curvature(x, *args)``.
+            With ``checkpoint_segments``, tensors with an autograd history (not leaves) that the
+            objective depends on must come in here, not by closure: each segment's backward
+            would otherwise run through their history again after it was freed.
+        compact: the objective (and curvature) take ALL their per-problem data through ``args``,
+            each with the problem batch as dim 0, so they can be called on any subset of rows:
+            once at most half the problems are still active, iterate on those rows only. The
+            tail of slow problems then costs what they cost, not what the whole batch costs.
+
+    Returns:
+        :class:`MinimizeResult`. Diverged problems fall back to ``x0`` with a
+        :class:`MinimizeDivergenceWarning`.
+    """
+    _check_args(method, x0, max_iter, rtol, lr, damping, checkpoint_segments, create_graph)
+    x = x0 if create_graph else x0.detach()
+    args = tuple(args) if create_graph else tuple(a.detach() for a in args)
+    step = _newton_iteration if method == "newton" else _first_order_iteration
+    opts = dict(method=method, rtol=rtol, lr=lr, momentum=momentum, betas=betas, clip=clip, max_abs=max_abs,
+                create_graph=create_graph)
+    state = _initial_state(x, method, lr, damping)
+    if checkpoint_segments is None:
+        state = _loop(step, state, (objective, curvature), args, 0, max_iter, opts, compact)
+    else:
+        per_segment = max(1, math.ceil(max_iter / checkpoint_segments))
+        for start in range(0, max_iter, per_segment):
+            count = min(per_segment, max_iter - start)
+            keys = list(state)
+            # Reentrant checkpointing: the segment runs without a graph in forward and is rerun with
+            # one in backward. (The non-reentrant variant recomputes the segment for every
+            # autograd.grad call inside it, which makes the forward quadratic in its length.)
+            out = checkpoint(_run_segment, step, keys, start, count, (objective, curvature, len(args), compact),
+                             opts, *args, *state.values(), use_reentrant=True)
+            state = dict(zip(keys, out))
+            if not bool(state["active"].any()):
+                break
+    return _finish(state, x, _bind(objective, None, args)["objective"], rtol, max_abs)
+
+
+def _bind(objective, curvature, args) -> dict:
+    if not args:
+        return {"objective": objective, "curvature": curvature}
+    return {"objective": lambda x: objective(x, *args),
+            "curvature": None if curvature is None else (lambda x: curvature(x, *args))}
+
+
+def _run_segment(step, keys, start, count, fns, opts, *values):
+    objective, curvature, n_args, compact = fns
+    # The checkpoint's forward runs without grad: compute plain values there (no per-step graphs to
+    # keep alive); its backward reruns the segment with grad enabled and builds them then.
+    opts = {**opts, "create_graph": torch.is_grad_enabled()}
+    state = dict(zip(keys, values[n_args:]))
+    state = _loop(step, state, (objective, curvature), values[:n_args], start, start + count, opts, compact)
+    return tuple(state.values())
+
+
+def _loop(step, state, fns, args, start, stop, opts, compact):
+    """Iterations start..stop-1; once at most half the problems are active (and the objective takes
+    its per-problem data through `args`), continue on those rows only and scatter them back."""
+    for k in range(start, stop):
+        active = state["active"]
+        n_active = int(active.sum())
+        if n_active == 0:
+            break
+        if compact and n_active <= active.shape[0] // 2:
+            idx = active.nonzero().squeeze(1)
+            sub = _loop(step, {key: v[idx] for key, v in state.items()}, fns, tuple(a[idx] for a in args),
+                        k, stop, opts, compact)
+            return {key: v.index_put((idx,), sub[key]) for key, v in state.items()}
+        state = step(state, k, **_bind(*fns, args), **opts)
+    return state
+
+
+def _initial_state(x: torch.Tensor, method: str, lr: float, damping: float) -> dict[str, torch.Tensor]:
+    batch = x.shape[0]
+    flags = torch.zeros(batch, dtype=torch.bool, device=x.device)
+    state = {"x": x, "active": ~flags, "diverged": flags, "iterations": torch.zeros_like(flags, dtype=torch.long)}
+    if method == "newton":
+        state["nu"] = torch.full((batch,), damping, dtype=x.dtype, device=x.device)
+    else:
+        state["step_size"] = torch.full((batch,), lr, dtype=x.dtype, device=x.device)
+        state["m1"] = torch.zeros_like(x)
+        state["m2"] = torch.zeros_like(x)
+    return state
+
+
+def _slack(value: torch.Tensor) -> torch.Tensor:
+    """Changes of the objective within float rounding are not a failed step."""
+    return 8 * torch.finfo(value.dtype).eps * (1 + value.detach().abs())
+
+
+def _newton_iteration(state, k, *, objective, rtol, curvature, max_abs, create_graph, **_):
+    """Evaluate at x; stop converged problems; else one damped Newton trial, accepted per problem."""
+    x, nu = state["x"], state["nu"]
+    if curvature is None:
+        value, grad, hess = batched_hessian(objective, x, create_graph)
+    else:
+        value, grad = _value_and_grad(objective, x, create_graph)
+        hess = curvature(x if create_graph else x.detach())
+        hess = hess if create_graph else hess.detach()
+    finite = torch.isfinite(value.detach()) & torch.isfinite(grad.detach()).all(-1) & \
+        torch.isfinite(hess.detach()).flatten(1).all(-1)
+    diverged = state["diverged"] | (state["active"] & ~finite)
+    active = state["active"] & finite & (relative_stationarity(value, grad) > rtol)
+    if not bool(active.any()):
+        return {**state, "active": active, "diverged": diverged}
+
+    # Damping is a per-problem constant for the unrolled graph (like a step size): computed detached.
+    eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    hess_d = torch.where(finite[:, None, None], hess.detach(), eye)
+    eig = torch.linalg.eigvalsh(hess_d)
+    scale = eig.abs().amax(-1).clamp_min(torch.finfo(x.dtype).tiny)
+    mu = (-eig[:, 0]).clamp_min(0) + nu * scale
+    safe_hess = torch.where(active[:, None, None], hess, eye)
+    safe_grad = torch.where(active[:, None], grad, torch.zeros_like(grad))
+    p = -torch.linalg.solve(safe_hess + mu[:, None, None] * eye, safe_grad.unsqueeze(-1)).squeeze(-1)
+    trial = x + p
+    with torch.enable_grad() if create_graph else torch.no_grad():
+        trial_value = objective(trial)
+    tv = trial_value.detach()
+    predicted = -((safe_grad * p).sum(-1) + 0.5 * (p.unsqueeze(-2) @ safe_hess @ p.unsqueeze(-1)).flatten()).detach()
+    ratio = (value.detach() - tv) / predicted.clamp_min(torch.finfo(x.dtype).tiny)
+    in_bounds = torch.isfinite(tv) & (trial.detach().abs().amax(-1) <= max_abs)
+    accept = active & in_bounds & (tv <= value.detach() + _slack(value))
+    good = accept & (ratio > 0.75)
+    poor = ~accept | (ratio < 0.25)
+    tiny = torch.finfo(x.dtype).eps
+    nu = torch.where(active & good, (nu / 4).clamp_min(tiny), nu)
+    nu = torch.where(active & poor, (nu * 4).clamp_max(1e8), nu)
+    return {**state, "x": torch.where(accept[:, None], trial, x), "nu": nu, "active": active,
+            "diverged": diverged, "iterations": state["iterations"] + accept.long()}
+
+
+def _first_order_iteration(state, k, *, objective, method, rtol, lr, momentum, betas, clip, max_abs,
+                           create_graph, **_):
+    """Evaluate at x; undo a step that made things worse (halve that problem's step); step again."""
+    x, step_size, m1, m2 = state["x"], state["step_size"], state["m1"], state["m2"]
+    value, grad = _value_and_grad(objective, x, create_graph)
+    finite = torch.isfinite(value.detach()) & torch.isfinite(grad.detach()).all(-1)
+    diverged = state["diverged"] | (state["active"] & ~finite)
+    active = state["active"] & finite
+    if "prev_x" in state:
+        worse = active & (value.detach() > state["prev_value"].detach() + _slack(state["prev_value"]))
+        w = worse[:, None]
+        x = torch.where(w, state["prev_x"], x)
+        value = torch.where(worse, state["prev_value"], value)
+        grad = torch.where(w, state["prev_grad"], grad)
+        m1 = torch.where(w, torch.zeros_like(m1), m1)
+        step_size = torch.where(worse, step_size / 2, step_size)
+    active = active & (relative_stationarity(value, grad) > rtol)
+    stopped = {**state, "x": x, "step_size": step_size, "m1": m1, "m2": m2, "active": active,
+               "diverged": diverged, "prev_x": x, "prev_value": value, "prev_grad": grad}
+    if not bool(active.any()):
+        return stopped
+    g = torch.where(torch.isfinite(grad), grad, torch.zeros_like(grad))
+    if clip is not None:
+        norm = g.detach().norm(dim=-1)
+        g = g * (clip / norm.clamp_min(1e-12)).clamp(max=1.0).unsqueeze(-1)
+    if method == "sgd":
+        m1 = momentum * m1 + g
+        update = m1
+    else:
+        b1, b2 = betas
+        t = k + 1
+        m1 = b1 * m1 + (1 - b1) * g
+        m2 = b2 * m2 + (1 - b2) * g * g
+        # sqrt(v + tiny): the plain sqrt has an infinite derivative at 0 (NaN in an unrolled backward).
+        update = (m1 / (1 - b1**t)) / ((m2 / (1 - b2**t) + 1e-16).sqrt() + 1e-8)
+    proposal = x - step_size[:, None] * update
+    out = ~torch.isfinite(proposal.detach()).all(-1) | (proposal.detach().abs().amax(-1) > max_abs)
+    diverged = diverged | (out & active)
+    active = active & ~out
+    return {**stopped, "x": torch.where(active[:, None], proposal, x), "m1": m1, "m2": m2, "active": active,
+            "diverged": diverged, "iterations": state["iterations"] + active.long()}
+
+
+def _finish(state, x0, objective, rtol, max_abs) -> MinimizeResult:
+    """Final evaluation at the returned point: value, stationarity, convergence; x0 where diverged."""
+    x = state["x"]
+    value, grad = _value_and_grad(objective, x, create_graph=False)
+    if "prev_x" in state:  # first-order: the last step is undone if it made things worse
+        worse = value > state["prev_value"].detach() + _slack(state["prev_value"])
+        if bool(worse.any()):
+            x = torch.where(worse[:, None], state["prev_x"], x)
+            value, grad = _value_and_grad(objective, x, create_graph=False)
+    finite = torch.isfinite(value) & torch.isfinite(grad).all(-1)
+    diverged = state["diverged"] | ~finite
+    if bool(diverged.any()):
+        warnings.warn(
+            f"minimize: {int(diverged.sum())}/{x.shape[0]} problems diverged (NaN/Inf or |x| > {max_abs}); "
+            "they fall back to x0. Lower the step size or enable clipping.",
+            MinimizeDivergenceWarning, stacklevel=3)
+        x = torch.where(diverged[:, None], x0, x)
+        value, grad = _value_and_grad(objective, x, create_graph=False)
+    stat = relative_stationarity(value, grad)
+    return MinimizeResult(x=x, value=value, grad_norm=grad.norm(dim=-1), stationarity=stat,
+                          iterations=state["iterations"], converged=(stat <= rtol) & ~diverged,
+                          diverged=diverged, rtol=rtol)

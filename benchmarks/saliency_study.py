@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ift.data import DigitsDataModule, MNISTDataModule
-from ift.saliency import (build_network, gradient, infidelity, input_gradient_norm, input_hessian_norm,
+from ift.saliency import (build_network, gradient, guided_backprop, infidelity, input_gradient_norm, input_hessian_norm,
                           max_sensitivity, pgd_attack, smooth, softplus_gradient_lipschitz)
 from ift.saliency.module import ClassifierModule, first_examples
 from ift.saliency.explanations import METHODS
@@ -429,6 +429,7 @@ def explain_pair(setting: str, mnist_root: Path, ckpt_dir: Path, out: Path, log)
                          "acc": pgd_accuracy(net, tx[:tp["examples"]], ty[:tp["examples"]], spec["eps"], tp["steps"],
                                              tp["step_size"])}
         r["probes"] = probes(net, x, y)
+        r["probes"]["gbp_vs_grad"] = gbp_vs_grad(net, x, y)
         with torch.no_grad():
             r["predictions"] = net(x).argmax(1).tolist()
         log(f"{label}: test acc {r['test_acc']:.4f}, PGD acc {r['test_pgd']['acc']:.4f}, probes {r['probes']}")
@@ -459,6 +460,13 @@ def explain_pair(setting: str, mnist_root: Path, ckpt_dir: Path, out: Path, log)
     for method in COSTLY_METHODS:
         run(method)
         save_maps()
+
+
+def gbp_vs_grad(net, x, y) -> float:
+    """Mean ``||GBP - Grad|| / ||Grad||`` at the examples: how far a real Guided Backprop is from the
+    gradient (the authors' GBP on functional ReLUs replaces no module, so theirs is the gradient)."""
+    g, b = gradient(net)(x, y).flatten(1), guided_backprop(net)(x, y).flatten(1)
+    return float(((b - g).norm(dim=1) / g.norm(dim=1)).mean())
 
 
 def figure6_mnist(net, x, y, fig: dict, cfg: SaliencyConfig, out: Path, name: str, log) -> None:
@@ -526,21 +534,29 @@ def ordering(reg: dict | None, rob: dict | None, key: str) -> str:
     return "no" + (" (> 2 SE)" if -diff > 2 * se else " (< 2 SE)")
 
 
+def label_of(method: str) -> str:
+    return method + " (real GBP; the paper's row is Grad)" if method.startswith("GBP") else method
+
+
 def table4_mnist_markdown(name: str, results: dict, sizes: dict) -> str:
     sal = sizes["sal"]
     reg, rob = results["regular"], results["robust"]
     md = [f"### {name}: Table 4 on full MNIST (Madry CNN width {sizes['width']}, PGD training eps {sizes['eps']}, "
           f"{sizes['steps']} steps of {sizes['step_size']})", "",
-          "| model | training | test acc (10k) | PGD acc, eps 0.3 | mean grad norm (logit) | mean Hessian norm (log-prob) |",
-          "|---|---|---|---|---|---|"]
+          "| model | training | test acc (10k) | PGD acc, eps 0.3 | mean grad norm (logit) | mean Hessian norm (log-prob) "
+          "| GBP vs Grad, mean relative L2 difference |", "|---|---|---|---|---|---|---|"]
     for label, r in results.items():
         if "test_acc" not in r:
             continue
         h = r["training"]
         tr = f"{len(h['epochs'])} epochs, {h['train_seconds'] / 60:.0f} min" + ("" if h.get("complete", True) else " (cut)")
+        if label == "robust":
+            tr += f", PGD-{r['spec']['steps']} x {r['spec']['step_size']}" + (
+                ", fine-tuned from the regular model" if r["spec"].get("robust_init") == "regular" else "")
         p = r["test_pgd"]
         md.append(f"| {label} | {tr} | {r['test_acc']:.4f} | {p['acc']:.3f} ({p['steps']} x {p['step_size']}, "
-                  f"{p['examples']} images) | {r['probes']['grad_norm_logit']:.3g} | {r['probes']['hessian_norm_logprob']:.3g} |")
+                  f"{p['examples']} images) | {r['probes']['grad_norm_logit']:.3g} | {r['probes']['hessian_norm_logprob']:.3g} "
+                  f"| {r['probes'].get('gbp_vs_grad', float('nan')):.3g} |")
     t_reg, t_rob = reg["tables"]["global"], rob["tables"]["global"]
     methods = list(dict.fromkeys([*t_reg, *t_rob]))
     norms = [n for n in ("input", "unit", "none", "input_2019") if any(f"sens_max_{n}" in t_reg.get(m, {}) for m in methods)]
@@ -558,7 +574,7 @@ def table4_mnist_markdown(name: str, results: dict, sizes: dict) -> str:
         a, b = t_reg.get(m), t_rob.get(m)
         paper = PAPER_TABLE4.get(m)
         cnt = f"{(a or b)['sens_examples']} x {(a or b)['sens_samples']}"
-        row = [m, cnt, *(("-", "-") if paper is None else (str(paper[0][0]), str(paper[1][0])))]
+        row = [label_of(m), cnt, *(("-", "-") if paper is None else (str(paper[0][0]), str(paper[1][0])))]
         for n in norms:
             key = f"sens_max_{n}"
             row += [cell(a, key), cell(b, key), ordering(a, b, key)]
@@ -569,7 +585,7 @@ def table4_mnist_markdown(name: str, results: dict, sizes: dict) -> str:
     for m in methods:
         a, b = t_reg.get(m), t_rob.get(m)
         paper = PAPER_TABLE4.get(m)
-        row = [m, *(("-", "-") if paper is None else (str(paper[0][1]), str(paper[1][1]))),
+        row = [label_of(m), *(("-", "-") if paper is None else (str(paper[0][1]), str(paper[1][1]))),
                cell(a, "infd"), cell(b, "infd"), ordering(a, b, "infd"),
                "-" if a is None else f"{a['infd_rel']:.3g}", "-" if b is None else f"{b['infd_rel']:.3g}"]
         md.append("| " + " | ".join(row) + " |")

@@ -181,6 +181,8 @@ def minimize(
         create_graph: differentiate through the iterations (unrolling).
         checkpoint_segments: with ``create_graph``, recompute the loop in this many checkpointed
             segments during backward (about sqrt(max_iter) balances memory and recomputation).
+            Reentrant checkpointing: differentiate with ``.backward()`` (``torch.autograd.grad``
+            on the result raises).
         args: extra tensors passed on as ``objective(x, *args)`` and ``curvature(x, *args)``.
             With ``checkpoint_segments``, tensors with an autograd history (not leaves) that the
             objective depends on must come in here, not by closure: each segment's backward
@@ -307,7 +309,7 @@ def _newton_iteration(state, k, *, objective, rtol, curvature, max_abs, create_g
     good = accept & (ratio > 0.75)
     poor = ~accept | (ratio < 0.25)
     tiny = torch.finfo(x.dtype).eps
-    nu = torch.where(active & good, (nu / 4).clamp_min(tiny), nu)
+    nu = torch.where(active & good, (nu / 10).clamp_min(tiny), nu)
     nu = torch.where(active & poor, (nu * 4).clamp_max(1e8), nu)
     return {**state, "x": torch.where(accept[:, None], trial, x), "nu": nu, "active": active,
             "diverged": diverged, "iterations": state["iterations"] + accept.long()}

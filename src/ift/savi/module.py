@@ -291,12 +291,17 @@ class SAVIModule(pl.LightningModule):
         """Active units (Burda et al.): latent dims whose posterior mean varies across data > threshold."""
         if not self._val_mu:
             return
-        mu = torch.cat(self._val_mu)
+        mu = torch.cat(self._val_mu).double()
         self._val_mu.clear()
+        # Variance across ranks from summed moments: ranks may hold different numbers of examples
+        # (all_gather needs equal shapes). Every rank then logs the same value.
+        stats = [torch.tensor(float(len(mu)), dtype=mu.dtype, device=mu.device), mu.sum(0), (mu * mu).sum(0)]
         if self.trainer.world_size > 1:
-            mu = self.all_gather(mu).flatten(0, 1)
-        active = (mu.var(dim=0) > self.hparams.active_unit_threshold).sum().float()
-        self.log(f"{split}/active_units", active, sync_dist=False, rank_zero_only=False)
+            stats = [self.trainer.strategy.reduce(t, reduce_op="sum") for t in stats]
+        n, s1, s2 = stats
+        var = (s2 - s1 * s1 / n) / (n - 1).clamp(min=1)
+        active = (var > self.hparams.active_unit_threshold).sum().float()
+        self.log(f"{split}/active_units", active, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_active_units("val")

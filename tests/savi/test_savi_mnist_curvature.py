@@ -1,0 +1,179 @@
+"""The inner solve at MNIST-like curvature (784-dim data, gamma ~ 0.02): the default savi_ift solve
+reaches its tolerance, the IFT gradient equals unrolling to convergence, the non-stationary policy
+fires on a truncated solve; and the latent-space Hessian equals the autodiff one.
+
+The decoder is trained for 300 steps (a few seconds) on data drawn from a random 8-dimensional
+"teacher" decoder: its curvature matches a VAE after 400 real MNIST batches (largest Hessian
+eigenvalue ~100 per example, some negative eigenvalues at lambda_0, first-order steps at lr 0.1 do
+not converge in 50 steps), without needing the MNIST files.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ift.config import compose_config
+from ift.implicit import batched_hessian
+from ift.savi.inner import InnerConfig, proximal_objective, refine
+from ift.savi.model import mlp
+from ift.savi.module import NonStationaryError, NonStationaryWarning, SAVIModule
+
+
+def mnist_like(n: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    teacher = mlp([8, 64, 784])
+    with torch.no_grad():
+        for p in teacher.parameters():
+            scale = 1.5 / p.shape[-1] ** 0.5 if p.dim() > 1 else 0.5
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+        x = torch.sigmoid(teacher(torch.randn(n, 8, generator=gen)))
+        return (x + 0.05 * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+
+
+def default_cfg(model: str = "savi_ift", tmp_path=None) -> dict:
+    cfg = compose_config("train", [f"model={model}", "logger=none"], tmp_path or "/tmp/ift_savi_cfg")
+    return OmegaConf.to_container(cfg.model, resolve=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These small batched ops run several times faster on one thread on a shared 2-core machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, one_thread):
+    """A VAE briefly trained (mode vae) on the MNIST-like data, and a test batch."""
+    cfg = default_cfg(tmp_path=tmp_path_factory.mktemp("cfg"))
+    data = mnist_like(2304)
+    torch.manual_seed(0)
+    module = SAVIModule(input_shape=[1, 28, 28], mode="vae", latent_dim=8, hidden=[128, 128],
+                        gamma={"init": 0.02}, inner=cfg["inner"], ift=cfg["ift"])
+    opt = torch.optim.Adam(module.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(300):
+        x = data[torch.randint(0, 2048, (128,), generator=gen)]
+        loss = -module.vae.elbo(x, module.vae.encode(x), module.vae.sample_eps(128, 1)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x = data[2048:]
+    eps = torch.randn(4, x.shape[0], 8, generator=torch.Generator().manual_seed(2))
+    return module, cfg, x, eps
+
+
+def neg_objective(module, x, eps, lam0, eta=1.0):
+    params = {k: v.detach() for k, v in module.vae.generative_params().items()}
+    return lambda lam: -proximal_objective(lambda l: module.vae.elbo(x, l, eps, params), lam0, eta)(lam)
+
+
+def test_default_inner_solve_is_stationary_at_mnist_curvature(trained):
+    module, cfg, x, eps = trained
+    assert 0.015 < float(module.vae.gamma.detach()) < 0.03
+    lam0 = module.vae.encode(x).detach()
+    hess = batched_hessian(neg_objective(module, x, eps, lam0), lam0)[2]
+    eig = torch.linalg.eigvalsh(hess)
+    assert eig[:, -1].median() > 50 and (eig[:, 0] < 0).any()  # stiff, and indefinite at lambda_0
+    params = {k: v.detach() for k, v in module.vae.generative_params().items()}
+    result = refine(module.vae, x, lam0, eps, params, InnerConfig(**cfg["inner"]), create_graph=False)
+    assert cfg["inner"]["optimizer"] == "newton"
+    assert result.converged.float().mean() >= 0.99, result.stationarity.max()
+    assert not result.diverged.any()
+    # The first-order loop of the previous default (lr 0.1, 50 steps) does not get there.
+    sgd = InnerConfig(**{**cfg["inner"], "optimizer": "sgd", "lr": 0.1, "steps": 50})
+    first_order = refine(module.vae, x, lam0, eps, params, sgd, create_graph=False)
+    assert first_order.converged.float().mean() < 0.5
+    assert (first_order.value >= result.value - 1e-3).all()  # Newton's J is at least as high
+
+
+def test_latent_space_hessian_equals_autodiff_and_gauss_newton_drops_only_the_residual_term(trained):
+    module, _, x, eps = trained
+    vae = module.vae.double()
+    try:
+        x64, eps64 = x[:16].double(), eps[:, :16].double()
+        lam = vae.encode(x64).detach() + 0.1
+        exact = vae.neg_elbo_hessian(x64, lam, eps64)
+        auto = batched_hessian(lambda l: -vae.elbo(x64, l, eps64), lam)[2]
+        torch.testing.assert_close(exact, auto, rtol=1e-9, atol=1e-8)
+        gauss_newton = vae.neg_elbo_hessian(x64, lam, eps64, exact=False)
+        assert ((gauss_newton - exact).norm() / exact.norm()) > 1e-3  # a nonlinear decoder: they differ
+    finally:
+        module.vae.float()
+
+
+def test_gauss_newton_is_exact_for_a_linear_decoder():
+    torch.manual_seed(0)
+    module = SAVIModule(input_shape=[1, 4, 5], mode="vae", latent_dim=3, hidden=[]).double()
+    module.vae.sigmoid_output = False  # mu_x(z) = W z + b: no decoder curvature
+    x = torch.rand(6, 20, dtype=torch.float64)
+    eps = torch.randn(2, 6, 3, dtype=torch.float64)
+    lam = torch.randn(6, 6, dtype=torch.float64)
+    torch.testing.assert_close(module.vae.neg_elbo_hessian(x, lam, eps, exact=False),
+                               module.vae.neg_elbo_hessian(x, lam, eps))
+
+
+def test_ift_gradient_equals_unrolled_to_convergence_at_mnist_curvature(trained):
+    """float64, 16 examples; both modes run the default damped Newton to a tight tolerance."""
+    module, cfg, x, eps = trained
+    x64, eps64 = x[:16].double(), eps[:, :16].double()
+    grads = {}
+    for mode in ("savi_ift", "savi_unrolled"):
+        other = SAVIModule(input_shape=[1, 28, 28], mode=mode, latent_dim=8, hidden=[128, 128],
+                           gamma={"init": 0.02}, inner={**cfg["inner"], "tol": 1e-10, "steps": 40},
+                           ift={**cfg["ift"], "tol": 1e-12, "maxiter": 200}, amortized_weight=0.0)
+        other.load_state_dict(module.state_dict())
+        other = other.double()
+        result = other.refine(x64, other.vae.encode(x64), eps64)
+        assert result.converged.all()
+        (-other.vae.elbo(x64, result.x, eps64).sum()).backward()
+        grads[mode] = {n: p.grad for n, p in other.named_parameters()}
+    for prefix in ("vae.encoder", "vae.decoder", "vae.log_gamma"):
+        a = torch.cat([g.flatten() for n, g in grads["savi_ift"].items() if n.startswith(prefix)])
+        b = torch.cat([g.flatten() for n, g in grads["savi_unrolled"].items() if n.startswith(prefix)])
+        assert (a - b).norm() <= 1e-6 * b.norm(), (prefix, float((a - b).norm() / b.norm()))
+    assert torch.cat([g.flatten() for n, g in grads["savi_ift"].items() if "encoder" in n]).norm() > 0
+
+
+@pytest.mark.parametrize("policy", ["amortized", "ift", "error"])
+def test_nonstationary_policy_on_a_truncated_solve(trained, policy):
+    module, cfg, x, eps = trained
+    ift = SAVIModule(input_shape=[1, 28, 28], mode="savi_ift", latent_dim=8, hidden=[128, 128],
+                     gamma={"init": 0.02}, inner={**cfg["inner"], "steps": 1},  # deliberately truncated
+                     ift={**cfg["ift"], "nonstationary": policy})
+    ift.load_state_dict(module.state_dict())
+    x, eps = x[:64], eps[:, :64]
+    lam0 = ift.vae.encode(x)
+    if policy == "error":
+        with pytest.raises(NonStationaryError, match="model.inner.tol"):
+            ift.refine(x, lam0, eps)
+        return
+    with pytest.warns(NonStationaryWarning, match=f"model.ift.nonstationary={policy}"):
+        result = ift.refine(x, lam0, eps)
+    bad = result.nonstationary
+    assert bad.float().mean() > 0.5
+    if policy == "amortized":  # those examples train at lambda_0
+        torch.testing.assert_close(result.x[bad], lam0[bad])
+        assert float(ift._fallback) == int(bad.sum())
+    else:
+        assert not torch.equal(result.x[bad], lam0[bad])
+        assert float(ift._fallback) == 0
+
+
+def test_unknown_names_fail_at_start_up_naming_the_key():
+    common = dict(input_shape=[1, 2, 3], latent_dim=2, hidden=[5])
+    with pytest.raises(ValueError, match="model.ift.nonstationary='maybe' is unknown"):
+        SAVIModule(mode="savi_ift", ift={"nonstationary": "maybe"}, **common)
+    with pytest.raises(ValueError, match="model.inner.curvature='bfgs' is unknown"):
+        SAVIModule(mode="savi_ift", inner={"curvature": "bfgs"}, **common)
+    with pytest.raises(ValueError, match="model.inner.tol=0"):
+        SAVIModule(mode="savi_ift", inner={"tol": 0.0}, **common)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SAVIModule(mode="savi_ift", inner={"tol": 0.0}, ift={"nonstationary": "ift"}, **common)

@@ -59,3 +59,56 @@ def test_data_configs_instantiate_with_their_declared_shape(compose_train):
     dm.setup("fit")
     x, y = next(iter(dm.train_dataloader()))
     assert tuple(x.shape[1:]) == tuple(dm.shape) == (1, 8, 8)
+
+
+# --- DDP and SLURM: explicit device counts and one run directory per job.
+
+def compose_with_hydra(*overrides: str):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_slurm_launcher_derives_tasks_per_node_from_the_explicit_device_count():
+    from ift.validation import validate_config
+
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")  # a declared dependency
+    cfg = compose_with_hydra("hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2")
+    launcher = cfg.hydra.launcher
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
+    validate_config(cfg)
+
+
+@pytest.mark.parametrize("devices", [None, "-1", "auto"])
+def test_ddp_without_an_explicit_device_count_is_one_clear_error(devices):
+    from ift.errors import ConfigError
+    from ift.validation import validate_config
+
+    cfg = compose_with_hydra("trainer=ddp", *([f"trainer.devices={devices}"] if devices else []))
+    with pytest.raises(ConfigError, match=r"trainer\.devices must be an explicit positive count"):
+        validate_config(cfg)
+
+
+def test_slurm_multirun_without_device_counts_stops_before_submitting(capsys):
+    from ift.config import Preflight
+
+    cfg = compose_with_hydra("hydra/launcher=slurm", "trainer=ddp")
+    with pytest.raises(SystemExit):
+        Preflight().on_multirun_start(config=cfg)
+    assert "trainer.devices" in capsys.readouterr().err
+
+
+def test_ranks_of_one_slurm_step_share_the_run_directory(monkeypatch):
+    """Under `srun` every rank composes its own config: the folder must not depend on when."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    dirs = {str(compose_with_hydra("trainer=ddp", "trainer.devices=4").hydra.run.dir) for _ in range(3)}
+    assert len(dirs) == 1 and dirs.pop().endswith("/train/runs/slurm-4242.0")
+    for key in ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_NTASKS"):
+        monkeypatch.delenv(key)
+    dirs = {str(compose_with_hydra().hydra.run.dir) for _ in range(2)}
+    assert len(dirs) == 2, dirs  # outside SLURM: one folder per start (date-time to the microsecond)

@@ -19,10 +19,25 @@ def wandb_offline() -> bool:
     return os.environ.get("WANDB_MODE", "offline").lower() not in {"online", "run"}
 
 
+def run_id() -> str:
+    """Name of a run's folder: its start date-time, except inside a multi-task SLURM step (`srun`
+    with one task per GPU), where every rank composes its own config at a slightly different time:
+    there the job and step ids name the folder, so all ranks of the job share one run directory."""
+    job, step = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_STEP_ID")
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS") or "1"
+    if job and step and tasks.isdigit() and int(tasks) > 1:
+        return f"slurm-{job}.{step}"
+    from datetime import datetime
+
+    return datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+
+
 def register_resolvers() -> None:
     """Custom `${...:}` resolvers used in configs/ (idempotent)."""
     if not OmegaConf.has_resolver("wandb_offline"):
         OmegaConf.register_new_resolver("wandb_offline", wandb_offline)
+    if not OmegaConf.has_resolver("run_id"):
+        OmegaConf.register_new_resolver("run_id", run_id, use_cache=True)
 
 
 register_resolvers()
@@ -86,20 +101,25 @@ def unwritable_reason(folder: Path) -> str | None:
         return f"cannot write in {probe}: {err.strerror or err}"
 
 
-class RunDirCheck(Callback):
-    """Hydra callback: an unwritable run directory is one line naming the key, not Hydra's chained
-    tracebacks from inside its job runner (it runs before Hydra creates the directory)."""
+class Preflight(Callback):
+    """Hydra callback, run before Hydra creates any directory or submits any job: an unwritable run
+    directory, or a SLURM launch without explicit device counts, is one line naming the key instead
+    of Hydra's chained tracebacks (or a job that fails on the cluster)."""
 
     def on_run_start(self, config, **kwargs) -> None:
-        self._check(config, "hydra.run.dir")
+        self._check_dir(config, "hydra.run.dir")
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        self._check(config, "hydra.sweep.dir")
+        self._check_dir(config, "hydra.sweep.dir")
+        if "slurm" in str(OmegaConf.select(config, "hydra.launcher._target_", default="")).lower():
+            for key in ("trainer.devices", "trainer.num_nodes"):
+                value = OmegaConf.select(config, key, default=None)
+                if not (isinstance(value, int) and value > 0):
+                    fail(f"hydra/launcher=slurm needs {key} to be an explicit count (tasks per node = GPUs per "
+                         f"node = trainer.devices), got {value!r}; e.g. trainer.devices=4 trainer.num_nodes=2")
 
     @staticmethod
-    def _check(config, key: str) -> None:
-        import sys
-
+    def _check_dir(config, key: str) -> None:
         try:
             folder = Path(str(OmegaConf.select(config, key)))
         except Exception:  # an interpolation Hydra resolves only later: leave it to Hydra
@@ -107,6 +127,12 @@ class RunDirCheck(Callback):
         reason = unwritable_reason(folder)
         if reason is not None:
             log_dir = OmegaConf.select(config, "paths.log_dir", default=None)
-            print(f"Error: cannot create the run directory {folder} ({reason}); set paths.log_dir=<a writable "
-                  f"folder> (now {log_dir}) or {key}=<a writable folder>", file=sys.stderr)
-            sys.exit(1)
+            fail(f"cannot create the run directory {folder} ({reason}); set paths.log_dir=<a writable folder> "
+                 f"(now {log_dir}) or {key}=<a writable folder>")
+
+
+def fail(message: str) -> None:
+    import sys
+
+    print(f"Error: {message}", file=sys.stderr)
+    sys.exit(1)

@@ -22,8 +22,20 @@ def validate_config(cfg: DictConfig) -> None:
     lr = cfg.model.get("lr")
     if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
         raise ConfigError(f"model.lr must be > 0, got {lr!r}")
+    check_devices(cfg.trainer)
     check_data_root(cfg.data)
     check_ckpt_file(cfg.get("ckpt_path"))
+
+
+def check_devices(trainer: DictConfig) -> None:
+    """DDP needs explicit counts: SLURM runs one task per device, and each rank must agree."""
+    if "ddp" not in str(trainer.get("strategy", "")):
+        return
+    for key in ("devices", "num_nodes"):
+        value = trainer.get(key, 1)
+        if not (isinstance(value, int) and value > 0):
+            raise ConfigError(f"trainer.{key} must be an explicit positive count with trainer.strategy=ddp, got "
+                              f"{value!r}; e.g. trainer=ddp trainer.devices=4 (GPUs per node) trainer.num_nodes=1")
 
 
 def check_ckpt_file(ckpt_path) -> None:

@@ -319,7 +319,10 @@ class SAVIModule(pl.LightningModule):
         datamodule.setup("test")
         gen = torch.Generator(device=self.device).manual_seed(self.hparams.eval_seed)
         total, count = 0.0, 0
-        for batch_idx, (x, _) in enumerate(datamodule.test_dataloader()):
+        from rich.progress import track
+
+        loader = datamodule.test_dataloader()
+        for batch_idx, (x, _) in enumerate(track(loader, total=len(loader), description=f"IWAE, {n_samples} samples")):
             if max_examples is not None and count >= max_examples:
                 break
             x = x.to(self.device).flatten(1)

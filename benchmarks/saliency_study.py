@@ -31,9 +31,10 @@ from ift.data import DigitsDataModule, MNISTDataModule
 from ift.saliency import (build_network, gradient, guided_backprop, infidelity, input_gradient_norm, input_hessian_norm,
                           max_sensitivity, pgd_attack, smooth, softplus_gradient_lipschitz)
 from ift.saliency.module import ClassifierModule, first_examples
-from ift.saliency.explanations import METHODS
+from ift.saliency.explanations import METHODS, make_explanation, to_global
+from ift.saliency.measures import max_sensitivities
 from ift.saliency.report import (SaliencyConfig, evaluate_method, infidelity_cache, markdown_table, saliency_table,
-                                 save_maps_png)
+                                 save_maps_png, sem)
 
 PAPER_TABLE4 = {  # MNIST, regular / robust: (SENS_max, INFD), global explanations (Table 4)
     "Grad": ((2.32, 2.42), (0.21, 0.36)), "Grad-SG": ((1.82, 1.88), (0.13, 0.35)),
@@ -452,14 +453,37 @@ def explain_pair(setting: str, mnist_root: Path, ckpt_dir: Path, out: Path, log)
                           preds=torch.tensor(results[label]["predictions"]),
                           title=f"{label} Madry CNN, global explanations (x * Phi), {setting} setting")
 
+    def floor(method, examples, samples):
+        for label, (net, _) in pair.items():
+            results[label].setdefault("noise_floor", {})[method] = noise_floor(net, method, x[:examples], y[:examples],
+                                                                               cfg, samples)
+            log(f"{label} {method} noise floor: {results[label]['noise_floor'][method]}")
+        write()
+
     for method in CHEAP_METHODS:
         run(method)
     run("Grad-SG", sg_global="mean_of_products", row=AUTHORS_SG)
     save_maps()
+    floor("Grad-SG", 20, 10)
     figure6_mnist(pair["regular"][0], x, y, spec["fig6"], cfg, out, name, log)
     for method in COSTLY_METHODS:
         run(method)
         save_maps()
+        if method == "SHAP":
+            floor("SHAP", 10, 5)
+
+
+def noise_floor(net, method: str, x, y, cfg: SaliencyConfig, samples: int) -> dict:
+    """SENS_max at radius 0 of a Monte-Carlo explanation (global form): the explanation recomputed
+    at the same x with fresh draws, i.e. the part of its SENS_max that is its own sampling noise."""
+    expl = make_explanation(method, net, sg_radius=cfg.sg_radius, sg_samples=cfg.sg_samples, ig_steps=cfg.ig_steps,
+                            shap_samples=cfg.shap_samples, max_batch=cfg.max_batch,
+                            generator=torch.Generator().manual_seed(cfg.seed + 3),
+                            sg_global=cfg.sg_global if method.endswith("-SG") else None)
+    sens = max_sensitivities(to_global(expl), x, 0.0, samples, y, normalizations=cfg.normalizations,
+                             max_batch=cfg.max_batch)
+    return {"examples": len(x), "samples": samples,
+            **{n: float(v.mean()) for n, v in sens.items()}, **{f"{n}_sem": sem(v) for n, v in sens.items()}}
 
 
 def gbp_vs_grad(net, x, y) -> float:
@@ -593,6 +617,11 @@ def table4_mnist_markdown(name: str, results: dict, sizes: dict) -> str:
             for r in (reg, rob) if r["tables"]["global"]]
     if len(zero) == 2:
         md.append(f"| zero explanation (E[df^2], square) | - | - | {zero[0]} | {zero[1]} | - | 1 | 1 |")
+    for label, r in results.items():
+        for m, f in r.get("noise_floor", {}).items():
+            md.append(f"\nNoise floor, {label} {m}: SENS_max at radius 0 (the explanation recomputed at the same x with "
+                      f"fresh draws; {f['examples']} examples x {f['samples']} samples): "
+                      + ", ".join(f"{n} {f[n]:.3g} ± {f[n + '_sem']:.2g}" for n in norms if n in f) + ".")
     missing = [m for m in METHODS if m not in methods]
     if missing:
         md += ["", f"Not finished: {', '.join(missing)}."]

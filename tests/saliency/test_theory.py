@@ -127,6 +127,7 @@ def test_a2_bounds_on_a_quadratic_are_exact_where_they_should_be():
     torch.testing.assert_close(seg, q_norm.expand(8, 3), rtol=1e-6, atol=0)
     out = gradient_bounds_a2(f, f, x, 0.1, pert, generator=torch.Generator().manual_seed(8))
     assert (out["sens_ascent"] <= out["sens_bound"] * (1 + 1e-6)).all()
+    assert (out["sens_ascent"] <= out["sens_bound_path"] * (1 + 1e-6)).all()
     assert (out["sens_mc"] <= out["sens_ascent"] * (1 + 1e-6)).all()  # ascent finds a vertex, MC an interior point
     assert (out["infd"] <= out["infd_bound"] * (1 + 1e-6)).all() and (out["infd_bound"] <= out["infd_bound_paper"] * (1 + 1e-9)).all()
     assert torch.isnan(out["sens_bound_a1"]).all()  # no Proposition A.1 constant for a non-MLP
@@ -140,6 +141,7 @@ def test_a2_bounds_hold_on_a_bias_free_softplus_mlp_with_the_certified_constant(
     pert = noisy_baseline_perturbations(x, 16, generator=torch.Generator().manual_seed(9))
     out = gradient_bounds_a2(net, f, x, 0.1, pert, generator=torch.Generator().manual_seed(10))
     assert (out["sens_ascent"] <= out["sens_bound_a1"]).all() and (out["sens_ascent"] <= out["sens_bound"]).all()
+    assert (out["sens_ascent"] <= out["sens_bound_path"] * (1 + 1e-9)).all()
     assert (out["L_ball"] <= out["sens_bound_a1"] / (0.1 * math.sqrt(D))).all()  # sampled L <= certified L
     assert (out["infd"] <= out["infd_bound"]).all()
 

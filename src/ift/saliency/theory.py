@@ -309,8 +309,11 @@ def gradient_bounds_a2(model: nn.Module, score_fn: ScoreFn, x: torch.Tensor, rad
 
     - ``sens_ascent`` / ``sens_mc``: max ||grad f(x + u) - grad f(x)||_2 over the ball (ascent; uniform
       samples as in SENS_max) against ``sens_bound = L_ball * R`` (R the ball's L2 radius; L_ball the
-      sampled Hessian-norm maximum) and ``sens_bound_a1 = L_A1 * R`` (Proposition A.1's certified
-      global constant, for bias-free Softplus MLPs; NaN otherwise).
+      sampled Hessian-norm maximum, an estimate from below of the sup, so this bound can fail where
+      the samples miss the curvature), ``sens_bound_path = L_path ||u*||_2`` (L_path the Hessian-norm
+      maximum on a grid of the segment from x to the ascent's maximiser u*: the mean value theorem)
+      and ``sens_bound_a1 = L_A1 * R`` (Proposition A.1's certified global constant, for bias-free
+      Softplus MLPs; NaN otherwise).
     - ``infd``: unscaled INFD of Grad on ``perturbations`` against ``infd_bound = mean_k L_k^2 ||I_k||^4 / 4``
       (L_k the Hessian-norm maximum on segment k) and the paper's single-constant form
       ``infd_bound_paper = max_k L_k^2 * mean_k ||I_k||^4 / 4``.
@@ -325,7 +328,10 @@ def gradient_bounds_a2(model: nn.Module, score_fn: ScoreFn, x: torch.Tensor, rad
         l_a1 = softplus_gradient_lipschitz(require_bias_free_softplus(model, "Proposition A.1"))
     except ValueError:
         l_a1 = math.nan
-    sens = gradient_sensitivity(score_fn, x, radius, ascent_steps, norm, generator=generator).value
+    worst = gradient_sensitivity(score_fn, x, radius, ascent_steps, norm, generator=generator)
+    sens = worst.value
+    # mean value theorem along the maximiser's own segment: a bound that no sampling of the ball can miss
+    l_path = hessian_norm_on_segments(score_fn, x, -worst.u.unsqueeze(0), seg_grid * 4, generator=generator)[0]
     explain = lambda z: input_gradient(score_fn, z)
     noise = uniform_linf_noise((sens_samples, *x.shape), radius, x, generator) if norm == "linf" else \
         (_ball_points(x, radius, sens_samples, norm, generator)[1:] - x.unsqueeze(0))
@@ -335,6 +341,7 @@ def gradient_bounds_a2(model: nn.Module, score_fn: ScoreFn, x: torch.Tensor, rad
     with torch.enable_grad():
         infd = infidelity_at(score_fn, explain, x, perturbations).detach().double()
     return {"sens_ascent": sens, "sens_mc": sens_mc, "L_ball": l_ball, "sens_bound": l_ball * big_r,
+            "L_path": l_path, "sens_bound_path": l_path * worst.u.flatten(1).double().norm(dim=1),
             "sens_bound_a1": torch.full_like(sens, l_a1 * big_r), "infd": infd,
             "infd_bound": (l_seg ** 2 * i4).mean(0) / 4, "infd_bound_paper": l_seg.max(0).values ** 2 * i4.mean(0) / 4,
             "grad_norm": input_gradient(score_fn, x).flatten(1).norm(dim=1).double()}

@@ -145,27 +145,51 @@ def test_empty_root_is_a_value_error():
         MNISTDataModule("")
 
 
-@pytest.mark.skipif(not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file(), reason="no shared MNIST files")
-def test_shared_mnist_test_files(tmp_path, caplog):
-    # The reader agrees with torchvision's own reader on the real files.
+SHARED_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+# Published class counts of the 60k MNIST training set (also in ../shared/data/mnist/README.md).
+MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+needs_shared_test = pytest.mark.skipif(not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file(),
+                                       reason="needs the real MNIST test files in ../shared/data/mnist")
+needs_shared_all = pytest.mark.skipif(not all((SHARED_MNIST / f"{f}.gz").is_file() for f in SHARED_FILES),
+                                      reason="needs all four real MNIST files in ../shared/data/mnist")
+
+
+@needs_shared_test
+def test_reader_agrees_with_torchvision_on_the_real_test_files(tmp_path):
     for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
         (tmp_path / name).write_bytes(gzip.decompress((SHARED_MNIST / f"{name}.gz").read_bytes()))
     assert torch.equal(read_idx(SHARED_MNIST / "t10k-images-idx3-ubyte.gz"), read_image_file(str(tmp_path / "t10k-images-idx3-ubyte")))
     assert torch.equal(read_idx(SHARED_MNIST / "t10k-labels-idx1-ubyte.gz").long(), read_label_file(str(tmp_path / "t10k-labels-idx1-ubyte")))
 
+
+@needs_shared_all
+def test_real_mnist_uses_the_standard_60k_10k_split(caplog):
+    with caplog.at_level(logging.INFO, logger="ift.data"):
+        dm = MNISTDataModule(str(SHARED_MNIST), batch_size=64, seed=0, val_fraction=0.1)
+        dm.setup()
+    assert "official train/test files" in caplog.text and "only the test files" not in caplog.text
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (54000, 6000, 10000)
+    assert torch.bincount(dm.test_set.labels).tolist() == MNIST_TEST_COUNTS  # the official test set, whole
+    train_val = torch.cat([dm.train_set.labels, dm.val_set.labels])
+    assert torch.bincount(train_val).tolist() == MNIST_TRAIN_COUNTS  # validation carved from the 60k
+    assert set(dm.split_indices) == {"train", "val"}
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (64, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert float(dm.test_set.float_images().min()) == 0.0 and float(dm.test_set.float_images().max()) == 1.0
+
+
+@needs_shared_test
+def test_real_test_files_alone_fall_back_to_a_logged_three_way_split(tmp_path, caplog):
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (tmp_path / f"{name}.gz").write_bytes((SHARED_MNIST / f"{name}.gz").read_bytes())
     with caplog.at_level(logging.WARNING, logger="ift.data"):
-        dm = MNISTDataModule(str(SHARED_MNIST), batch_size=64, seed=0)
+        dm = MNISTDataModule(str(tmp_path), batch_size=64, seed=0)
         dm.setup()
     assert "only the test files" in caplog.text
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (8000, 1000, 1000)
     labels = torch.cat([dm.train_set.labels, dm.val_set.labels, dm.test_set.labels])
     assert torch.bincount(labels).tolist() == MNIST_TEST_COUNTS
-    x, y = next(iter(dm.train_dataloader()))
-    assert x.shape == (64, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
-    images = dm.train_set.float_images()
-    assert images.min() == 0.0 and images.max() == 1.0
-
-    again = MNISTDataModule(str(SHARED_MNIST), seed=0)
+    again = MNISTDataModule(str(tmp_path), seed=0)
     again.setup()
     assert torch.equal(again.split_indices["test"], dm.split_indices["test"])
 

@@ -40,6 +40,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 METHODS = ("newton", "sgd", "adam")
+TRIALS_PER_HESSIAN = 4  # newton: damped steps tried per Hessian before the next iteration
 
 Objective = Callable[[torch.Tensor], torch.Tensor]
 Curvature = Callable[[torch.Tensor], torch.Tensor]
@@ -274,7 +275,7 @@ def _slack(value: torch.Tensor) -> torch.Tensor:
 
 
 def _newton_iteration(state, k, *, objective, rtol, curvature, max_abs, create_graph, **_):
-    """Evaluate at x; stop converged problems; else one damped Newton trial, accepted per problem."""
+    """Evaluate at x; stop converged problems; else damped Newton trials, accepted per problem."""
     x, nu = state["x"], state["nu"]
     if curvature is None:
         value, grad, hess = batched_hessian(objective, x, create_graph)
@@ -294,25 +295,35 @@ def _newton_iteration(state, k, *, objective, rtol, curvature, max_abs, create_g
     hess_d = torch.where(finite[:, None, None], hess.detach(), eye)
     eig = torch.linalg.eigvalsh(hess_d)
     scale = eig.abs().amax(-1).clamp_min(torch.finfo(x.dtype).tiny)
-    mu = (-eig[:, 0]).clamp_min(0) + nu * scale
+    shift = (-eig[:, 0]).clamp_min(0)
     safe_hess = torch.where(active[:, None, None], hess, eye)
     safe_grad = torch.where(active[:, None], grad, torch.zeros_like(grad))
-    p = -torch.linalg.solve(safe_hess + mu[:, None, None] * eye, safe_grad.unsqueeze(-1)).squeeze(-1)
-    trial = x + p
-    with torch.enable_grad() if create_graph else torch.no_grad():
-        trial_value = objective(trial)
-    tv = trial_value.detach()
-    predicted = -((safe_grad * p).sum(-1) + 0.5 * (p.unsqueeze(-2) @ safe_hess @ p.unsqueeze(-1)).flatten()).detach()
-    ratio = (value.detach() - tv) / predicted.clamp_min(torch.finfo(x.dtype).tiny)
-    in_bounds = torch.isfinite(tv) & (trial.detach().abs().amax(-1) <= max_abs)
-    accept = active & in_bounds & (tv <= value.detach() + _slack(value))
-    good = accept & (ratio > 0.75)
-    poor = ~accept | (ratio < 0.25)
+    f0 = value.detach()
     tiny = torch.finfo(x.dtype).eps
-    nu = torch.where(active & good, (nu / 10).clamp_min(tiny), nu)
-    nu = torch.where(active & poor, (nu * 4).clamp_max(1e8), nu)
-    return {**state, "x": torch.where(accept[:, None], trial, x), "nu": nu, "active": active,
-            "diverged": diverged, "iterations": state["iterations"] + accept.long()}
+    new_x, pending = x, active
+    # A rejected step is retried at once with 8x the damping, reusing this iteration's Hessian
+    # (a trial costs one objective evaluation; a new Hessian costs ~d gradient evaluations).
+    for _ in range(TRIALS_PER_HESSIAN):
+        mu = shift + nu * scale
+        p = -torch.linalg.solve(safe_hess + mu[:, None, None] * eye, safe_grad.unsqueeze(-1)).squeeze(-1)
+        trial = x + p
+        with torch.enable_grad() if create_graph else torch.no_grad():
+            tv = objective(trial).detach()
+        predicted = -((safe_grad * p).sum(-1) + 0.5 * (p.unsqueeze(-2) @ safe_hess @ p.unsqueeze(-1)).flatten()).detach()
+        ratio = (f0 - tv) / predicted.clamp_min(torch.finfo(x.dtype).tiny)
+        in_bounds = torch.isfinite(tv) & (trial.detach().abs().amax(-1) <= max_abs)
+        accept = pending & in_bounds & (tv <= f0 + _slack(value))
+        new_x = torch.where(accept[:, None], trial, new_x)
+        nu = torch.where(accept & (ratio > 0.75), (nu / 10).clamp_min(tiny), nu)
+        nu = torch.where(accept & (ratio < 0.25), (nu * 4).clamp_max(1e8), nu)
+        rejected = pending & ~accept
+        nu = torch.where(rejected, (nu * 8).clamp_max(1e8), nu)
+        pending = rejected
+        if not bool(pending.any()):
+            break
+    accepted = active & ~pending
+    return {**state, "x": new_x, "nu": nu, "active": active, "diverged": diverged,
+            "iterations": state["iterations"] + accepted.long()}
 
 
 def _first_order_iteration(state, k, *, objective, method, rtol, lr, momentum, betas, clip, max_abs,

@@ -1,0 +1,276 @@
+"""SAVI on full MNIST: vae, svi, savi_unrolled, savi_checkpointed, savi_ift, several seeds each.
+
+Every run trains through the real Hydra configs (`configs/model/<name>.yaml`, `ift.training`) on
+the standard MNIST split (54k train / 6k validation carved from the 60k training set / 10k test)
+for the same number of optimiser steps at batch 128, in its own process (so its peak RSS is its
+own), with one torch thread. The last weights are then evaluated on the first --test-examples
+images of the official test set:
+
+- ELBO at the refined and at the amortized parameters (mean over --elbo-samples fresh noise draws),
+  KL, active units (variance of the posterior mean across the test images > 0.01),
+- IWAE log p(x) with --iwae-samples importance samples from the model's own q,
+- inner-solve statistics on the test images (relative stationarity, fraction above tolerance,
+  iterations) and, from the training log, their means over training steps,
+- training wall-clock and process peak RSS;
+
+plus validation ELBO (refined) against wall-clock on --val-batches validation batches every
+--val-every steps. Each run writes `runs/<model>_s<seed>.json` under the results folder as soon as
+it finishes (re-running skips finished runs); the summary (mean +- std over seeds), the markdown
+table and the plot are rebuilt from those files after each run.
+
+    python benchmarks/savi_mnist_study.py                       # the committed study (see --help)
+    python benchmarks/savi_mnist_study.py --summarize-only      # rebuild table + plot from runs/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+NAME = "savi_mnist_study"
+MODELS = ["vae", "svi", "savi_unrolled", "savi_checkpointed", "savi_ift"]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=100, help="optimiser steps per run (batch 128)")
+    parser.add_argument("--val-every", type=int, default=25)
+    parser.add_argument("--val-batches", type=int, default=2)
+    parser.add_argument("--test-examples", type=int, default=2000)
+    parser.add_argument("--iwae-samples", type=int, default=500)
+    parser.add_argument("--elbo-samples", type=int, default=10)
+    parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "mnist"))
+    parser.add_argument("--out-dir", type=Path, default=RESULTS / NAME)
+    parser.add_argument("--work-dir", type=Path, default=ROOT / "logs" / "benchmarks" / NAME)
+    parser.add_argument("--summarize-only", action="store_true")
+    parser.add_argument("--single", nargs=2, metavar=("MODEL", "SEED"), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+# --- one run (in its own process) --------------------------------------------------------------
+class ValidationClock:
+    """Lightning callback: (seconds since fit start, step, val/elbo) after every validation."""
+
+    def __init__(self, path: str) -> None:
+        import lightning.pytorch as pl
+
+        self.__class__ = type("ValidationClockCallback", (ValidationClock, pl.Callback), {})
+        self.path, self.start, self.curve = Path(path), 0.0, []
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.start = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and "val/elbo" in trainer.callback_metrics:
+            self.curve.append((time.perf_counter() - self.start, trainer.global_step,
+                               float(trainer.callback_metrics["val/elbo"])))
+            self.path.write_text(json.dumps(self.curve))
+
+
+def train_and_evaluate(model: str, seed: int, args) -> dict:
+    from omegaconf import open_dict
+
+    from ift.config import compose_config
+    from ift.training import run_training
+
+    run_dir = args.work_dir / f"{model}_s{seed}"
+    overrides = [f"model={model}", "data=mnist", f"data.root={args.data_root}", "logger=csv", "trainer=cpu",
+                 f"seed={seed}", "trainer.max_epochs=1", f"+trainer.max_steps={args.steps}",
+                 f"+trainer.val_check_interval={args.val_every}", f"+trainer.limit_val_batches={args.val_batches}",
+                 "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "test=false"]
+    cfg = compose_config("train", overrides, run_dir)
+    with open_dict(cfg):
+        cfg.callbacks.clock = {"_target_": f"{__name__}.ValidationClock", "path": str(run_dir / "val_curve.json")}
+    start = time.perf_counter()
+    run_training(cfg)
+    wall = time.perf_counter() - start
+    metrics = evaluate(run_dir, args)
+    return {"model": model, "seed": seed, "steps": args.steps, "train_wall_clock_s": wall,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "metrics": {**metrics, **training_log_stats(run_dir)},
+            "curve": json.loads((run_dir / "val_curve.json").read_text())}
+
+
+@torch.no_grad()
+def evaluate(run_dir: Path, args) -> dict:
+    """Refine once on the test images; ELBOs, KL, active units, IWAE and inner-solve statistics."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from ift.checkpoints import load_checkpoint
+    from ift.evaluation import build_model
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    run_cfg = OmegaConf.load(run_dir / "config_resolved.yaml")
+    module = build_model(run_cfg, load_checkpoint(last), last).eval()
+    datamodule = instantiate(run_cfg.data)
+    datamodule.setup("test")
+    x_all = datamodule.test_set.float_images()[: args.test_examples].flatten(1)
+    gen = torch.Generator().manual_seed(1234)
+    vae = module.vae
+    sums: dict[str, float] = {}
+    mus, stat = [], []
+    for x in x_all.split(250):
+        lam0 = vae.encode(x)
+        result = module.refine(x, lam0, vae.sample_eps(x.shape[0], module.hparams.inner_samples, generator=gen, like=x))
+        eps = vae.sample_eps(x.shape[0], args.elbo_samples, generator=gen, like=x)
+        recon, kl = vae.elbo_terms(x, result.x, eps)
+        parts = {"elbo": recon - kl, "elbo_amortized": vae.elbo(x, lam0, eps), "kl": kl,
+                 "iwae_ll": vae.iwae_log_likelihood(x, result.x, n_samples=args.iwae_samples, chunk=100, generator=gen),
+                 "iterations": result.iterations.float(), "nonstationary": result.nonstationary.float(),
+                 "diverged": result.diverged.float()}
+        for key, value in parts.items():
+            sums[key] = sums.get(key, 0.0) + float(value.sum())
+        mus.append(result.x.chunk(2, dim=-1)[0])
+        stat.append(result.stationarity)
+    n = x_all.shape[0]
+    out = {f"test/{k}": v / n for k, v in sums.items()}
+    out["test/active_units"] = float((torch.cat(mus).var(dim=0) > 0.01).sum())
+    stat = torch.cat(stat)
+    out["test/stationarity_median"] = float(stat.median())
+    out["test/stationarity_max"] = float(stat.max())
+    out["test/examples"] = n
+    out["gamma"] = float(vae.gamma)
+    return out
+
+
+def training_log_stats(run_dir: Path) -> dict:
+    """Means over training steps of the inner-solve metrics in the CSV log."""
+    import csv
+
+    files = sorted(run_dir.rglob("metrics.csv"))
+    if not files:
+        return {}
+    rows = list(csv.DictReader(files[-1].open()))
+    out = {}
+    for key in ("inner/stationarity", "inner/stationarity_max", "inner/nonstationary_frac", "inner/steps_taken",
+                "inner/fallback", "perf/step_time_s"):
+        values = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+        if values:
+            out[f"train_mean/{key}"] = statistics.fmean(values)
+    return out
+
+
+# --- the study ---------------------------------------------------------------------------------
+def run_one(model: str, seed: int, args) -> dict:
+    cmd = [sys.executable, __file__, "--single", model, str(seed), "--steps", str(args.steps),
+           "--val-every", str(args.val_every), "--val-batches", str(args.val_batches),
+           "--test-examples", str(args.test_examples), "--iwae-samples", str(args.iwae_samples),
+           "--elbo-samples", str(args.elbo_samples), "--data-root", args.data_root,
+           "--work-dir", str(args.work_dir)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{model} seed {seed} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+COLUMNS = [("test/elbo", "ELBO refined", 2), ("test/elbo_amortized", "ELBO amortized", 2),
+           ("test/iwae_ll", "IWAE log p(x)", 2), ("test/kl", "KL", 2), ("test/active_units", "active units", 1),
+           ("test/stationarity_median", "test stationarity (median)", None),
+           ("test/nonstationary", "test frac > tol", None), ("test/iterations", "test inner iters", 1),
+           ("train_mean/inner/nonstationary_frac", "train frac > tol", None),
+           ("train_wall_clock_s", "train wall-clock s", 0), ("peak_rss_mb", "peak RSS MB", 0)]
+
+
+def value(run: dict, key: str) -> float | None:
+    return run.get(key, run["metrics"].get(key))
+
+
+def fmt(values: list[float], digits: int | None) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    if digits is None:
+        return f"{mean:.1e} ± {std:.0e}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def summarize(args) -> None:
+    runs = [json.loads(p.read_text()) for p in sorted((args.out_dir / "runs").glob("*.json"))]
+    if not runs:
+        return
+    by_model = {m: [r for r in runs if r["model"] == m] for m in MODELS if any(r["model"] == m for r in runs)}
+    summary = {}
+    lines = ["| model | seeds | " + " | ".join(c[1] for c in COLUMNS) + " |", "|---|---:|" + "---:|" * len(COLUMNS)]
+    for model, rs in by_model.items():
+        cells, summary[model] = [], {"seeds": [r["seed"] for r in rs]}
+        for key, _, digits in COLUMNS:
+            vals = [v for v in (value(r, key) for r in rs) if v is not None and not math.isnan(v)]
+            if model == "vae" and key in ("test/stationarity_median", "test/nonstationary", "test/iterations",
+                                          "train_mean/inner/nonstationary_frac"):
+                vals = []
+            summary[model][key] = {"mean": statistics.fmean(vals) if vals else None,
+                                   "std": statistics.stdev(vals) if len(vals) > 1 else None, "values": vals}
+            cells.append(fmt(vals, digits))
+        lines.append(f"| {model} | {len(rs)} | " + " | ".join(cells) + " |")
+    steps = runs[0]["steps"]
+    header = (f"Command: `python benchmarks/savi_mnist_study.py --steps {steps}` (CPU, 1 torch thread per run, "
+              f"batch 128, {steps} optimiser steps = {steps * 128} training images; test metrics on the first "
+              f"{int(runs[0]['metrics']['test/examples'])} official test images, IWAE with "
+              f"{args.iwae_samples} samples; mean ± std over seeds)\n\n")
+    (args.out_dir.parent / f"{NAME}.md").write_text(header + "\n".join(lines) + "\n")
+    (args.out_dir.parent / f"{NAME}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                                  "summary": summary}, indent=2))
+    plot(by_model, args.out_dir.parent / f"{NAME}.png")
+
+
+def plot(by_model: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (model, rs) in enumerate(by_model.items()):
+        for j, r in enumerate(rs):
+            if r["curve"]:
+                t, _, e = zip(*r["curve"])
+                ax.plot(t, e, marker=".", color=f"C{i}", alpha=0.8, label=model if j == 0 else None)
+    ax.set_xlabel("training wall-clock (s, incl. validation)")
+    ax.set_ylabel("validation ELBO (refined)")
+    ax.set_title("SAVI on MNIST: validation ELBO against wall-clock (one line per seed)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(1)
+    if args.single:
+        print(json.dumps(train_and_evaluate(args.single[0], int(args.single[1]), args)))
+        return
+    (args.out_dir / "runs").mkdir(parents=True, exist_ok=True)
+    if not args.summarize_only:
+        for seed in args.seeds:  # seeds outermost: a partial study still covers every model
+            for model in args.models:
+                path = args.out_dir / "runs" / f"{model}_s{seed}.json"
+                if path.exists():
+                    continue
+                start = time.perf_counter()
+                record = run_one(model, seed, args)
+                path.write_text(json.dumps(record, indent=1))
+                m = record["metrics"]
+                print(f"{model} seed {seed}: test ELBO {m['test/elbo']:.2f} (amortized {m['test/elbo_amortized']:.2f}), "
+                      f"IWAE {m['test/iwae_ll']:.2f}, train {record['train_wall_clock_s']:.0f} s, "
+                      f"run {time.perf_counter() - start:.0f} s", flush=True)
+                summarize(args)
+    summarize(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,15 +1,18 @@
 # Two commands do everything (each creates/updates the project-local .venv first):
 #   make train            # python train.py model=savi_ift on the bundled digits data
 #   make test             # the test suite (what CI runs)
-# Extra arguments: make train ARGS="model=vae trainer.max_epochs=5", make test PYTEST_ARGS="-m slow"
+#   make gpu-check        # on a CUDA machine: every model, DDP and the benchmarks, short (benchmarks/gpu_check.py)
+# Extra arguments: make train ARGS="model=vae trainer.max_epochs=5", make test PYTEST_ARGS="-m slow",
+#   make gpu-check GPU_CHECK_ARGS="--only 'train:*' --jobs 8"
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 ARGS ?= model=savi_ift
 PYTEST_ARGS ?=
+GPU_CHECK_ARGS ?=
 
-.PHONY: venv train eval test test-slow bench clean
+.PHONY: venv train eval test test-slow gpu-check bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +33,9 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(VENV)/bin/python -m pytest -m slow $(PYTEST_ARGS)
+
+gpu-check: $(STAMP)
+	$(VENV)/bin/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs logs .pytest_cache

@@ -1,0 +1,92 @@
+"""benchmarks/gpu_check.py on CPU: what it trains, its smoke mode end to end, timeouts and the no-CUDA message.
+
+The real run needs a GPU (`make gpu-check`); these keep the script from rotting between GPU runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import CONFIGS, ROOT
+
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_every_model_config_is_trained_on_data_that_exists(gpu_check):
+    from tests.test_configs import PAIRS
+
+    plan = {model: data for model, data, _, _ in gpu_check.training_plan()}
+    assert sorted(plan) == sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
+    assert all((CONFIGS / "data" / f"{data}.yaml").is_file() for data in plan.values())
+    for model, data in PAIRS:  # the pairs test decides wherever it lists a model on bundled data
+        if data not in gpu_check.FILE_DATA:
+            assert plan[model] == next(d for m, d in PAIRS if m == model and d not in gpu_check.FILE_DATA)
+
+
+def test_a_benchmark_without_a_device_flag_fails_on_cuda_and_drops_unknown_flags(gpu_check, tmp_path):
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "qp_layer.py").write_text('parser.add_argument("--sizes")\nparser.add_argument("--batch")\n')
+    args = gpu_check.parse_args(["--device", "cpu", "--smoke"])
+    check = gpu_check.bench_check("qp_layer", args, tmp_path)
+    assert check.status == "pending" and "--device" not in check.command and "--sizes" in check.command
+    assert "--device" in check.numbers["flags_not_supported"]
+    args.device = "cuda"
+    check = gpu_check.bench_check("qp_layer", args, tmp_path)
+    assert check.status == "failed" and "no --device option" in check.reason
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA visible: the no-CUDA message does not apply")
+def test_without_cuda_it_says_so_in_one_line_and_fails():
+    result = run()
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA device" in lines[0] and "--device cpu --smoke" in lines[0]
+
+
+def test_smoke_run_trains_savi_ift_in_bf16_runs_a_benchmark_and_writes_the_report(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    result = run("--device", "cpu", "--smoke", "--out", str(out),
+                 "--only", "train:savi_ift@digits:bf16", "bench:qp_layer")
+    report = json.loads(out.read_text())
+    checks = {c["name"]: c for c in report["checks"]}
+    assert set(checks) == {"train:savi_ift@digits:bf16", "bench:qp_layer"}, result.stdout
+    assert all(c["status"] == "ok" for c in checks.values()), (checks, result.stdout[-3000:])
+    assert result.returncode == 0
+    train = checks["train:savi_ift@digits:bf16"]["numbers"]
+    assert math.isfinite(train["test/loss"]) and train["cg_unconverged_warnings"] == 0
+    assert "trainer.precision=bf16-mixed" in checks["train:savi_ift@digits:bf16"]["command"]
+    assert any(k.endswith("_fwdbwd_ms") for k in checks["bench:qp_layer"]["numbers"])
+    assert report["meta"]["torch"] == torch.__version__ and report["meta"]["mode"] == "smoke"
+    md = out.with_suffix(".md").read_text()
+    assert "| train:savi_ift@digits:bf16 | ok |" in md and "| bench:qp_layer | ok |" in md
+
+
+def test_a_check_past_its_timeout_is_killed_and_still_reported(tmp_path):
+    out = tmp_path / "g.json"
+    result = run("--device", "cpu", "--smoke", "--out", str(out), "--only", "bench:savi_memory_speed",
+                 "--bench-timeout", "1")
+    check = json.loads(out.read_text())["checks"][0]
+    assert check["status"] == "timeout" and "killed" in check["reason"]
+    assert result.returncode == 1

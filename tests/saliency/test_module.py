@@ -162,7 +162,7 @@ def test_penalty_values_against_direct_computations():
     assert float(penalty_at(model, x, y).detach()) == pytest.approx(float(torch.stack(direct).mean()), rel=1e-10)
 
     model = tiny_mlp("l2")
-    expected = sum(float((m.weight ** 2).sum()) for m in model.net.net if isinstance(m, torch.nn.Linear)) / 2
+    expected = sum(float((m.weight.detach() ** 2).sum()) for m in model.net.net if isinstance(m, torch.nn.Linear)) / 2
     assert float(penalty_at(model, x, y).detach()) == pytest.approx(expected, rel=1e-12)
 
     # exact per-example input Hessians of the true-class logit

@@ -168,15 +168,17 @@ def saliency_table(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     Each method also gets ``infd_rel``: per-example INFD over the zero explanation's INFD
     (``1 - R^2`` of the best scaled explanation), averaged over examples.
     """
+    from rich.progress import track
+
     model.eval()
     cache = infidelity_cache(model, x, y, cfg)  # shared by every method
     tables: dict[str, dict] = {"global": {}}
     maps: dict[str, torch.Tensor] = {}
-    for name in cfg.methods:
+    for name in track(cfg.methods, description=f"SENS_max / INFD, {len(x)} examples"):
         tables["global"][name], maps[name] = evaluate_method(model, name, x, y, cfg, local=False, cache=cache)
     if cfg.local:
         tables["local"] = {}
-        for name in cfg.methods:
+        for name in track(cfg.methods, description="local setting"):
             if name in LOCAL_METHODS and name != "NB":
                 tables["local"][name], _ = evaluate_method(model, name, x, y, cfg, local=True, cache=cache)
     return tables, maps

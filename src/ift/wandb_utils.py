@@ -155,7 +155,7 @@ class WandbLogger(LightningWandbLogger):
             settings.setdefault("init_timeout", self.online_timeout_s)
         # wandb-core writes the run file every 15 s by default: a killed run would lose up to 15 s of
         # metrics that the CSV log (written on every logging call) kept.
-        if "x_transaction_log_flush_interval" in wandb.Settings.model_fields:
+        if "x_transaction_log_flush_interval" in getattr(wandb.Settings, "model_fields", {}):
             settings.setdefault("x_transaction_log_flush_interval", self.flush_every_s)
         return settings
 

@@ -1,4 +1,4 @@
-"""Train vae, svi, savi_unrolled and savi_ift with the same budget and compare them.
+"""Train vae, svi, savi_unrolled, savi_checkpointed and savi_ift with the same budget and compare them.
 
 Each model trains through the real Hydra configs (`configs/model/<name>.yaml`, `ift.training`)
 for the same number of epochs on the same data and seed. Reported per model: test ELBO at the
@@ -6,8 +6,9 @@ refined and at the amortized parameters, IWAE estimate of log p(x) (proposal = t
 q), KL, active units, learned gamma and wall-clock training time; plus a plot of validation ELBO
 against wall-clock time. Writes JSON, markdown and PNG to benchmarks/results/.
 
-    python benchmarks/savi_train_compare.py                          # digits, ~10 min on 2 cores
-    python benchmarks/savi_train_compare.py --data mnist --epochs 5  # MNIST test files, ../shared/data/mnist
+    python benchmarks/savi_train_compare.py --epochs 20     # digits
+For MNIST (several seeds, IWAE on 2000 test images, stationarity statistics) use
+benchmarks/savi_mnist_study.py.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ift.training import run_training  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-MODELS = ["vae", "svi", "savi_unrolled", "savi_ift"]
+MODELS = ["vae", "svi", "savi_unrolled", "savi_checkpointed", "savi_ift"]
 
 
 class ValidationClock(pl.Callback):

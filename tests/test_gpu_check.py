@@ -65,22 +65,53 @@ def test_without_cuda_it_says_so_in_one_line_and_fails():
     assert len(lines) == 1 and "no CUDA device" in lines[0] and "--device cpu --smoke" in lines[0]
 
 
-def test_smoke_run_trains_savi_ift_in_bf16_runs_a_benchmark_and_writes_the_report(tmp_path):
+def test_smoke_run_trains_through_train_py_runs_a_benchmark_and_writes_the_report(tmp_path):
     out = tmp_path / "gpu_check.json"
-    result = run("--device", "cpu", "--smoke", "--out", str(out),
-                 "--only", "train:savi_ift@digits:bf16", "bench:qp_layer")
+    wanted = {"train:savi_ift@digits:fp32", "train:vae@digits:bf16", "bench:qp_layer"}
+    result = run("--device", "cpu", "--smoke", "--out", str(out), "--only", *sorted(wanted))
     report = json.loads(out.read_text())
     checks = {c["name"]: c for c in report["checks"]}
-    assert set(checks) == {"train:savi_ift@digits:bf16", "bench:qp_layer"}, result.stdout
+    assert set(checks) == wanted, result.stdout
     assert all(c["status"] == "ok" for c in checks.values()), (checks, result.stdout[-3000:])
     assert result.returncode == 0
-    train = checks["train:savi_ift@digits:bf16"]["numbers"]
-    assert math.isfinite(train["test/loss"]) and train["cg_unconverged_warnings"] == 0
-    assert "trainer.precision=bf16-mixed" in checks["train:savi_ift@digits:bf16"]["command"]
+    ift = checks["train:savi_ift@digits:fp32"]["numbers"]
+    assert math.isfinite(ift["test/loss"]) and ift["cg_unconverged_warnings"] == 0
+    assert ift["ift/linsolve_unconverged (max)"] == 0 and ift["ift/linsolve_iters (max)"] > 0  # the CG ran
+    assert "trainer.precision=bf16-mixed" in checks["train:vae@digits:bf16"]["command"]
     assert any(k.endswith("_fwdbwd_ms") for k in checks["bench:qp_layer"]["numbers"])
     assert report["meta"]["torch"] == torch.__version__ and report["meta"]["mode"] == "smoke"
     md = out.with_suffix(".md").read_text()
-    assert "| train:savi_ift@digits:bf16 | ok |" in md and "| bench:qp_layer | ok |" in md
+    assert all(f"| {name} | ok |" in md for name in wanted)
+
+
+def finished(gpu_check, tmp_path, output="", test_loss=1.0, nonstationary=0.0, unconverged=0):
+    """finish_train on a run folder written by hand: what a train.py run leaves behind."""
+    run_dir = tmp_path / "run"
+    (run_dir / "csv").mkdir(parents=True)
+    if test_loss is not None:
+        (run_dir / "test_metrics.json").write_text(json.dumps({"metrics": {"test/loss": test_loss}}))
+    (run_dir / "csv" / "metrics.csv").write_text(
+        "step,inner/nonstationary_frac,ift/linsolve_unconverged,val/loss\n"
+        f"0,0.0,0,\n1,{nonstationary},{unconverged},\n1,,,2.5\n")
+    check = gpu_check.Check("train:savi_ift@digits:bf16", ["python", "train.py", f"hydra.run.dir={run_dir}"])
+    check.status = "ok"
+    gpu_check.finish_train(check, output, "savi_ift")
+    return check
+
+
+@pytest.mark.parametrize("case,reason", [
+    ({}, ""),
+    ({"output": "UserWarning: cg: 3/128 problems not converged, max relative residual 1e-3"}, "CG did not converge"),
+    ({"unconverged": 2}, "CG did not converge"),
+    ({"nonstationary": 0.5}, "non-stationary on up to 50%"),
+    ({"test_loss": float("nan")}, "non-finite"),
+    ({"test_loss": None}, "no test/loss"),
+])
+def test_a_savi_ift_run_fails_on_unconverged_solves_and_bad_metrics(gpu_check, tmp_path, case, reason):
+    check = finished(gpu_check, tmp_path, **case)
+    assert check.status == ("failed" if reason else "ok") and reason in check.reason, check
+    if not reason:
+        assert check.numbers["val/loss"] == 2.5 and check.numbers["inner/nonstationary_frac (max)"] == 0
 
 
 def test_a_check_past_its_timeout_is_killed_and_still_reported(tmp_path):

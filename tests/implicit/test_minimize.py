@@ -174,17 +174,24 @@ def test_unrolled_and_checkpointed_gradients_equal_the_ift(method):
             torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=name)
 
 
-def test_checkpointed_equals_unrolled_at_a_fixed_budget():
+@pytest.mark.parametrize("method", ["sgd", "adam", "newton"])
+def test_checkpointed_equals_unrolled_at_a_fixed_budget(method):
+    """lr 1 overshoots (backtracking undoes steps, also across segment boundaries)."""
     a, c = quadratic_problem()
     c = c.clone().requires_grad_(True)
     out = []
-    for segments in (None, 3):
-        r = minimize(lambda x, c_: quad(a, c_)(x), torch.zeros(5, 4), method="sgd", lr=0.05, momentum=0.5,
+    for segments in (None, 3, 10):
+        r = minimize(lambda x, c_: quad(a, c_)(x), torch.zeros(5, 4), method=method, lr=1.0, momentum=0.5,
                      rtol=0, max_iter=10, create_graph=True, checkpoint_segments=segments, args=(c,))
         c.grad = None
         r.x.sum().backward()
-        out.append(c.grad.clone())
-    torch.testing.assert_close(out[0], out[1])
+        out.append((r.x.detach(), c.grad.clone(), r.iterations))
+    for x, g, it in out[1:]:
+        torch.testing.assert_close(x, out[0][0])
+        torch.testing.assert_close(g, out[0][1])
+        assert torch.equal(it, out[0][2])
+    if method == "sgd":
+        assert (out[0][2] < 10).any()  # some steps were undone
 
 
 def test_curvature_callable_is_used():

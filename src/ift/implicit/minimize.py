@@ -266,6 +266,10 @@ def _initial_state(x: torch.Tensor, method: str, lr: float, damping: float) -> d
         state["step_size"] = torch.full((batch,), lr, dtype=x.dtype, device=x.device)
         state["m1"] = torch.zeros_like(x)
         state["m2"] = torch.zeros_like(x)
+        # the last accepted point, for backtracking (an infinite value: nothing to undo yet)
+        state["prev_x"] = x
+        state["prev_value"] = torch.full((batch,), math.inf, dtype=x.dtype, device=x.device)
+        state["prev_grad"] = torch.zeros_like(x)
     return state
 
 
@@ -334,17 +338,17 @@ def _first_order_iteration(state, k, *, objective, method, rtol, lr, momentum, b
     finite = torch.isfinite(value.detach()) & torch.isfinite(grad.detach()).all(-1)
     diverged = state["diverged"] | (state["active"] & ~finite)
     active = state["active"] & finite
-    if "prev_x" in state:
-        worse = active & (value.detach() > state["prev_value"].detach() + _slack(state["prev_value"]))
-        w = worse[:, None]
-        x = torch.where(w, state["prev_x"], x)
-        value = torch.where(worse, state["prev_value"], value)
-        grad = torch.where(w, state["prev_grad"], grad)
-        m1 = torch.where(w, torch.zeros_like(m1), m1)
-        step_size = torch.where(worse, step_size / 2, step_size)
+    worse = active & (value.detach() > state["prev_value"].detach() + _slack(state["prev_value"]))
+    w = worse[:, None]
+    x = torch.where(w, state["prev_x"], x)
+    value = torch.where(worse, state["prev_value"], value)
+    grad = torch.where(w, state["prev_grad"], grad)
+    m1 = torch.where(w, torch.zeros_like(m1), m1)
+    step_size = torch.where(worse, step_size / 2, step_size)
     active = active & (relative_stationarity(value, grad) > rtol)
     stopped = {**state, "x": x, "step_size": step_size, "m1": m1, "m2": m2, "active": active,
-               "diverged": diverged, "prev_x": x, "prev_value": value, "prev_grad": grad}
+               "diverged": diverged, "prev_x": x, "prev_value": value, "prev_grad": grad,
+               "iterations": state["iterations"] - worse.long()}  # an undone step is not an update
     if not bool(active.any()):
         return stopped
     g = torch.where(torch.isfinite(grad), grad, torch.zeros_like(grad))
@@ -366,18 +370,20 @@ def _first_order_iteration(state, k, *, objective, method, rtol, lr, momentum, b
     diverged = diverged | (out & active)
     active = active & ~out
     return {**stopped, "x": torch.where(active[:, None], proposal, x), "m1": m1, "m2": m2, "active": active,
-            "diverged": diverged, "iterations": state["iterations"] + active.long()}
+            "diverged": diverged, "iterations": stopped["iterations"] + active.long()}
 
 
 def _finish(state, x0, objective, rtol, max_abs) -> MinimizeResult:
     """Final evaluation at the returned point: value, stationarity, convergence; x0 where diverged."""
     x = state["x"]
     value, grad = _value_and_grad(objective, x, create_graph=False)
+    iterations = state["iterations"]
     if "prev_x" in state:  # first-order: the last step is undone if it made things worse
         worse = value > state["prev_value"].detach() + _slack(state["prev_value"])
         if bool(worse.any()):
             x = torch.where(worse[:, None], state["prev_x"], x)
             value, grad = _value_and_grad(objective, x, create_graph=False)
+            iterations = iterations - worse.long()
     finite = torch.isfinite(value) & torch.isfinite(grad).all(-1)
     diverged = state["diverged"] | ~finite
     if bool(diverged.any()):
@@ -389,5 +395,5 @@ def _finish(state, x0, objective, rtol, max_abs) -> MinimizeResult:
         value, grad = _value_and_grad(objective, x, create_graph=False)
     stat = relative_stationarity(value, grad)
     return MinimizeResult(x=x, value=value, grad_norm=grad.norm(dim=-1), stationarity=stat,
-                          iterations=state["iterations"], converged=(stat <= rtol) & ~diverged,
+                          iterations=iterations, converged=(stat <= rtol) & ~diverged,
                           diverged=diverged, rtol=rtol)

@@ -32,6 +32,8 @@ def test_eval_reproduces_the_test_metrics_of_training(trained_run, tmp_path):
     result = run_script("eval.py", [f"ckpt_path={trained_run}/checkpoints/last.ckpt",
                                     f"hydra.run.dir={tmp_path}", "eval.iwae_samples=10"])
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("test/elbo_amortized") == 1, result.stdout  # one table, not Lightning's too
+    assert "IWAE, 10 samples" in result.stdout  # the IWAE progress bar
     logged = json.loads((trained_run / "test_metrics.json").read_text())["metrics"]
     evaluated = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
     assert set(logged) <= set(evaluated)

@@ -41,6 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 METHODS = ("newton", "sgd", "adam")
 TRIALS_PER_HESSIAN = 4  # newton: damped steps tried per Hessian before the next iteration
+NOISE_ULPS = 100  # newton: predicted decreases below this many eps * (1 + |f|) are taken on trust
 
 Objective = Callable[[torch.Tensor], torch.Tensor]
 Curvature = Callable[[torch.Tensor], torch.Tensor]
@@ -315,8 +316,13 @@ def _newton_iteration(state, k, *, objective, rtol, curvature, max_abs, create_g
             tv = objective(trial).detach()
         predicted = -((safe_grad * p).sum(-1) + 0.5 * (p.unsqueeze(-2) @ safe_hess @ p.unsqueeze(-1)).flatten()).detach()
         ratio = (f0 - tv) / predicted.clamp_min(torch.finfo(x.dtype).tiny)
+        # A predicted decrease below the rounding noise of f cannot be checked by evaluating f
+        # (an objective that is a sum of large cancelling terms rounds far above eps * |f|):
+        # there the quadratic model is trusted, else the damping would grow without end.
+        unresolved = predicted <= NOISE_ULPS * torch.finfo(x.dtype).eps * (1 + f0.abs())
+        ratio = torch.where(unresolved, torch.ones_like(ratio), ratio)
         in_bounds = torch.isfinite(tv) & (trial.detach().abs().amax(-1) <= max_abs)
-        accept = pending & in_bounds & (tv <= f0 + _slack(value))
+        accept = pending & in_bounds & ((tv <= f0 + _slack(value)) | unresolved)
         new_x = torch.where(accept[:, None], trial, new_x)
         nu = torch.where(accept & (ratio > 0.75), (nu / 10).clamp_min(tiny), nu)
         nu = torch.where(accept & (ratio < 0.25), (nu * 4).clamp_max(1e8), nu)

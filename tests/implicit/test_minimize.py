@@ -227,3 +227,19 @@ def test_max_iter_zero_only_evaluates():
     assert (result.iterations == 0).all()
     torch.testing.assert_close(result.x, torch.ones(5, 4))
     assert math.isclose(float(result.rtol), 1e-5)
+
+
+def test_newton_trusts_its_model_below_the_objectives_rounding_noise():
+    """A quadratic inside large cancelling terms (like the ELBO's): in float32 its value is noise at
+    the 1e-3 level, so small true decreases cannot be confirmed by evaluating it."""
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(64, 6, 6, generator=gen)
+    a = (m @ m.transpose(1, 2) + torch.eye(6)).float()
+    c = torch.randn(64, 6, generator=gen).float()
+
+    def f(x):
+        return (2e4 + 0.5 * (x.unsqueeze(1) @ a @ x.unsqueeze(-1)).flatten() - (c * x).sum(-1)) - 2e4
+
+    result = minimize(f, torch.zeros(64, 6, dtype=torch.float32), method="newton", rtol=1e-5, max_iter=30)
+    assert result.converged.all(), result.stationarity.max()
+    torch.testing.assert_close(result.x, torch.linalg.solve(a, c), rtol=1e-3, atol=1e-4)

@@ -328,7 +328,8 @@ class SAVIModule(pl.LightningModule):
             x = x.to(self.device).flatten(1)
             if max_examples is not None:
                 x = x[: max_examples - count]
-            eps = self.vae.sample_eps(x.shape[0], 1, generator=gen, like=x)
+            # the same inner objective as in training (inner_samples fixed draws)
+            eps = self.vae.sample_eps(x.shape[0], self.hparams.inner_samples, generator=gen, like=x)
             lam = self.refine(x, self.vae.encode(x), eps).x
             ll = self.vae.iwae_log_likelihood(x, lam, n_samples=n_samples, chunk=chunk, generator=gen)
             total += float(ll.sum())

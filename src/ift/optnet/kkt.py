@@ -1,23 +1,22 @@
-"""Linear algebra of a batched QP: the interior point's reduced KKT system and the active-set one.
+"""Linear algebra of a batched QP in constraint space.
 
-Interior point (`KKTFactor`): eliminating the slacks and the inequality duals from the primal-dual
-Newton system leaves
+Every linear system the solver meets has the form
 
-    [ H  A^T ] [dz ]   [r1]
-    [ A   0  ] [dnu] = [r2],      H = Q + G^T diag(w) G,  w = lam / s  (> 0).
+    [ Q   A^T   G_R^T ] [x  ]   [r1]
+    [ A    0     0    ] [y_A] = [rA]        (G_R: a subset R of the rows of G,
+    [ G_R  0    -D    ] [y_G]   [rG]         D >= 0 diagonal)
 
-H is positive definite (Q is), so it gets a Cholesky factor; the equality block is handled with
-the Schur complement A H^{-1} A^T, also by Cholesky. One factor per iteration serves the predictor
-and the corrector. Near the solution w spans ~1/eps, so H is fine for search directions (their
-errors are corrected by the next iteration) but not for an exact solve.
+the interior point's Newton step (R = all rows, D = diag(s / lam)), and the equality-constrained
+KKT system of an active set (R = the active rows, D = 0: the polish and the backward). Eliminating
+x with Q's Cholesky factor, then y_A with the Cholesky factor of A Q^{-1} A^T, leaves
 
-Active set (`ActiveSetFactor`): with C = [A; G_act] (equalities, then the active inequalities)
+    (T_RR + D) y_G = ...,    T = G (Q^{-1} - Q^{-1} A^T (A Q^{-1} A^T)^{-1} A Q^{-1}) G^T,
 
-    [ Q  C^T ] [x]   [r1]
-    [ C   0  ] [y] = [r2]
-
-through Q's Cholesky factor and the Schur complement C Q^{-1} C^T. No barrier weights appear, so
-it is as well conditioned as the problem itself; it gives the polished solution and the backward.
+T being the Schur complement of the equality-constrained KKT matrix on G's rows. T is computed once
+per problem (`ConstraintSpace`); an iteration then costs one m x m Cholesky and triangular solves,
+and the active-set system is a principal submatrix of T. As the interior point converges, D tends
+to 0 on the active rows and to infinity on the others, so T + D becomes as well conditioned as the
+active-set system itself (unlike Q + G^T D^{-1} G, whose weights grow like 1/eps).
 """
 
 from __future__ import annotations
@@ -28,11 +27,13 @@ import torch
 def robust_cholesky(M: torch.Tensor, max_tries: int = 8) -> torch.Tensor:
     """Batched Cholesky of symmetric positive (semi)definite matrices.
 
-    Matrices that are numerically semidefinite (Schur complements of redundant equality
-    constraints, or H once the barrier weights span many orders of magnitude in float32) get a
-    growing relative diagonal jitter instead of a NaN factor.
+    Matrices that are numerically semidefinite (redundant constraints) get a growing relative
+    diagonal jitter instead of a NaN factor.
     """
-    L, info = torch.linalg.cholesky_ex(M)
+    # The upper factor U = L^T is returned transposed: cholesky_ex spends a good part of its time
+    # zeroing the other triangle, and that is cheaper for upper=True in torch's layout.
+    U, info = torch.linalg.cholesky_ex(M, upper=True)
+    L = U.transpose(-1, -2)
     if not bool((info > 0).any()):
         return L
     factor = 10 * torch.finfo(M.dtype).eps
@@ -54,16 +55,15 @@ def robust_cholesky(M: torch.Tensor, max_tries: int = 8) -> torch.Tensor:
     )
 
 
-def _schur_factor(L: torch.Tensor, C: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
-    """Cholesky factor of C M^{-1} C^T (M = L L^T) plus a tiny relative shift.
+def shifted_cholesky(S: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+    """Cholesky factor of S plus a relative shift eps^(2/3) * mean diagonal.
 
-    The shift keeps the factor finite when C has dependent rows (redundant equalities, more
-    active constraints than variables at a degenerate vertex); `ActiveSetFactor.solve` removes
-    its effect on consistent systems by one step of iterative refinement. Rows flagged in `pad`
-    are zero padding and get a unit diagonal, decoupling them.
+    The shift keeps the factor finite when S is singular (dependent constraint rows: redundant
+    equalities, duplicated or too many active inequalities); callers remove its effect on
+    consistent systems with iterative refinement. Rows flagged in `pad` are padding: S is zero
+    there and they get a unit diagonal, which decouples them.
     """
-    W = torch.linalg.solve_triangular(L, C.transpose(-1, -2), upper=False)
-    S = W.transpose(-1, -2) @ W  # a Gram matrix: PSD even in rounding
+    S = S.clone()
     diag = S.diagonal(dim1=-2, dim2=-1)
     real = diag if pad is None else diag.masked_fill(pad, 0.0)
     count = S.shape[-1] if pad is None else (~pad).sum(-1).clamp_min(1)
@@ -73,91 +73,158 @@ def _schur_factor(L: torch.Tensor, C: torch.Tensor, pad: torch.Tensor | None = N
     return robust_cholesky(S)
 
 
-class KKTFactor:
-    """Cholesky factors of H = Q + G^T diag(w) G and of A H^{-1} A^T (interior point steps)."""
+def chol_solve(L: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Solve L L^T x = b for batched vectors b (B, k); unlike cholesky_solve, L is not copied."""
+    y = torch.linalg.solve_triangular(L, b.unsqueeze(-1), upper=False)
+    return torch.linalg.solve_triangular(L.transpose(-1, -2), y, upper=True).squeeze(-1)
 
-    def __init__(self, L: torch.Tensor, A: torch.Tensor, LS: torch.Tensor | None):
-        self.L, self.A, self.LS = L, A, LS
+
+def _mv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Batched M @ v, written as a row vector times M^T (much faster on CPU than bmm with one column)."""
+    return (v.unsqueeze(-2) @ M.transpose(-1, -2)).squeeze(-2)
+
+
+class ConstraintSpace:
+    """Per-problem data and factors, computed once per solve.
+
+    QC = [Q; A; G] stacked (one product gives Qz, Az, Gz), Qinv = Q^{-1} (explicit: a product
+    is much cheaper than two triangular solves on a CPU), P = Q^{-1} [A; G]^T, A Q^{-1} A^T =
+    LA LA^T, X = LA^{-1} A Q^{-1} G^T and T = G Q^{-1} G^T - X^T X.
+    """
+
+    def __init__(self, QC, Qinv, P, LA, X, T):
+        self.QC, self.Qinv, self.P, self.LA, self.X, self.T = QC, Qinv, P, LA, X, T
+        n, p = Qinv.shape[-1], P.shape[-1] - T.shape[-1]
+        self.Q, self.A, self.G, self.C = QC[..., :n, :], QC[..., n : n + p, :], QC[..., n + p :, :], QC[..., n:, :]
 
     @classmethod
-    def build(cls, Q: torch.Tensor, G: torch.Tensor, A: torch.Tensor, w: torch.Tensor) -> "KKTFactor":
-        Gw = w.sqrt().unsqueeze(-1) * G
-        L = robust_cholesky(torch.baddbmm(Q, Gw.transpose(-1, -2), Gw))  # one fused product
-        return cls(L, A, _schur_factor(L, A) if A.shape[-2] else None)
+    def build(cls, Q, LQ, G, A) -> "ConstraintSpace":
+        p = A.shape[-2]
+        C = torch.cat([A, G], dim=-2)
+        Qinv = torch.cholesky_inverse(LQ)
+        P = Qinv @ C.transpose(-1, -2)
+        T = G @ P[..., p:]
+        LA = X = None
+        if p:
+            LA = shifted_cholesky(A @ P[..., :p])
+            X = torch.linalg.solve_triangular(LA, A @ P[..., p:], upper=False)
+            T = T - X.transpose(-1, -2) @ X
+        return cls(torch.cat([Q, C], dim=-2), Qinv, P, LA, X, T)
 
-    def solve(self, r1: torch.Tensor, r2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Solve [H A^T; A 0] [x; y] = [r1; r2] for batched vectors r1 (B, n), r2 (B, p)."""
-        Hinv_r1 = torch.cholesky_solve(r1.unsqueeze(-1), self.L)
-        if self.LS is None:
-            return Hinv_r1.squeeze(-1), r2.new_zeros(r2.shape)
-        y = torch.cholesky_solve(self.A @ Hinv_r1 - r2.unsqueeze(-1), self.LS)
-        x = torch.cholesky_solve(r1.unsqueeze(-1) - self.A.transpose(-1, -2) @ y, self.L)
-        return x.squeeze(-1), y.squeeze(-1)
+    def fields(self):
+        return self.QC, self.Qinv, self.P, self.LA, self.X, self.T
+
+    def expand(self, batch: int) -> "ConstraintSpace":
+        """Broadcast unbatched factors (every argument shared) to the batch."""
+        grow = lambda t: t if t is None or t.dim() == 3 else t.expand(batch, *t.shape)  # noqa: E731
+        return ConstraintSpace(*(grow(t) for t in self.fields()))
+
+    def take(self, index: torch.Tensor) -> "ConstraintSpace":
+        return ConstraintSpace(*(None if t is None else t[index] for t in self.fields()))
 
 
-def active_rows(G: torch.Tensor, active: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (B, width) of the active rows of G first, and the mask of real (not padding) ones."""
+def active_rows(active: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (B, width) of the True entries of `active` first, and the mask of real (not padding) ones."""
     order = torch.argsort((~active).to(torch.int8), dim=-1, stable=True)[:, :width]
-    valid = torch.arange(width, device=G.device) < active.sum(-1, keepdim=True)
+    valid = torch.arange(width, device=active.device) < active.sum(-1, keepdim=True)
     return order, valid
 
 
-class ActiveSetFactor:
-    """Factor of [Q C^T; C 0], C = [A; rows `idx` of G], the rows with `valid` False zero padding."""
+class ReducedFactor:
+    """Cholesky factor of T_RR + D for a set R of rows of G (all rows when `idx` is None).
 
-    def __init__(self, Q, LQ, C, idx, valid, LS):
-        self.Q, self.LQ, self.C, self.idx, self.valid, self.LS = Q, LQ, C, idx, valid, LS
+    With `idx`, slot j holds row idx[:, j] of G when valid[:, j], else padding (a decoupled unit
+    row whose right-hand side and solution are 0). Only T_RR is gathered; every product uses the
+    full matrices with vectors scattered to all m rows (zero outside R).
+    """
 
-    @staticmethod
-    def constraint_rows(A, G, idx, valid) -> torch.Tensor:
-        Gsel = torch.gather(G, 1, idx.unsqueeze(-1).expand(-1, -1, G.shape[-1]))
-        return torch.cat([A, Gsel * valid.unsqueeze(-1).to(G.dtype)], dim=1)
+    def __init__(self, cs: ConstraintSpace, L: torch.Tensor, idx=None, valid=None):
+        self.cs, self.L, self.idx, self.valid = cs, L, idx, valid
+        self.p = cs.A.shape[-2]
 
     @classmethod
-    def build(cls, Q, LQ, G, A, active: torch.Tensor) -> "ActiveSetFactor":
-        width = int(active.sum(-1).max()) if active.numel() else 0
-        idx, valid = active_rows(G, active, width)
-        C = cls.constraint_rows(A, G, idx, valid)
-        pad = torch.cat([valid.new_zeros(A.shape[:2]), ~valid], dim=1)
-        return cls(Q, LQ, C, idx, valid, _schur_factor(LQ, C, pad) if C.shape[1] else None)
+    def barrier(cls, cs: ConstraintSpace, d: torch.Tensor) -> "ReducedFactor":
+        """All rows, D = diag(d) > 0 (an interior point step)."""
+        M = cs.T.clone()
+        M.diagonal(dim1=-2, dim2=-1).add_(d)
+        return cls(cs, robust_cholesky(M))
 
-    def padded(self, width: int) -> "ActiveSetFactor":
-        """The same factor with `width` inequality slots (the extra slots are padding)."""
+    @classmethod
+    def active_set(cls, cs: ConstraintSpace, active: torch.Tensor) -> "ReducedFactor":
+        """The rows in `active`, D = 0 (the equality-constrained KKT system of an active set)."""
+        width = int(active.sum(-1).max()) if active.numel() else 0
+        idx, valid = active_rows(active, width)
+        keep = valid.to(cs.T.dtype)
+        TRR = torch.gather(cs.T, 1, idx.unsqueeze(-1).expand(-1, -1, cs.T.shape[-1])) * keep.unsqueeze(-1)
+        TRR = torch.gather(TRR, 2, idx.unsqueeze(1).expand(-1, width, -1)) * keep.unsqueeze(1)
+        return cls(cs, shifted_cholesky(TRR, ~valid), idx, valid)
+
+    def to_slots(self, v: torch.Tensor) -> torch.Tensor:
+        """(B, m) -> (B, width): the entries of the rows in R."""
+        return v if self.idx is None else torch.gather(v, 1, self.idx) * self.valid
+
+    def from_slots(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, width) -> (B, m), zero outside R."""
+        if self.idx is None:
+            return y
+        return y.new_zeros(y.shape[0], self.cs.T.shape[-1]).scatter_add_(1, self.idx, y * self.valid)
+
+    def project(self, r1, rA):
+        """The parts of a solve shared by right-hand sides that differ only in rG."""
+        cs = self.cs
+        g = (r1.unsqueeze(-2) @ cs.P).squeeze(-2)  # [A; G] Q^{-1} r1
+        w = _mv(cs.Qinv, r1)
+        if not self.p:
+            return w, g, None
+        uA = torch.linalg.solve_triangular(cs.LA, (g[:, : self.p] - rA).unsqueeze(-1), upper=False)
+        return w, g[:, self.p :] - (uA.transpose(-1, -2) @ cs.X).squeeze(-2), uA
+
+    def solve_g(self, part, rG):
+        """y_G (one entry per slot) for the right-hand side rG (one entry per slot)."""
+        return chol_solve(self.L, self.to_slots(part[1]) - rG)
+
+    def lift(self, part, yG):
+        """x and y_A from y_G; returns (x, y_A, y_G)."""
+        w, _, uA = part
+        y = self.from_slots(yG)
+        if self.p:
+            yA = torch.linalg.solve_triangular(self.cs.LA.transpose(-1, -2), uA - self.cs.X @ y.unsqueeze(-1), upper=True)
+            y = torch.cat([yA.squeeze(-1), y], dim=-1)
+        return w - _mv(self.cs.P, y), y[:, : self.p], yG
+
+    def _solve_once(self, r1, rA, rG):
+        part = self.project(r1, rA)
+        return self.lift(part, self.solve_g(part, rG))
+
+    def solve(self, r1, rA, rG, refine: bool = False):
+        """Solve the system of the module docstring (D = 0 for an active set) for batched vectors.
+
+        `refine` adds one step of iterative refinement (residuals with Q, A, G themselves), which
+        undoes the Cholesky shifts and the rounding of the explicit inverse.
+        """
+        x, yA, yG = self._solve_once(r1, rA, rG)
+        if not refine:
+            return x, yA, yG
+        cs, n = self.cs, r1.shape[-1]
+        QAGx = _mv(cs.QC, x)
+        Cty = (torch.cat([yA, self.from_slots(yG)], dim=-1).unsqueeze(-2) @ cs.C).squeeze(-2)
+        e1 = r1 - QAGx[:, :n] - Cty
+        dx, dyA, dyG = self._solve_once(e1, rA - QAGx[:, n : n + self.p], rG - self.to_slots(QAGx[:, n + self.p :]))
+        return x + dx, yA + dyA, yG + dyG
+
+    def padded(self, width: int) -> "ReducedFactor":
+        """The same active-set factor with `width` slots (the extra ones are padding)."""
         extra = width - self.idx.shape[1]
         if extra == 0:
             return self
         pad = lambda t: torch.nn.functional.pad(t, (0, extra))  # noqa: E731
-        C = torch.nn.functional.pad(self.C, (0, 0, 0, extra))
-        B, w = C.shape[0], C.shape[1]
-        LS = torch.eye(w, dtype=C.dtype, device=C.device).repeat(B, 1, 1)
-        if self.LS is not None:
-            LS[:, : w - extra, : w - extra] = self.LS
-        return ActiveSetFactor(self.Q, self.LQ, C, pad(self.idx), pad(self.valid), LS)
+        L = torch.eye(width, dtype=self.L.dtype, device=self.L.device).repeat(self.L.shape[0], 1, 1)
+        L[:, : width - extra, : width - extra] = self.L
+        return ReducedFactor(self.cs, L, pad(self.idx), pad(self.valid))
 
-    def replace(self, rows: torch.Tensor, other: "ActiveSetFactor") -> "ActiveSetFactor":
-        """This factor with the batch elements `rows` taken from `other`."""
+    def replace(self, rows: torch.Tensor, other: "ReducedFactor") -> "ReducedFactor":
+        """This active-set factor with the batch elements `rows` taken from `other` (same problems)."""
         width = max(self.idx.shape[1], other.idx.shape[1])
         a, o = self.padded(width), other.padded(width)
-        if a.LS is None:  # no constraint rows in either
-            return a
-        names = ("C", "idx", "valid", "LS")  # Q and LQ are the same problems' in both
-        return ActiveSetFactor(a.Q, a.LQ, *(getattr(a, k).index_copy(0, rows, getattr(o, k)) for k in names))
-
-    def _solve_once(self, r1, r2):
-        x = torch.cholesky_solve(r1.unsqueeze(-1), self.LQ)
-        if self.LS is None:
-            return x.squeeze(-1), r2
-        y = torch.cholesky_solve(self.C @ x - r2.unsqueeze(-1), self.LS)
-        x = torch.cholesky_solve(r1.unsqueeze(-1) - self.C.transpose(-1, -2) @ y, self.LQ)
-        return x.squeeze(-1), y.squeeze(-1)
-
-    def solve(self, r1: torch.Tensor, r2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Solve [Q C^T; C 0] [x; y] = [r1; r2]; r2 and y have one entry per row of C (0 on padding)."""
-        x, y = self._solve_once(r1, r2)
-        if self.LS is None:
-            return x, y
-        # One step of iterative refinement undoes the Schur shift on consistent systems.
-        e1 = r1 - (x.unsqueeze(-2) @ self.Q.transpose(-1, -2)).squeeze(-2) - (y.unsqueeze(-2) @ self.C).squeeze(-2)
-        e2 = r2 - (x.unsqueeze(-2) @ self.C.transpose(-1, -2)).squeeze(-2)
-        dx, dy = self._solve_once(e1, e2)
-        return x + dx, y + dy
+        return ReducedFactor(self.cs, *(t.index_copy(0, rows, u) for t, u in
+                                        ((a.L, o.L), (a.idx, o.idx), (a.valid, o.valid))))

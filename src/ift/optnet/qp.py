@@ -31,8 +31,8 @@ class QPStatus(enum.IntEnum):
     MAX_ITER = 1  # residuals still above tol after max_iter iterations
     INFEASIBLE = 2  # the duals approach a Farkas certificate: no z satisfies G z <= h, A z = b
     NUMERICAL_ERROR = 3  # a Newton step was not finite; the last finite iterate is returned
-    STALLED = 4  # barrier weights lam/s beyond 1e-2/eps: the KKT matrix is too ill-conditioned
-    # to make further progress at this precision; the last iterate is returned
+    STALLED = 4  # a step shorter than STALL_STEP (1e-8): the Newton direction, computed in the
+    # working precision, no longer makes progress; the last iterate is returned
 
 
 # Q must be positive definite (checked), so the objective is bounded below on any nonempty
@@ -288,6 +288,7 @@ def _polish(P: _Problem, active: torch.Tensor, tol: float, corrections: int = 3)
 # after one or two active-set corrections for nearly all, saving 2 of ~9.5 iterations.
 FIRST_POLISH = 1e-3
 RETRY_FACTOR = 0.1
+STALL_STEP = 1e-8
 
 
 class _Result:
@@ -324,7 +325,6 @@ def _solve(P: _Problem, tol: float, max_iter: int) -> _Result:
     """
     out = _Result(P)
     m = P.h.shape[1]
-    stall_weight = 1e-2 / torch.finfo(P.h.dtype).eps
     near_tol = max(tol, FIRST_POLISH)
 
     # Start from the solution of the problem with unit barrier weights, then shift s, lam > 0.
@@ -336,6 +336,7 @@ def _solve(P: _Problem, tol: float, max_iter: int) -> _Result:
     next_try = torch.full_like(P.h[:, 0], near_tol)  # residual level of the next polish attempt
     broken = torch.zeros_like(live, dtype=torch.bool)
     gone = torch.zeros_like(broken)  # finished, still in the batch until enough of them are
+    step = torch.ones_like(P.h[:, 0])  # length of the last step
     iters = torch.zeros_like(live)
     for it in range(max_iter + 1):
         rd, rp, re, pri, dual, gap, y_res = _measure(P, z, s, lam, nu)
@@ -343,7 +344,7 @@ def _solve(P: _Problem, tol: float, max_iter: int) -> _Result:
         level = torch.stack([pri, dual, gap]).amax(0)
         near = level <= next_try
         infeasible = ~tight & _farkas(P, z, lam, nu, pri, y_res, tol)
-        stalled = ~tight & ~infeasible & ((lam / s).amax(-1) > stall_weight)
+        stalled = ~tight & ~infeasible & (step < STALL_STEP)
         done = tight | infeasible | stalled | broken | (it == max_iter)
         attempt = (done | near) & ~gone
         if bool(attempt.any()):
@@ -375,8 +376,8 @@ def _solve(P: _Problem, tol: float, max_iter: int) -> _Result:
             if 4 * int(gone.sum()) >= gone.numel():
                 keep = ~gone
                 live, P = live[keep], P.take(keep)
-                state = (z, s, lam, nu, next_try, broken, gone, iters, rd, rp, re)
-                z, s, lam, nu, next_try, broken, gone, iters, rd, rp, re = (t[keep] for t in state)
+                state = (z, s, lam, nu, next_try, broken, gone, step, iters, rd, rp, re)
+                z, s, lam, nu, next_try, broken, gone, step, iters, rd, rp, re = (t[keep] for t in state)
 
         # Predictor (affine scaling) direction, then Mehrotra's centred corrector: same factor.
         F = ReducedFactor.barrier(P.cs, s / lam)
@@ -392,7 +393,9 @@ def _solve(P: _Problem, tol: float, max_iter: int) -> _Result:
         alpha = (0.99 * torch.minimum(_max_step(s, ds), _max_step(lam, dlam))).clamp(max=1.0)
 
         broken = ~torch.stack([t.isfinite().all(-1) for t in (dz, ds, dlam, dnu)]).all(0) & ~gone
-        alpha = torch.where(broken | gone, torch.zeros_like(alpha), alpha).unsqueeze(-1)
+        alpha = torch.where(broken | gone, torch.zeros_like(alpha), alpha)
+        step = alpha
+        alpha = alpha.unsqueeze(-1)
         z = z + alpha * torch.nan_to_num(dz)
         s = s + alpha * torch.nan_to_num(ds)
         lam = lam + alpha * torch.nan_to_num(dlam)

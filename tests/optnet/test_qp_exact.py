@@ -120,3 +120,21 @@ def test_weakly_active_constraint_gets_a_one_sided_gradient():
     assert torch.isfinite(q.grad).all()
     assert set(q.grad[:, 0].tolist()) <= {0.0, -1.0}
     torch.testing.assert_close(q.grad[:, 1:], torch.tensor([[-1.0, 0.0]] * 4, dtype=torch.float64))
+
+
+def test_n100_float32_inputs_are_float64_results_rounded():
+    # The default policy solves float32 inputs in float64: z and the gradients of the float32
+    # problem agree with the exact reference to float32 rounding of the outputs.
+    batch, n = 16, 100
+    qp = [t.float() for t in random_qp(batch, n, n, 50, seed=150)]
+    W = torch.randn(batch, n, generator=torch.Generator().manual_seed(4))
+    sol, grads = solve_with_grads(qp, W)
+    assert sol.z.dtype == torch.float32 and (sol.status == QPStatus.CONVERGED).all()
+    for i in range(batch):
+        data = [t[i].double().numpy() for t in qp]
+        z, _, _, margin, ref = exact_reference(*data, (sol.lam[i] > sol.slack[i]).numpy(), W[i].double().numpy())
+        assert margin > 1e-6
+        np.testing.assert_allclose(sol.z[i].detach().double().numpy(), z, atol=1e-5, rtol=0)
+        scale = max(np.abs(g).max() for g in ref.values() if g.size)
+        for name in NAMES:
+            np.testing.assert_allclose(grads[name][i].double().numpy(), ref[name], atol=1e-5 * scale, rtol=0)

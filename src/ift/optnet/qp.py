@@ -2,11 +2,16 @@
 
     minimize_z  1/2 z^T Q z + q^T z   subject to  G z <= h,  A z = b
 
-Forward: a primal-dual interior point method with Mehrotra's predictor-corrector, one Cholesky
-factorisation of the reduced KKT matrix per iteration shared by predictor and corrector.
-Backward (OptNet, Amos & Kolter 2017): differentiate the KKT conditions at the solution. The
-transposed KKT system reduces to the matrix the forward factorised last, so the backward is a
-handful of triangular solves.
+Forward: a primal-dual interior point method with Mehrotra's predictor-corrector, its Newton
+systems solved in constraint space (`ift.optnet.kkt`): one m x m Cholesky per iteration, shared
+by predictor and corrector. Once the residuals are small, the active set {lam > s} is solved
+exactly as an equality-constrained QP and corrected by primal-dual active-set steps until the
+KKT conditions hold to `tol` (crossover): the returned point is exact, not an interior iterate.
+Backward (OptNet, Amos & Kolter 2017): differentiate the KKT conditions at the solution with the
+inactive multipliers fixed at 0, i.e. solve [Q C^T; C 0] (u, v) = (dL/dz, 0) with C the
+equality and active inequality rows, reusing the forward's active-set factor. A weakly active
+constraint (lam and s both ~0) is classified by lam > s: the gradient is then one of the two
+one-sided derivatives, always finite.
 
 Argument order and batching follow qpth's `QPFunction`: each argument may carry a leading batch
 dimension or be shared by the whole batch; gradients of shared arguments are summed over the batch.
@@ -484,10 +489,12 @@ def solve_qp_with_info(
     With `strict=True` an infeasible example raises `QPInfeasibleError`; otherwise it is reported
     in `status` and its last iterate returned (never NaN).
 
-    `work_in_float64` (default True) runs the interior point method and the backward in float64
-    even for float32 inputs (outputs keep the input dtype): in float32 the barrier weights lam/s
-    reach 1e8 and beyond, and the dual residual stalls around 1e-3 before the gap closes. Pass
-    False to iterate in the input dtype (tolerance 1e-5, more MAX_ITER statuses).
+    `work_in_float64` (default True) runs the solver and the backward in float64 even for float32
+    inputs (outputs keep the input dtype), so float32 results are float64 results rounded once.
+    On CPU this costs little (Cholesky, the main cost, is about as fast in float64 as in
+    float32); solving in float32 loses accuracy in the Schur complement T when there are
+    equality constraints (docs/optnet.md). Pass False to iterate in the input dtype (tolerance
+    1e-5).
     """
     if (A is None) != (b is None):
         raise ValueError("solve_qp: pass both A and b for equality constraints, or neither")

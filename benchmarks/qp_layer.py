@@ -1,11 +1,21 @@
-"""Speed of ift.optnet.solve_qp against qpth and cvxpylayers on random feasible QPs.
+"""ift.optnet.solve_qp against qpth 0.0.18 and cvxpylayers: accuracy and speed.
 
-Problems as in the OptNet timing study: Q = M M^T / n + 0.1 I, G random, h = G z0 + s0, b = A z0.
-Forward and forward+backward wall time (median of `--repeats`), measured side by side in one run,
-and the max |z - z_ours| of each reference. Missing references are reported as "not installed".
+Problems as in the OptNet timing study: Q = M M^T / n + 0.1 I, G random (m = n rows),
+h = G z0 + s0, A random (p rows), b = A z0; batch 128; loss sum(W * z) with a fixed random W.
 
-    python benchmarks/qp_layer.py [--sizes 10 50 100] [--batch 128] [--repeats 3]
-Writes benchmarks/results/qp_layer.json and .md.
+Accuracy (float64 and float32 inputs): max abs error of z and of the gradients of the loss
+w.r.t. all six arguments against an exact reference: numpy solves the equality-constrained KKT
+system of the active set proposed by our solution (lam > s) and certifies it (kept multipliers
+> 1e-6, dropped slacks > 1e-6); only certified, i.e. nondegenerate, problems are compared (their
+count is reported). Also the max differences ours - qpth. cvxpylayers gets Q through its Cholesky
+factor (DPP form), so its Q gradient goes through torch's Cholesky backward.
+
+Speed: forward+backward wall time, 1 torch thread, the implementations interleaved in one run,
+median of `--repeats`; qpth/ours ratios.
+
+    flock /tmp/ift_heavy.lock python benchmarks/qp_layer.py        # full run (about 15 min)
+    python benchmarks/qp_layer.py --sizes 10 50 --repeats 3         # quick look
+Writes benchmarks/results/qp_layer.json and .md. Needs `pip install -e '.[bench]'`.
 """
 
 from __future__ import annotations
@@ -17,11 +27,13 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ift.optnet import solve_qp
+from ift.optnet import QPStatus, solve_qp_with_info
 
 RESULTS = Path(__file__).parent / "results"
+NAMES = ("Q", "q", "G", "h", "A", "b")
 
 
 def random_qp(batch, n, m, p, dtype, seed=0):
@@ -37,8 +49,19 @@ def random_qp(batch, n, m, p, dtype, seed=0):
     return [t.to(dtype) for t in (Q, q, G, h, A, b)]
 
 
-def ours(Q, q, G, h, A, b):
-    return solve_qp(Q, q, G, h, A if A.shape[1] else None, b if b.shape[1] else None, strict=False)
+# --- the three implementations: (Q, q, G, h, A, b) -> z, differentiable ---------------------
+
+
+class Ours:
+    name = "ours"
+
+    def __init__(self):
+        self.last = None
+
+    def __call__(self, Q, q, G, h, A, b):
+        p = A.shape[1]
+        self.last = solve_qp_with_info(Q, q, G, h, A if p else None, b if p else None)
+        return self.last.z
 
 
 def make_qpth():
@@ -47,11 +70,12 @@ def make_qpth():
     except ImportError:
         return None
 
-    def run(Q, q, G, h, A, b):
+    def qpth(Q, q, G, h, A, b):
         e = torch.empty(0, dtype=Q.dtype)
         return QPFunction(verbose=-1)(Q, q, G, h, A if A.shape[1] else e, b if b.shape[1] else e)
 
-    return run
+    qpth.name = "qpth"
+    return qpth
 
 
 def make_cvxpylayers(n, m, p):
@@ -60,7 +84,7 @@ def make_cvxpylayers(n, m, p):
         from cvxpylayers.torch import CvxpyLayer
     except ImportError:
         return None
-    # Q enters through its square root so the problem is DPP: 1/2 |L^T z|^2 with Q = L L^T.
+    # Q enters through its Cholesky factor so the problem is DPP: 1/2 |L^T z|^2 with Q = L L^T.
     Lp, qp_, Gp, hp = cp.Parameter((n, n)), cp.Parameter(n), cp.Parameter((m, n)), cp.Parameter(m)
     z = cp.Variable(n)
     cons = [Gp @ z <= hp]
@@ -69,82 +93,199 @@ def make_cvxpylayers(n, m, p):
         Ap, bp = cp.Parameter((p, n)), cp.Parameter(p)
         cons.append(Ap @ z == bp)
         params += [Ap, bp]
-    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(Lp.T @ z) + qp_ @ z), cons)
-    layer = CvxpyLayer(prob, parameters=params, variables=[z])
+    layer = CvxpyLayer(cp.Problem(cp.Minimize(0.5 * cp.sum_squares(Lp.T @ z) + qp_ @ z), cons),
+                       parameters=params, variables=[z])
 
-    def run(Q, q, G, h, A, b):
-        L = torch.linalg.cholesky(Q)
-        args = [L, q, G, h] + ([A, b] if p else [])
-        return layer(*args, solver_args={"eps": 1e-8})[0]
+    def cvxpylayers(Q, q, G, h, A, b):
+        args = [torch.linalg.cholesky(Q.double()), q.double(), G.double(), h.double()]
+        args += [A.double(), b.double()] if p else []
+        return layer(*args, solver_args={"eps": 1e-10})[0].to(Q.dtype)
 
-    return run
+    cvxpylayers.name = "cvxpylayers"
+    return cvxpylayers
 
 
-def timed(fn, args, backward, repeats):
-    times = []
-    out = None
-    for _ in range(repeats):
-        inputs = [a.detach().clone().requires_grad_(backward) for a in args]
-        start = time.perf_counter()
-        out = fn(*inputs)
-        if backward:
-            out.sum().backward()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out.detach()
+def forward_backward(fn, qp, W):
+    """z and the gradients of sum(W * z) w.r.t. the six arguments (None where there is none)."""
+    args = [t.detach().clone().requires_grad_() for t in qp]
+    z = fn(*args)
+    (z * W.to(z.dtype)).sum().backward()
+    return z.detach().double(), [None if a.grad is None else a.grad.double() for a in args]
+
+
+# --- exact reference ---------------------------------------------------------------------------
+
+
+def exact_reference(Q, q, G, h, A, b, active, W):
+    """Solution, gradients and nondegeneracy margin of one problem with the given active set."""
+    n, m, p = q.shape[0], h.shape[0], b.shape[0]
+    C = np.vstack([A, G[active]])
+    k = C.shape[0]
+    K = np.block([[Q, C.T], [C, np.zeros((k, k))]])
+    sol = np.linalg.solve(K, np.concatenate([-q, b, h[active]]))
+    z, nu, lam_act = sol[:n], sol[n : n + p], sol[n + p :]
+    lam = np.zeros(m)
+    lam[active] = lam_act
+    margin = min(lam_act.min(initial=np.inf), (h - G @ z)[~active].min(initial=np.inf))
+    adj = np.linalg.solve(K, np.concatenate([W, np.zeros(k)]))
+    u, v_eq, v = adj[:n], adj[n : n + p], np.zeros(m)
+    v[active] = adj[n + p :]
+    grads = [-0.5 * (np.outer(u, z) + np.outer(z, u)), -u, -(np.outer(lam, u) + np.outer(v, z)), v,
+             -(np.outer(nu, u) + np.outer(v_eq, z)), v_eq]
+    return z, grads, margin
+
+
+def reference_batch(qp, W, active):
+    data = [t.double().numpy() for t in qp]
+    out = [exact_reference(*(d[i] for d in data), active[i], W[i].numpy()) for i in range(W.shape[0])]
+    z = torch.tensor(np.stack([o[0] for o in out]))
+    grads = [torch.tensor(np.stack([o[1][j] for o in out])) for j in range(6)]
+    certified = torch.tensor([o[2] > 1e-6 for o in out])
+    return z, grads, certified
+
+
+def max_errors(z, grads, z_ref, grads_ref, rows):
+    """Max abs error of z and of all available gradients over the selected problems."""
+    g_err = max((float((g - r)[rows].abs().max()) for g, r in zip(grads, grads_ref)
+                 if g is not None and r[rows].numel()), default=float("nan"))
+    return float((z - z_ref)[rows].abs().max()), g_err
+
+
+def accuracy_row(n, p, dtype, batch, cvx_max_n, cvx_batch):
+    qp = random_qp(batch, n, n, p, dtype)
+    W = torch.randn(batch, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ours = Ours()
+    z, grads = forward_backward(ours, qp, W)
+    sol = ours.last
+    z_ref, grads_ref, certified = reference_batch(qp, W, (sol.lam > sol.slack).numpy())
+    rows = certified
+    scale = max(float(r[rows].abs().max()) for r in grads_ref if r[rows].numel())
+    row = {"n": n, "p": p, "dtype": str(dtype).split(".")[-1], "batch": batch,
+           "certified": int(certified.sum()), "grad_scale": scale,
+           "ours_not_converged": int((sol.status != QPStatus.CONVERGED).sum()),
+           "ours_statuses": {QPStatus(s).name: int((sol.status == s).sum()) for s in sol.status.unique().tolist()}}
+    row["ours_z_err"], row["ours_grad_err"] = max_errors(z, grads, z_ref, grads_ref, rows)
+    qpth = make_qpth()
+    if qpth is not None:
+        zq, gq = forward_backward(qpth, qp, W)
+        row["qpth_z_err"], row["qpth_grad_err"] = max_errors(zq, gq, z_ref, grads_ref, rows)
+        row["ours_minus_qpth_z"], row["ours_minus_qpth_grad"] = max_errors(z, grads, zq, gq, torch.ones_like(rows))
+    cvx = make_cvxpylayers(n, n, p) if n <= cvx_max_n else None
+    if cvx is not None:  # on the first cvx_batch problems: it solves them one by one
+        sub = [t[:cvx_batch] for t in qp]
+        zc, gc = forward_backward(cvx, sub, W[:cvx_batch])
+        row["cvxpylayers_z_err"], row["cvxpylayers_grad_err"] = max_errors(
+            zc, gc, z_ref[:cvx_batch], [r[:cvx_batch] for r in grads_ref], rows[:cvx_batch])
+    return row
+
+
+# --- speed -------------------------------------------------------------------------------------
+
+
+def speed_row(n, p, dtype, batch, repeats, cvx_max_n):
+    qp = random_qp(batch, n, n, p, dtype)
+    W = torch.randn(batch, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    impls = [Ours()] + [f for f in (make_qpth(), make_cvxpylayers(n, n, p) if n <= cvx_max_n else None) if f]
+    times = {f.name: [] for f in impls}
+    for f in impls:  # warm up (first-call allocations, cvxpylayers' canonicalisation)
+        forward_backward(f, qp, W)
+    for _ in range(repeats):  # interleaved: a slow spell of the machine hits every implementation
+        for f in impls:
+            start = time.perf_counter()
+            forward_backward(f, qp, W)
+            times[f.name].append(time.perf_counter() - start)
+    row = {"n": n, "p": p, "dtype": str(dtype).split(".")[-1], "batch": batch, "repeats": repeats}
+    for name, ts in times.items():
+        row[f"{name}_fwdbwd_s"] = statistics.median(ts)
+        row[f"{name}_all_s"] = ts
+    for name in times:
+        if name != "ours":
+            row[f"{name}_over_ours"] = row[f"{name}_fwdbwd_s"] / row["ours_fwdbwd_s"]
+    return row
+
+
+def fmt(v, spec):
+    return format(v, spec) if isinstance(v, (int, float)) else "-"
+
+
+def markdown(meta, acc, speed):
+    lines = [
+        f"torch {meta['torch']}, qpth {meta['qpth']}, cvxpylayers {meta['cvxpylayers']}, "
+        f"{meta['threads']} torch thread(s); batch {meta['batch']}, m = n inequalities, p equalities.",
+        "",
+        "### Accuracy: max abs error against the exact active-set reference (certified problems)",
+        "",
+        "| n | p | dtype | certified | ours not converged | grad scale | z: ours | z: qpth | z: cvxpylayers "
+        "| grad: ours | grad: qpth | grad: cvxpylayers | ours - qpth: z | ours - qpth: grad |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in acc:
+        lines.append("| " + " | ".join([
+            str(r["n"]), str(r["p"]), r["dtype"], f"{r['certified']}/{r['batch']}", str(r["ours_not_converged"]),
+            fmt(r["grad_scale"], ".1f"),
+            *(fmt(r.get(f"{k}_z_err"), ".1e") for k in ("ours", "qpth", "cvxpylayers")),
+            *(fmt(r.get(f"{k}_grad_err"), ".1e") for k in ("ours", "qpth", "cvxpylayers")),
+            fmt(r.get("ours_minus_qpth_z"), ".1e"), fmt(r.get("ours_minus_qpth_grad"), ".1e")]) + " |")
+    lines += ["", f"### Speed: forward + backward, median of {meta['repeats']} interleaved runs, milliseconds", "",
+              "| n | p | dtype | ours | qpth | cvxpylayers | qpth / ours | cvxpylayers / ours |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in speed:
+        ms = lambda k: fmt(r.get(k) * 1e3, ".0f") if isinstance(r.get(k), float) else "-"  # noqa: E731
+        lines.append("| " + " | ".join([
+            str(r["n"]), str(r["p"]), r["dtype"], ms("ours_fwdbwd_s"), ms("qpth_fwdbwd_s"), ms("cvxpylayers_fwdbwd_s"),
+            fmt(r.get("qpth_over_ours"), ".2f"), fmt(r.get("cvxpylayers_over_ours"), ".2f")]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def version(module):
+    try:
+        from importlib.metadata import version as v
+
+        return v(module)
+    except Exception:
+        return "not installed"
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 50, 100])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 50, 100, 200])
+    parser.add_argument("--speed-sizes", type=int, nargs="+", help="sizes to time (default: --sizes)")
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cvxpylayers-max-n", type=int, default=50, help="skip cvxpylayers above this n (slow)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cvxpylayers-max-n", type=int, default=100, help="accuracy of cvxpylayers up to this n")
+    parser.add_argument("--cvxpylayers-batch", type=int, default=16, help="problems cvxpylayers solves for accuracy")
+    parser.add_argument("--cvxpylayers-speed-max-n", type=int, default=50,
+                        help="time cvxpylayers up to this n (and up to --cvxpylayers-max-n)")
+    parser.add_argument("--out", default="qp_layer")
     args = parser.parse_args()
-    torch.manual_seed(0)
-
-    rows = []
-    for n in args.sizes:
-        for p in (0, n // 2):
-            for dtype in (torch.float64, torch.float32):
-                qp = random_qp(args.batch, n, n, p, dtype)
-                row = {"n": n, "m": n, "p": p, "batch": args.batch, "dtype": str(dtype).split(".")[-1]}
-                row["ours_fwd_s"], z_ref = timed(ours, qp, False, args.repeats)
-                row["ours_fwdbwd_s"], _ = timed(ours, qp, True, args.repeats)
-                refs = {"qpth": make_qpth()}
-                refs["cvxpylayers"] = make_cvxpylayers(n, n, p) if n <= args.cvxpylayers_max_n else "skipped"
-                for name, fn in refs.items():
-                    if fn is None or fn == "skipped":
-                        row[f"{name}_fwd_s"] = "not installed" if fn is None else "skipped (n too large)"
-                        continue
-                    cast = qp if name == "qpth" else [t.double() for t in qp]  # cvxpylayers is float64
-                    try:
-                        row[f"{name}_fwd_s"], z = timed(fn, cast, False, args.repeats)
-                        row[f"{name}_fwdbwd_s"], _ = timed(fn, cast, True, args.repeats)
-                        row[f"{name}_max_abs_diff"] = (z.double() - z_ref.double()).abs().max().item()
-                    except Exception as exc:  # a reference failing is a result, not a crash
-                        row[f"{name}_fwd_s"] = f"failed: {type(exc).__name__}: {str(exc)[:80]}"
-                print(row, flush=True)
-                rows.append(row)
-
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
+    args.speed_sizes = args.speed_sizes or args.sizes
+    cvx_speed_max_n = min(args.cvxpylayers_speed_max_n, args.cvxpylayers_max_n)
+    torch.set_num_threads(args.threads)
+    meta = {"torch": torch.__version__, "qpth": version("qpth"), "cvxpylayers": version("cvxpylayers"),
+            "threads": torch.get_num_threads(), "batch": args.batch, "repeats": args.repeats,
+            "cpu": platform.processor() or platform.machine()}
+    acc, speed = [], []
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "qp_layer.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    fmt = lambda v: f"{v * 1e3:.1f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = [
-        f"Batch {args.batch}, m = n inequalities, p equalities; median of {args.repeats} runs, milliseconds; "
-        f"torch {meta['torch']}, {meta['threads']} CPU threads.",
-        "",
-        "| n | p | dtype | ours fwd | ours fwd+bwd | qpth fwd | qpth fwd+bwd | qpth max diff | cvxpylayers fwd | cvxpylayers fwd+bwd | cvxpylayers max diff |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        cells = [r["n"], r["p"], r["dtype"], fmt(r["ours_fwd_s"]), fmt(r["ours_fwdbwd_s"])]
-        for name in ("qpth", "cvxpylayers"):
-            cells += [fmt(r[f"{name}_fwd_s"]), fmt(r.get(f"{name}_fwdbwd_s", "")),
-                      f"{r[f'{name}_max_abs_diff']:.1e}" if f"{name}_max_abs_diff" in r else ""]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    (RESULTS / "qp_layer.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+
+    def save():
+        payload = {"meta": meta, "accuracy": acc, "speed": speed, "rows": speed}  # rows: gpu_check reads them
+        (RESULTS / f"{args.out}.json").write_text(json.dumps(payload, indent=2))
+        (RESULTS / f"{args.out}.md").write_text(markdown(meta, acc, speed))
+
+    for n in args.sizes:
+        for p in sorted({0, n // 2}):
+            for dtype in (torch.float64, torch.float32):
+                acc.append(accuracy_row(n, p, dtype, args.batch, args.cvxpylayers_max_n, args.cvxpylayers_batch))
+                print({k: v for k, v in acc[-1].items()}, flush=True)
+                save()
+    for n in args.speed_sizes:
+        for p in sorted({0, n // 2}):
+            for dtype in (torch.float64, torch.float32):
+                speed.append(speed_row(n, p, dtype, args.batch, args.repeats, cvx_speed_max_n))
+                print({k: v for k, v in speed[-1].items() if not k.endswith("_all_s")}, flush=True)
+                save()
+    print(markdown(meta, acc, speed))
 
 
 if __name__ == "__main__":

@@ -255,7 +255,7 @@ def test_max_iter_is_reported_and_warned():
     Q, q, G, h, A, b = random_qp(4, 20, 40, 0, seed=12)
     sol = solve_qp_with_info(Q, q, G, h, max_iter=2)
     assert (sol.status == QPStatus.MAX_ITER).all() and (sol.iterations == 2).all()
-    with pytest.warns(RuntimeWarning, match="did not converge"):
+    with pytest.warns(RuntimeWarning, match=r"4 of 4 QPs did not converge \(4 MAX_ITER\)"):
         solve_qp(Q, q, G, h, max_iter=2)
 
 

@@ -521,6 +521,10 @@ def solve_qp_with_info(
     return sol
 
 
+def _status_counts(status: torch.Tensor) -> str:
+    return ", ".join(f"{int((status == s).sum())} {QPStatus(s).name}" for s in sorted(set(status.flatten().tolist())))
+
+
 def solve_qp(
     Q: torch.Tensor,
     q: torch.Tensor,
@@ -550,7 +554,7 @@ def solve_qp(
     if not_converged:
         warnings.warn(
             f"solve_qp: {not_converged} of {sol.status.numel()} QPs did not converge "
-            f"(statuses {sorted(set(sol.status.flatten().tolist()))}); use solve_qp_with_info to inspect",
+            f"({_status_counts(sol.status)}); use solve_qp_with_info to inspect",
             RuntimeWarning,
             stacklevel=2,
         )

@@ -55,12 +55,13 @@ def random_qp(batch, n, m, p, dtype, seed=0):
 class Ours:
     name = "ours"
 
-    def __init__(self):
-        self.last = None
+    def __init__(self, work_in_float64=True):
+        self.last, self.work_in_float64 = None, work_in_float64
 
     def __call__(self, Q, q, G, h, A, b):
         p = A.shape[1]
-        self.last = solve_qp_with_info(Q, q, G, h, A if p else None, b if p else None)
+        self.last = solve_qp_with_info(Q, q, G, h, A if p else None, b if p else None,
+                                       work_in_float64=self.work_in_float64)
         return self.last.z
 
 
@@ -163,8 +164,14 @@ def accuracy_row(n, p, dtype, batch, cvx_max_n, cvx_batch):
     row = {"n": n, "p": p, "dtype": str(dtype).split(".")[-1], "batch": batch,
            "certified": int(certified.sum()), "grad_scale": scale,
            "ours_not_converged": int((sol.status != QPStatus.CONVERGED).sum()),
+           "ours_iters_mean": float(sol.iterations.float().mean()), "ours_iters_max": int(sol.iterations.max()),
            "ours_statuses": {QPStatus(s).name: int((sol.status == s).sum()) for s in sol.status.unique().tolist()}}
     row["ours_z_err"], row["ours_grad_err"] = max_errors(z, grads, z_ref, grads_ref, rows)
+    if dtype == torch.float32:  # the non-default policy: iterate in float32
+        native = Ours(work_in_float64=False)
+        zn, gn = forward_backward(native, qp, W)
+        row["native32_z_err"], row["native32_grad_err"] = max_errors(zn, gn, z_ref, grads_ref, rows)
+        row["native32_not_converged"] = int((native.last.status != QPStatus.CONVERGED).sum())
     qpth = make_qpth()
     if qpth is not None:
         zq, gq = forward_backward(qpth, qp, W)
@@ -215,17 +222,28 @@ def markdown(meta, acc, speed):
         "",
         "### Accuracy: max abs error against the exact active-set reference (certified problems)",
         "",
-        "| n | p | dtype | certified | ours not converged | grad scale | z: ours | z: qpth | z: cvxpylayers "
-        "| grad: ours | grad: qpth | grad: cvxpylayers | ours - qpth: z | ours - qpth: grad |",
+        "| n | p | dtype | certified | ours: not converged, iterations mean/max | grad scale | z: ours | z: qpth "
+        "| z: cvxpylayers | grad: ours | grad: qpth | grad: cvxpylayers | ours - qpth: z | ours - qpth: grad |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in acc:
         lines.append("| " + " | ".join([
-            str(r["n"]), str(r["p"]), r["dtype"], f"{r['certified']}/{r['batch']}", str(r["ours_not_converged"]),
+            str(r["n"]), str(r["p"]), r["dtype"], f"{r['certified']}/{r['batch']}",
+            f"{r['ours_not_converged']}, {r['ours_iters_mean']:.1f}/{r['ours_iters_max']}",
             fmt(r["grad_scale"], ".1f"),
             *(fmt(r.get(f"{k}_z_err"), ".1e") for k in ("ours", "qpth", "cvxpylayers")),
             *(fmt(r.get(f"{k}_grad_err"), ".1e") for k in ("ours", "qpth", "cvxpylayers")),
             fmt(r.get("ours_minus_qpth_z"), ".1e"), fmt(r.get("ours_minus_qpth_grad"), ".1e")]) + " |")
+    native = [r for r in acc if "native32_z_err" in r]
+    if native:
+        lines += ["", "float32 inputs iterated in float32 (`work_in_float64=False`, not the default):", "",
+                  "| n | p | not converged | z error | grad error |", "|---|---|---|---|---|"]
+        lines += [f"| {r['n']} | {r['p']} | {r['native32_not_converged']} | {fmt(r['native32_z_err'], '.1e')} | "
+                  f"{fmt(r['native32_grad_err'], '.1e')} |" for r in native]
+    chol = meta.get("cholesky_ms")
+    if chol:
+        lines += ["", "Batched Cholesky of 128 matrices 100 x 100, median ms: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in chol.items())]
     lines += ["", f"### Speed: forward + backward, median of {meta['repeats']} interleaved runs, milliseconds", "",
               "| n | p | dtype | ours | qpth | cvxpylayers | qpth / ours | cvxpylayers / ours |",
               "|---|---|---|---|---|---|---|---|"]
@@ -235,6 +253,21 @@ def markdown(meta, acc, speed):
             str(r["n"]), str(r["p"]), r["dtype"], ms("ours_fwdbwd_s"), ms("qpth_fwdbwd_s"), ms("cvxpylayers_fwdbwd_s"),
             fmt(r.get("qpth_over_ours"), ".2f"), fmt(r.get("cvxpylayers_over_ours"), ".2f")]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def cholesky_ms(repeats=21):
+    """Why float32 inputs may run in float64 on CPU: the main cost barely depends on the dtype."""
+    out = {}
+    for dtype in (torch.float64, torch.float32):
+        M = torch.randn(128, 100, 100, dtype=dtype, generator=torch.Generator().manual_seed(0))
+        M = M @ M.mT + 100 * torch.eye(100, dtype=dtype)
+        ts = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.linalg.cholesky_ex(M, upper=True)
+            ts.append(time.perf_counter() - start)
+        out[str(dtype).split(".")[-1]] = statistics.median(ts) * 1e3
+    return out
 
 
 def version(module):
@@ -265,6 +298,7 @@ def main():
     meta = {"torch": torch.__version__, "qpth": version("qpth"), "cvxpylayers": version("cvxpylayers"),
             "threads": torch.get_num_threads(), "batch": args.batch, "repeats": args.repeats,
             "cpu": platform.processor() or platform.machine()}
+    meta["cholesky_ms"] = cholesky_ms()
     acc, speed = [], []
     RESULTS.mkdir(exist_ok=True)
 

@@ -9,7 +9,7 @@ above ``tol`` are restarted from where they are (residual replacement) while bud
 
 Stopping is tested per row inside the iteration (a stopped row is frozen), but whether *all* rows
 stopped is asked of the host only every ``check_every`` iterations: each such test is a device
-synchronisation, free on CPU and costly on an accelerator (default 1 on CPU, 8 elsewhere).
+synchronisation, cheap on CPU and costly on an accelerator (default 1 on CPU, 8 elsewhere).
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ Speed: forward+backward wall time, 1 torch thread, the implementations interleav
 median of `--repeats`; qpth/ours ratios.
 
     flock /tmp/ift_heavy.lock python benchmarks/qp_layer.py        # full run (about 15 min)
+    python benchmarks/qp_layer.py --part accuracy                   # then only the timings locked:
+    flock /tmp/ift_heavy.lock python benchmarks/qp_layer.py --part speed
     python benchmarks/qp_layer.py --sizes 10 50 --repeats 3         # quick look
 Writes benchmarks/results/qp_layer.json and .md. Needs `pip install -e '.[bench]'`.
 """
@@ -291,6 +293,9 @@ def main():
     parser.add_argument("--cvxpylayers-speed-max-n", type=int, default=50,
                         help="time cvxpylayers up to this n (and up to --cvxpylayers-max-n)")
     parser.add_argument("--out", default="qp_layer")
+    parser.add_argument("--part", choices=["all", "accuracy", "speed"], default="all",
+                        help="run one part and keep the other part's rows from an earlier run's JSON "
+                             "(accuracy needs no quiet machine, speed does: run it under the lock)")
     args = parser.parse_args()
     args.speed_sizes = args.speed_sizes or args.sizes
     cvx_speed_max_n = min(args.cvxpylayers_speed_max_n, args.cvxpylayers_max_n)
@@ -298,22 +303,29 @@ def main():
     meta = {"torch": torch.__version__, "qpth": version("qpth"), "cvxpylayers": version("cvxpylayers"),
             "threads": torch.get_num_threads(), "batch": args.batch, "repeats": args.repeats,
             "cpu": platform.processor() or platform.machine()}
-    meta["cholesky_ms"] = cholesky_ms()
     acc, speed = [], []
     RESULTS.mkdir(exist_ok=True)
+    previous = RESULTS / f"{args.out}.json"
+    if args.part != "all" and previous.is_file():
+        old = json.loads(previous.read_text())
+        acc, speed = (old["accuracy"], []) if args.part == "speed" else ([], old["speed"])
+        meta["cholesky_ms"] = old["meta"].get("cholesky_ms")
+        meta["repeats"] = old["meta"]["repeats"] if args.part == "accuracy" else args.repeats
+    if args.part != "accuracy":
+        meta["cholesky_ms"] = cholesky_ms()
 
     def save():
         payload = {"meta": meta, "accuracy": acc, "speed": speed, "rows": speed}  # rows: gpu_check reads them
         (RESULTS / f"{args.out}.json").write_text(json.dumps(payload, indent=2))
         (RESULTS / f"{args.out}.md").write_text(markdown(meta, acc, speed))
 
-    for n in args.sizes:
+    for n in args.sizes if args.part != "speed" else []:
         for p in sorted({0, n // 2}):
             for dtype in (torch.float64, torch.float32):
                 acc.append(accuracy_row(n, p, dtype, args.batch, args.cvxpylayers_max_n, args.cvxpylayers_batch))
                 print({k: v for k, v in acc[-1].items()}, flush=True)
                 save()
-    for n in args.speed_sizes:
+    for n in args.speed_sizes if args.part != "accuracy" else []:
         for p in sorted({0, n // 2}):
             for dtype in (torch.float64, torch.float32):
                 speed.append(speed_row(n, p, dtype, args.batch, args.repeats, cvx_speed_max_n))

@@ -308,9 +308,9 @@ def main():
     previous = RESULTS / f"{args.out}.json"
     if args.part != "all" and previous.is_file():
         old = json.loads(previous.read_text())
-        acc, speed = (old["accuracy"], []) if args.part == "speed" else ([], old["speed"])
+        acc, speed = (old.get("accuracy", []), []) if args.part == "speed" else ([], old.get("speed", []))
         meta["cholesky_ms"] = old["meta"].get("cholesky_ms")
-        meta["repeats"] = old["meta"]["repeats"] if args.part == "accuracy" else args.repeats
+        meta["repeats"] = old["meta"].get("repeats", args.repeats) if args.part == "accuracy" else args.repeats
     if args.part != "accuracy":
         meta["cholesky_ms"] = cholesky_ms()
 

@@ -221,6 +221,19 @@ def summarize(args) -> None:
                                    "std": statistics.stdev(vals) if len(vals) > 1 else None, "values": vals}
             cells.append(fmt(vals, digits))
         lines.append(f"| {model} | {len(rs)} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired by seed (same initialisation and data order), differences to `savi_unrolled`:", "",
+              "| model - savi_unrolled | seeds | ELBO refined | IWAE log p(x) | train wall-clock ratio |",
+              "|---|---:|---:|---:|---:|"]
+    base = {r["seed"]: r for r in by_model.get("savi_unrolled", [])}
+    for model, rs in by_model.items():
+        pairs = [(r, base[r["seed"]]) for r in rs if r["seed"] in base and model != "savi_unrolled"]
+        if not pairs:
+            continue
+        d_elbo = [a["metrics"]["test/elbo"] - b["metrics"]["test/elbo"] for a, b in pairs]
+        d_iwae = [a["metrics"]["test/iwae_ll"] - b["metrics"]["test/iwae_ll"] for a, b in pairs]
+        ratio = [a["train_wall_clock_s"] / b["train_wall_clock_s"] for a, b in pairs]
+        summary[model]["paired_vs_savi_unrolled"] = {"elbo": d_elbo, "iwae_ll": d_iwae, "wall_clock_ratio": ratio}
+        lines.append(f"| {model} | {len(pairs)} | {fmt(d_elbo, 2)} | {fmt(d_iwae, 2)} | {fmt(ratio, 2)} |")
     steps = runs[0]["steps"]
     header = (f"Command: `python benchmarks/savi_mnist_study.py --steps {steps}` (CPU, 1 torch thread per run, "
               f"batch 128, {steps} optimiser steps = {steps * 128} training images; test metrics on the first "

@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import pickle
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError("AtomicCheckpointIO does not take storage_options")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             with open(tmp, "wb") as f:
@@ -52,6 +54,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise CheckpointError(
                 f"could not write checkpoint {path} ({why}); {kept}. {'Free some space' if full else 'Fix the folder'} "
                 f"or set callbacks.model_checkpoint.dirpath=<a writable folder with room>") from None
+
+
+def remove_stale_temporaries(path: Path, min_age_s: float = 60.0) -> None:
+    """Delete `.<name>.<pid>.tmp` files left by writers killed mid-save (their process is gone and
+    the file has not changed for `min_age_s`), so repeated kills do not fill the disk."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:-4]
+        try:
+            if not pid.isdigit() or time.time() - tmp.stat().st_mtime < min_age_s or process_alive(int(pid)):
+                continue
+            tmp.unlink()
+        except OSError:  # gone already, or not ours to delete
+            continue
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def os_error_in(err: BaseException | None) -> OSError | None:

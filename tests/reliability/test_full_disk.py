@@ -9,6 +9,7 @@ fault a full filesystem raises). Either way the budget holds the first epoch's t
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -107,3 +108,20 @@ def test_atomic_writer_leaves_old_file_when_the_write_fails(tmp_path, monkeypatc
         writer.save_checkpoint({"state_dict": {"w": torch.ones(100_000)}}, path)
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
     assert torch.equal(ift.checkpoints.load_checkpoint(path)["state_dict"]["w"], torch.zeros(10))
+
+
+def test_temporaries_of_killed_writers_are_removed_at_the_next_save(tmp_path):
+    """A SIGKILL mid-write leaves `.last.ckpt.<pid>.tmp`; the next save deletes it once its writer is
+    gone and it is older than a minute (a live writer's file, or a fresh one, stays)."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale, live = tmp_path / f".last.ckpt.{dead.pid}.tmp", tmp_path / ".last.ckpt.1.tmp"
+    stale.write_bytes(b"partial")
+    os.utime(stale, (1, 1))
+    live.write_bytes(b"partial")  # pid 1 is always alive
+    os.utime(live, (1, 1))
+    ift.checkpoints.AtomicCheckpointIO().save_checkpoint({"state_dict": {}}, tmp_path / "last.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.ckpt", live.name])
+    stale.write_bytes(b"partial")  # the same dead writer, but written just now: left alone
+    ift.checkpoints.AtomicCheckpointIO().save_checkpoint({"state_dict": {}}, tmp_path / "last.ckpt")
+    assert stale.exists()

@@ -81,6 +81,11 @@ def make_qpth():
     return qpth
 
 
+# diffcp's default derivative is an LSQR solve (gradient errors of order 1 at n >= 50 here); "dense"
+# factorises the derivative system exactly. One job each way: the comparison is single-threaded.
+CVX_ARGS = {"eps": 1e-10, "mode": "dense", "n_jobs_forward": 1, "n_jobs_backward": 1}
+
+
 def make_cvxpylayers(n, m, p):
     try:
         import cvxpy as cp
@@ -102,7 +107,7 @@ def make_cvxpylayers(n, m, p):
     def cvxpylayers(Q, q, G, h, A, b):
         args = [torch.linalg.cholesky(Q.double()), q.double(), G.double(), h.double()]
         args += [A.double(), b.double()] if p else []
-        return layer(*args, solver_args={"eps": 1e-10})[0].to(Q.dtype)
+        return layer(*args, solver_args=CVX_ARGS)[0].to(Q.dtype)
 
     cvxpylayers.name = "cvxpylayers"
     return cvxpylayers

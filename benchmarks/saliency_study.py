@@ -248,8 +248,8 @@ SETTINGS = {
                 test_pgd=dict(examples=2000, steps=40, step_size=0.01), examples=50,
                 sal=dict(sens_samples=50, sens_normalize=SENS_REPORTED, infd_samples=1000, sg_samples=50,
                          shap_samples=1000, nb_samples=5000, ig_steps=10, square_sizes=(1, 10),
-                         method_sens={"IG-SG": {"examples": 10}, "SHAP": {"examples": 10}, "Square": {"examples": 3},
-                                      "NB": {"examples": 3, "samples": 10}}),
+                         method_sens={"IG-SG": {"examples": 5}, "SHAP": {"examples": 3, "samples": 10},
+                                      "Square": {"examples": 2, "samples": 10}, "NB": {"examples": 2, "samples": 5}}),
                 fig6=dict(examples=20, sens_samples=50, sg_samples=50, radii=[0.1, 0.25, 0.5, 1.0, 1.5, 2.0])),
     # the paper's sizes (Madry et al.: 100k iterations of batch 50 = 83 epochs of PGD-40, Adam 1e-4);
     # defined for a GPU, not run on the 2-core CPU machine
@@ -399,13 +399,14 @@ def load_pair(setting: str, ckpt_dir: Path) -> dict[str, tuple[nn.Module, dict]]
 
 
 CHEAP_METHODS = ("Grad", "GBP", "IG", "Grad-SG", "GBP-SG")
-COSTLY_METHODS = ("SHAP", "IG-SG", "Square", "NB")
+COSTLY_METHODS = ("IG-SG", "Square", "SHAP", "NB")  # cheapest first
 AUTHORS_SG = "Grad-SG, authors' global SG"
 
 
-def explain_pair(setting: str, mnist_root: Path, ckpt_dir: Path, out: Path, log) -> None:
-    """Accuracies, probes, Table 4 (both normalisations side by side), Figure 6 and the maps for
-    the saved pair; the JSON / markdown are rewritten after every step, cheap methods first."""
+def explain_pair(setting: str, mnist_root: Path, ckpt_dir: Path, out: Path, log, resume: bool = False) -> None:
+    """Accuracies, probes, Table 4 (every SENS normalisation side by side), Figure 6 and the maps
+    for the saved pair; the JSON / markdown are rewritten after every step, cheap methods first.
+    ``resume``: keep the steps already in the saved JSON (same pair) and run only the missing ones."""
     spec = SETTINGS[setting]
     data = load_mnist(mnist_root, spec["val_size"])
     pair = load_pair(setting, ckpt_dir)
@@ -422,9 +423,16 @@ def explain_pair(setting: str, mnist_root: Path, ckpt_dir: Path, out: Path, log)
         (out / f"saliency_table4_{name}.json").write_text(json.dumps(payload, indent=2, default=list))
         (out / f"saliency_table4_{name}.md").write_text(table4_mnist_markdown(name, results, sizes))
 
+    saved_path = out / f"saliency_table4_{name}.json"
+    if resume and saved_path.exists():
+        for label, old in json.loads(saved_path.read_text())["results"].items():
+            results[label].update({k: v for k, v in old.items() if k not in ("training", "spec")})
+        log(f"resuming from {saved_path}")
     tp = spec["test_pgd"]
     for label, (net, _) in pair.items():
         r = results[label]
+        if "test_acc" in r:
+            continue
         r["test_acc"] = accuracy(net, tx, ty)
         r["test_pgd"] = {"eps": spec["eps"], **tp,
                          "acc": pgd_accuracy(net, tx[:tp["examples"]], ty[:tp["examples"]], spec["eps"], tp["steps"],
@@ -440,6 +448,13 @@ def explain_pair(setting: str, mnist_root: Path, ckpt_dir: Path, out: Path, log)
 
     def run(method, sg_global=None, row=None):
         for label, (net, _) in pair.items():
+            if (row or method) in results[label]["tables"]["global"]:
+                if row is None and method in CHEAP_METHODS:  # recompute the map only (cheap)
+                    expl = make_explanation(method, net, sg_radius=cfg.sg_radius, sg_samples=cfg.sg_samples,
+                                            ig_steps=cfg.ig_steps, generator=torch.Generator().manual_seed(cfg.seed),
+                                            sg_global=cfg.sg_global if method.endswith("-SG") else None)
+                    maps[label][method] = to_global(expl)(x, y)
+                continue
             metrics, phi = evaluate_method(net, method, x, y, cfg, local=False, cache=caches[label], sg_global=sg_global)
             results[label]["tables"]["global"][row or method] = metrics
             if row is None:
@@ -455,6 +470,8 @@ def explain_pair(setting: str, mnist_root: Path, ckpt_dir: Path, out: Path, log)
 
     def floor(method, examples, samples):
         for label, (net, _) in pair.items():
+            if method in results[label].get("noise_floor", {}):
+                continue
             results[label].setdefault("noise_floor", {})[method] = noise_floor(net, method, x[:examples], y[:examples],
                                                                                cfg, samples)
             log(f"{label} {method} noise floor: {results[label]['noise_floor'][method]}")
@@ -465,12 +482,14 @@ def explain_pair(setting: str, mnist_root: Path, ckpt_dir: Path, out: Path, log)
     run("Grad-SG", sg_global="mean_of_products", row=AUTHORS_SG)
     save_maps()
     floor("Grad-SG", 20, 10)
-    figure6_mnist(pair["regular"][0], x, y, spec["fig6"], cfg, out, name, log)
+    fig6_path = out / f"saliency_fig6_{name}.json"
+    if not (resume and fig6_path.exists() and len(json.loads(fig6_path.read_text())["rows"]) == 1 + len(spec["fig6"]["radii"])):
+        figure6_mnist(pair["regular"][0], x, y, spec["fig6"], cfg, out, name, log)
     for method in COSTLY_METHODS:
         run(method)
         save_maps()
         if method == "SHAP":
-            floor("SHAP", 10, 5)
+            floor("SHAP", 3, 5)
 
 
 def noise_floor(net, method: str, x, y, cfg: SaliencyConfig, samples: int) -> dict:
@@ -643,6 +662,7 @@ def main() -> None:
                         help="where the trained pair is saved (*.ckpt, not committed)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--train-only", choices=("regular", "robust"), help="train one model of the pair")
+    parser.add_argument("--resume", action="store_true", help="explain: run only the steps missing from the saved JSON")
     parser.add_argument("--markdown-only", action="store_true",
                         help="rebuild the Table 4 markdown from the saved JSON (no training)")
     args = parser.parse_args()
@@ -671,7 +691,7 @@ def main() -> None:
             labels = (args.train_only,) if args.train_only else ("regular", "robust")
             train_pair(args.setting, Path(args.mnist_root), ckpt_dir, log, labels)
         if args.phase in ("explain", "all"):
-            explain_pair(args.setting, Path(args.mnist_root), ckpt_dir, out, log)
+            explain_pair(args.setting, Path(args.mnist_root), ckpt_dir, out, log, args.resume)
     log(f"total {time.perf_counter() - t0:.0f}s")
 
 

@@ -52,3 +52,15 @@ def test_evaluate_method_matches_direct_measures_and_uses_limits():
                                                               sens_normalize=("input", "unit"), square_sizes=(1, 2)))
     md = markdown_table(tables)
     assert "SENS_max (input)" in md and "SENS_max (unit)" in md and set(maps) == {"Grad", "Grad-SG"}
+
+
+def test_square_row_from_cached_drops_equals_the_explanation():
+    """The Square row's explanation at x comes from the INFD cache; it must equal optimal_square."""
+    from ift.saliency import optimal_square
+
+    model = small_cnn(1).double()
+    x = torch.rand(3, 1, 6, 6, dtype=torch.float64)
+    y = torch.tensor([2, 0, 1])
+    cfg = SaliencyConfig(methods=("Square",), sens_samples=2, square_sizes=(1, 3))
+    _, phi = evaluate_method(model, "Square", x, y, cfg, local=False, cache=infidelity_cache(model, x, y, cfg))
+    assert torch.allclose(phi, optimal_square(model, (1, 3))(x, y), atol=1e-10)

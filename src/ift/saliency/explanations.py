@@ -19,7 +19,7 @@ from captum.attr import GuidedBackprop, IntegratedGradients, KernelShap, Salienc
 from torch import nn
 
 from ift.saliency.measures import (as_target, chunk_sizes, noisy_baseline_perturbations, repeat_target,
-                                   scores, square_masks, uniform_linf_noise)
+                                   scores, square_drops, square_masks, uniform_linf_noise)
 
 METHODS = ("Grad", "Grad-SG", "IG", "IG-SG", "GBP", "GBP-SG", "SHAP", "Square", "NB")
 # global SmoothGrad: ours x * mean Phi(x + d); the authors' code mean[(x + d) * Phi(x + d)]
@@ -196,25 +196,24 @@ def optimal_square(model: nn.Module, square_sizes: Sequence[int] = (1, 10), n_sa
 
     @torch.no_grad()
     def fn(x, t):
-        b, c, h, w = x.shape
-        masks = square_masks(h, w, square_sizes, x.device)
+        masks = square_masks(x.shape[2], x.shape[3], square_sizes, x.device)
         if n_samples is not None:
             masks = masks[torch.randint(0, masks.shape[0], (n_samples,), generator=generator, device=x.device)]
-        f_x = scores(model, x, t).double()
-        z_all = masks.double()
-        rhs = torch.zeros(b, h * w, dtype=torch.float64, device=x.device)
-        start = 0
-        for k in chunk_sizes(masks.shape[0], b, max_batch):
-            z = masks[start:start + k].to(x.dtype)
-            keep = (1 - z).view(k, 1, 1, h, w)
-            df = f_x - scores(model, (x.unsqueeze(0) * keep).flatten(0, 1), repeat_target(t, k)).view(k, b).double()
-            rhs += z_all[start:start + k].T.matmul(df).T
-            start += k
-        gram = (z_all.T @ z_all).expand(b, h * w, h * w)
-        a = solve_normal_equations(gram, rhs, ridge).view(b, 1, h, w) / c
-        return a.expand(b, c, h, w).to(x.dtype).contiguous()
+        drops = square_drops(model, x, masks, t, max_batch)
+        return square_attribution(masks, drops, x.shape, ridge).to(x.dtype)
 
     return Explanation("Square", fn, is_global=True)
+
+
+def square_attribution(masks: torch.Tensor, drops: torch.Tensor, shape: Sequence[int],
+                       ridge: float = 0.0) -> torch.Tensor:
+    """The Square solution from the masks (n, H*W) and the score drops (n, B) of ``square_drops``
+    (float64, shaped ``shape``): the INFD's cached drops give the explanation without model calls."""
+    b, c, h, w = shape
+    z = masks.double()
+    gram = (z.T @ z).expand(b, h * w, h * w)
+    a = solve_normal_equations(gram, (z.T @ drops).T, ridge).view(b, 1, h, w) / c
+    return a.expand(b, c, h, w).contiguous()
 
 
 # ----------------------------------------------------------------------------- registry

@@ -131,3 +131,26 @@ def test_batch_of_the_wrong_shape_is_a_clear_error():
     module = SAVIModule(input_shape=[1, 8, 8], mode="vae", latent_dim=2, hidden=[5])
     with pytest.raises(ValueError, match=r"model.input_shape=\(1, 8, 8\)"):
         module.training_step((torch.rand(4, 1, 28, 28), torch.zeros(4)), 0)
+
+
+def test_kl_warmup_and_outer_gradient_clipping():
+    common = dict(input_shape=[1, 2, 3], latent_dim=2, hidden=[5], mode="vae")
+    module = SAVIModule(kl_warmup_steps=10, kl_warmup_start=0.1, grad_clip=0.5, **common)
+    steps = iter([0, 5, 10, 50])
+
+    class Trainer:  # global_step is read from the trainer
+        @property
+        def global_step(self):
+            return next(steps)
+
+    module._trainer = Trainer()
+    assert [module.kl_weight() for _ in range(4)] == pytest.approx([0.1, 0.55, 1.0, 1.0])
+    for p in module.parameters():
+        p.grad = torch.ones_like(p)
+    module.on_before_optimizer_step(None)
+    total = torch.cat([p.grad.flatten() for p in module.parameters()]).norm()
+    assert float(total) == pytest.approx(0.5, rel=1e-5)
+    with pytest.raises(ValueError, match="model.grad_clip"):
+        SAVIModule(grad_clip=0.0, **common)
+    with pytest.raises(ValueError, match="model.kl_warmup"):
+        SAVIModule(kl_warmup_steps=-1, **common)

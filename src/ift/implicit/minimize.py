@@ -10,7 +10,9 @@ Methods
   Hessians. The step solves ``(H + mu I) p = -g`` with ``mu = max(0, -lambda_min(H)) + nu``, so an
   indefinite Hessian (a saddle or a maximum nearby) still gives a descent step; ``nu`` shrinks
   after a step the quadratic model predicted well and grows after a poor or rejected one, so the
-  method is robust far from the optimum and converges quadratically near it. ``H`` comes from
+  method is robust far from the optimum and converges quadratically near it. A rejected step is
+  retried with more damping on the same Hessian (up to ``TRIALS_PER_HESSIAN``); a predicted
+  decrease below the objective's rounding noise is accepted on the model's word. ``H`` comes from
   ``n`` batched Hessian-vector products (exact, any objective) or from a ``curvature`` callable
   (e.g. a Gauss-Newton matrix the caller can build cheaply).
 - ``"sgd"`` (with momentum) and ``"adam"``: first-order steps with per-problem backtracking (a

@@ -34,7 +34,7 @@ def test_eval_config_composes(tmp_path):
 SAVI_MODELS = ["vae", "svi", "savi_unrolled", "savi_checkpointed", "savi_ift"]
 PAIRS = [(m, "digits") for m in SAVI_MODELS + ["classifier", "classifier_pgd", "mlp_classifier", "optnet_classifier"]]
 PAIRS += [("vae", "synthetic"), ("savi_ift", "synthetic"), ("optnet_sudoku", "sudoku"), ("conv_sudoku", "sudoku")]
-PAIRS += [("vae", "mnist"), ("classifier", "mnist")]
+PAIRS += [("vae", "mnist"), ("classifier", "mnist"), ("imaml", "sinusoid"), ("maml", "sinusoid")]
 
 
 @pytest.mark.parametrize("model,data", PAIRS)

@@ -1,4 +1,9 @@
-"""Each configs/data/*.yaml instantiates and its shape / num_classes equal the module's."""
+"""Each configs/data/*.yaml instantiates and its shape / num_classes equal the module's.
+
+The image/classification sets share one parametrised check. The two task sets are not images and
+have no ``shape`` / ``num_classes`` of their own kind: sudoku's config is checked in test_sudoku.py,
+sinusoid's (few-shot regression tasks for iMAML/MAML) at the end of this file.
+"""
 
 import gzip
 from pathlib import Path
@@ -14,7 +19,8 @@ from ift.data import DatasetNotFoundError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "data"
 SHARED_MNIST = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
-NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem != "sudoku")
+TASK_SETS = {"sudoku", "sinusoid"}
+NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem not in TASK_SETS)
 
 
 def write_test_files(folder: Path, n: int = 20) -> None:
@@ -36,6 +42,7 @@ def compose(name: str, data_dir: Path):
 
 def test_all_expected_configs_exist():
     assert {"digits", "mnist", "fashion_mnist", "cifar10", "synthetic"} <= set(NAMES)
+    assert TASK_SETS <= {p.stem for p in CONFIG_DIR.glob("*.yaml")}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -73,5 +80,24 @@ def test_config_with_wrong_shape_is_rejected(name, tmp_path):
         match = "data.shape"
     # Hydra wraps the module's ValueError; its message must survive.
     with pytest.raises(InstantiationException, match=f"ValueError.*{match}") as info:
+        instantiate(data_cfg)
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_sinusoid_config_builds_task_batches_of_its_declared_sizes(tmp_path):
+    data_cfg = compose("sinusoid", tmp_path)
+    assert "shape" not in data_cfg and "num_classes" not in data_cfg  # regression tasks, not images
+    datamodule = instantiate(data_cfg)
+    xs, ys, xq, yq = next(iter(datamodule.val_dataloader()))
+    batch = min(data_cfg.batch_size, data_cfg.val_tasks)
+    assert xs.shape == ys.shape == (batch, data_cfg.shots, 1)
+    assert xq.shape == yq.shape == (batch, data_cfg.query, 1)
+    assert xs.dtype == torch.float32 and bool(yq.abs().le(data_cfg.amplitude[1]).all())
+
+
+def test_sinusoid_config_with_a_bad_value_is_rejected(tmp_path):
+    data_cfg = compose("sinusoid", tmp_path)
+    data_cfg.shots = 0
+    with pytest.raises(InstantiationException, match="ValueError.*data.shots") as info:
         instantiate(data_cfg)
     assert isinstance(info.value.__cause__, ValueError)

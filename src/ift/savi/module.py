@@ -42,6 +42,11 @@ UNROLLED = ("savi_unrolled", "savi_checkpointed")
 NONSTATIONARY_POLICIES = ("amortized", "ift", "error")
 
 
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """float16 / bfloat16 (autocast outputs) to float32; float32 / float64 unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 class NonStationaryWarning(RuntimeWarning):
     """Some examples' inner solve stopped above its stationarity tolerance."""
 
@@ -132,14 +137,20 @@ class SAVIModule(pl.LightningModule):
             zeros = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
             return MinimizeResult(lam0, zeros, zeros, zeros, zeros.long(), ~zeros.bool(), zeros.bool(),
                                   self.inner_cfg.tol)
-        unrolled = self.mode in UNROLLED and torch.is_grad_enabled()
-        params = self.vae.generative_params()
-        if not unrolled:
-            params = {k: v.detach() for k, v in params.items()}
-        result = refine(self.vae, x, lam0 if unrolled else lam0.detach(), eps, params, self.inner_cfg,
-                        create_graph=unrolled)
-        if self.mode == "savi_ift" and torch.is_grad_enabled():
-            result.x = self._attach_implicit(x, lam0, eps, result)
+        # Solvers keep their working precision: under autocast (trainer.precision=bf16-mixed) the
+        # inner solve would run in bf16 and stop far above model.inner.tol, so savi_ift would train
+        # nearly every example at lambda_0. The solve and the IFT attach run in >= float32; the
+        # outer ELBO stays under autocast.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x, lam0, eps = _at_least_float32(x), _at_least_float32(lam0), _at_least_float32(eps)
+            unrolled = self.mode in UNROLLED and torch.is_grad_enabled()
+            params = self.vae.generative_params()
+            if not unrolled:
+                params = {k: v.detach() for k, v in params.items()}
+            result = refine(self.vae, x, lam0 if unrolled else lam0.detach(), eps, params, self.inner_cfg,
+                            create_graph=unrolled)
+            if self.mode == "savi_ift" and torch.is_grad_enabled():
+                result.x = self._attach_implicit(x, lam0, eps, result)
         return result
 
     def _attach_implicit(self, x: torch.Tensor, lam0: torch.Tensor, eps: torch.Tensor,

@@ -19,7 +19,7 @@ def tiny_module(mode: str, eta: float | None = 1.0, steps: int = 400, **inner) -
         gamma={"init": 0.5, "learn": True}, amortized_weight=0.0,
         inner={"optimizer": "sgd", "lr": 0.2, "momentum": 0.5, "clip": None, "eta": eta, "steps": steps,
                "tol": 0.0, **inner},
-        ift={"solver": "cg", "tol": 1e-12, "maxiter": 200, "nonstationary": "ift"},
+        ift={"linear_solver": "cg", "tol": 1e-12, "maxiter": 200, "nonstationary": "ift"},
     )
     return module.double()
 
@@ -123,6 +123,8 @@ def test_bad_inner_settings_are_clear_errors():
         SAVIModule(mode="savi_ift", inner={"optimizer": "lbfgs"}, **common)
     with pytest.raises(ValueError, match="model.inner.eta"):
         SAVIModule(mode="savi_ift", inner={"eta": 0.0}, **common)
+    with pytest.raises(ValueError, match=r"model.ift has unknown keys \['tolerance'\]"):
+        SAVIModule(mode="savi_ift", ift={"tolerance": 1e-3}, **common)
     with pytest.raises(ValueError, match="model.mode"):
         SAVIModule(mode="savi", **common)
 

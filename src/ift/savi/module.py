@@ -26,13 +26,14 @@ IFT's linear solve. With eta = null (no term) the encoder is trained on its amor
 from __future__ import annotations
 
 import math
+import warnings
+from dataclasses import dataclass, fields
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
-import warnings
-
+from ift.implicit import get_linear_solver, implicit_argmin
 from ift.implicit.minimize import MinimizeResult
 from ift.savi.inner import InnerConfig, proximal_objective, refine
 from ift.savi.model import GaussianVAE
@@ -55,6 +56,41 @@ class NonStationaryError(RuntimeError):
     """model.ift.nonstationary=error and an inner solve stopped above its tolerance."""
 
 
+@dataclass(frozen=True)
+class IFTConfig:
+    """Settings of savi_ift's implicit backward (`model.ift.*`), named as in `ift.implicit.implicit_argmin`.
+
+    linear_solver / tol / maxiter / ridge: the linear solve of the backward (cg: the Hessian of -J is
+    symmetric). nonstationary: the policy for examples above model.inner.tol (see the module docstring).
+    """
+
+    linear_solver: str = "cg"
+    tol: float = 1e-6
+    maxiter: int = 100
+    ridge: float = 0.0
+    nonstationary: str = "amortized"
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> "IFTConfig":
+        values = dict(values or {})
+        if "solver" in values:
+            raise ValueError("model.ift.solver was renamed model.ift.linear_solver (the core's name); "
+                             "rename the key in your config or override")
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"model.ift has unknown keys {unknown}; known: {[f.name for f in fields(cls)]}")
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        if self.nonstationary not in NONSTATIONARY_POLICIES:
+            raise ValueError(f"model.ift.nonstationary={self.nonstationary!r} is unknown; "
+                             f"use one of {NONSTATIONARY_POLICIES}")
+        try:  # unknown solver names fail here, not at the first backward
+            get_linear_solver(self.linear_solver, tol=self.tol, maxiter=self.maxiter, ridge=self.ridge)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"model.ift.linear_solver: {err}") from None
+
+
 class SAVIModule(pl.LightningModule):
     def __init__(
         self,
@@ -63,7 +99,7 @@ class SAVIModule(pl.LightningModule):
         latent_dim: int = 8,
         hidden: list[int] | tuple[int, ...] = (128, 128),
         gamma: dict[str, Any] | None = None,
-        lr: float = 1e-3,
+        lr: float = 2e-3,
         train_samples: int = 1,
         inner_samples: int = 4,
         inner: dict[str, Any] | None = None,
@@ -85,18 +121,15 @@ class SAVIModule(pl.LightningModule):
         if train_samples < 1 or inner_samples < 1:
             raise ValueError(f"model.train_samples and model.inner_samples must be >= 1, got "
                              f"{train_samples}, {inner_samples}")
-        gamma = {"init": 1.0, "learn": True, "min": 1e-4, **(gamma or {})}
+        gamma = {"init": 0.02, "learn": True, "min": 1e-4, **(gamma or {})}
         inner_kwargs = dict(inner or {})
         if "betas" in inner_kwargs:
             inner_kwargs["betas"] = tuple(inner_kwargs["betas"])
         if mode == "savi_checkpointed" and inner_kwargs.get("checkpoint_segments") is None:
             inner_kwargs["checkpoint_segments"] = max(1, round(math.sqrt(int(inner_kwargs.get("steps", 20)))))
         self.inner_cfg = InnerConfig(**inner_kwargs)
-        self.ift_cfg = {"solver": "cg", "tol": 1e-6, "maxiter": 100, "ridge": 0.0, "nonstationary": "amortized",
-                        **(ift or {})}
-        policy = self.ift_cfg["nonstationary"]
-        if policy not in NONSTATIONARY_POLICIES:
-            raise ValueError(f"model.ift.nonstationary={policy!r} is unknown; use one of {NONSTATIONARY_POLICIES}")
+        self.ift_cfg = IFTConfig.from_dict(ift)
+        policy = self.ift_cfg.nonstationary
         if mode == "savi_ift" and self.inner_cfg.tol == 0 and policy != "ift":
             raise ValueError(f"model.inner.tol=0 leaves every example above tolerance, so "
                              f"model.ift.nonstationary={policy} would reject them all; set model.inner.tol > 0 "
@@ -106,13 +139,6 @@ class SAVIModule(pl.LightningModule):
                              f"{kl_warmup_steps}, {kl_warmup_start}")
         if grad_clip is not None and not grad_clip > 0:
             raise ValueError(f"model.grad_clip must be > 0 or null, got {grad_clip}")
-        from ift.implicit import get_linear_solver
-
-        try:  # unknown solver names fail here, not at the first backward
-            get_linear_solver(self.ift_cfg["solver"], tol=self.ift_cfg["tol"], maxiter=self.ift_cfg["maxiter"],
-                              ridge=self.ift_cfg["ridge"])
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"model.ift.solver: {err}") from None
         self.mode = mode
         if amortized_weight is None:
             # The encoder needs a training signal of its own when nothing reaches it through the
@@ -156,8 +182,6 @@ class SAVIModule(pl.LightningModule):
     def _attach_implicit(self, x: torch.Tensor, lam0: torch.Tensor, eps: torch.Tensor,
                          result: MinimizeResult) -> torch.Tensor:
         """Re-attach the solver's lambda_K to (lambda_0, theta) through the IFT, per the policy."""
-        from ift.implicit import implicit_argmin
-
         generative = self.vae.generative_params()
         names, theta = list(generative), list(generative.values())
         eta = self.inner_cfg.eta
@@ -167,7 +191,7 @@ class SAVIModule(pl.LightningModule):
             elbo = lambda l: self.vae.elbo(x, l, eps, params)  # noqa: E731
             return -proximal_objective(elbo, lam0_, eta)(lam).sum()
 
-        policy = self.ift_cfg["nonstationary"]
+        policy = self.ift_cfg.nonstationary
         nonstationary = result.nonstationary
         count = int(nonstationary.sum()) if self.inner_cfg.tol > 0 else 0  # tol 0: a fixed budget, no test
         if count:
@@ -181,8 +205,8 @@ class SAVIModule(pl.LightningModule):
         self._fallback = (~good).float().sum()
         lam_star = implicit_argmin(
             negative_objective, result.x.detach(), lam0, *theta,
-            batch_dims=1, linear_solver=self.ift_cfg["solver"], tol=self.ift_cfg["tol"],
-            maxiter=self.ift_cfg["maxiter"], ridge=self.ift_cfg["ridge"], on_solve=self._record_solve,
+            batch_dims=1, linear_solver=self.ift_cfg.linear_solver, tol=self.ift_cfg.tol,
+            maxiter=self.ift_cfg.maxiter, ridge=self.ift_cfg.ridge, on_solve=self._record_solve,
         )
         # Diverged (and, by policy, non-stationary) examples train at lambda_0: the amortized gradient.
         return torch.where(good.unsqueeze(-1), lam_star, lam0)

@@ -13,9 +13,9 @@ factor (DPP form), so its Q gradient goes through torch's Cholesky backward.
 Speed: forward+backward wall time, 1 torch thread, the implementations interleaved in one run,
 median of `--repeats`; qpth/ours ratios.
 
-    flock /tmp/ift_heavy.lock python benchmarks/qp_layer.py        # full run (about 15 min)
-    python benchmarks/qp_layer.py --part accuracy                   # then only the timings locked:
-    flock /tmp/ift_heavy.lock python benchmarks/qp_layer.py --part speed
+    python benchmarks/qp_layer.py                                   # full run (about 15 min, idle machine)
+    python benchmarks/qp_layer.py --part accuracy                   # accuracy: any machine
+    python benchmarks/qp_layer.py --part speed                      # timings: an otherwise idle machine
     python benchmarks/qp_layer.py --sizes 10 50 --repeats 3         # quick look
 Writes benchmarks/results/qp_layer.json and .md. Needs `pip install -e '.[bench]'`.
 """
@@ -300,7 +300,7 @@ def main():
     parser.add_argument("--out", default="qp_layer")
     parser.add_argument("--part", choices=["all", "accuracy", "speed"], default="all",
                         help="run one part and keep the other part's rows from an earlier run's JSON "
-                             "(accuracy needs no quiet machine, speed does: run it under the lock)")
+                             "(accuracy needs no quiet machine, speed needs an otherwise idle machine)")
     args = parser.parse_args()
     args.speed_sizes = args.speed_sizes or args.sizes
     cvx_speed_max_n = min(args.cvxpylayers_speed_max_n, args.cvxpylayers_max_n)

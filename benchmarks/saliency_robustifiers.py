@@ -10,9 +10,9 @@ Table 4 setting (x * Phi under square removal, NB local) plus the local Grad row
 norms; for the first seed also Theorem C.1 (RINFD vs its lower bound) and the A.2 bounds for Grad;
 last, Theorem A.1 on a binary task (digit >= 5) against the measured adversarial logistic loss.
 
-    flock /tmp/ift_heavy.lock python benchmarks/saliency_robustifiers.py   # results/saliency_robustifiers.{json,md}
+    python benchmarks/saliency_robustifiers.py   # results/saliency_robustifiers.{json,md}
     python benchmarks/saliency_robustifiers.py --quick                      # seconds-long smoke run into /tmp
-    flock /tmp/ift_heavy.lock python benchmarks/saliency_robustifiers.py --step-costs-only   # re-time steps only
+    python benchmarks/saliency_robustifiers.py --step-costs-only   # re-time steps only
 
 Digits only: MNIST's CPU setting of the Table 4 study does not fit this session's CPU budget.
 """

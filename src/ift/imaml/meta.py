@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ift.implicit import LinearSolveInfo, implicit_argmin
+from ift.implicit.fixed_point import proximal_penalty
 from ift.implicit.minimize import MinimizeResult, minimize
 
 
@@ -83,7 +84,7 @@ def task_mse(net: FunctionalMLP, phi: Tensor, x: Tensor, y: Tensor) -> Tensor:
 
 def proximal_objective(net: FunctionalMLP, phi: Tensor, theta: Tensor, x: Tensor, y: Tensor, lam: float) -> Tensor:
     """iMAML's inner objective per task: ``L_support(phi) + lam/2 ||phi - theta||^2``, shape ``(B,)``."""
-    return task_mse(net, phi, x, y) + 0.5 * lam * (phi - theta).pow(2).sum(dim=-1)
+    return task_mse(net, phi, x, y) + proximal_penalty(phi, theta, 1.0 / lam)
 
 
 def gradient_steps(

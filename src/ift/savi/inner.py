@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from ift.implicit.fixed_point import proximal_penalty
 from ift.implicit.minimize import METHODS, MinimizeResult, minimize
 
 CURVATURES = ("exact", "gauss_newton", "autodiff")
@@ -79,7 +80,7 @@ def proximal_objective(elbo: Callable[[torch.Tensor], torch.Tensor], lam0: torch
     """J(lam) = ELBO(lam) - ||lam - lam_0||^2 / (2 eta), per example (no term when eta is None/inf)."""
     if eta is None or not math.isfinite(eta):
         return elbo
-    return lambda lam: elbo(lam) - (lam - lam0).pow(2).sum(-1) / (2 * eta)
+    return lambda lam: elbo(lam) - proximal_penalty(lam, lam0, eta)
 
 
 def refine(vae, x: torch.Tensor, lam0: torch.Tensor, eps: torch.Tensor, params: dict[str, torch.Tensor],

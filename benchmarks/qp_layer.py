@@ -74,7 +74,7 @@ def make_qpth():
         return None
 
     def qpth(Q, q, G, h, A, b):
-        e = torch.empty(0, dtype=Q.dtype)
+        e = torch.empty(0, dtype=Q.dtype, device=Q.device)
         return QPFunction(verbose=-1)(Q, q, G, h, A if A.shape[1] else e, b if b.shape[1] else e)
 
     qpth.name = "qpth"
@@ -117,8 +117,8 @@ def forward_backward(fn, qp, W):
     """z and the gradients of sum(W * z) w.r.t. the six arguments (None where there is none)."""
     args = [t.detach().clone().requires_grad_() for t in qp]
     z = fn(*args)
-    (z * W.to(z.dtype)).sum().backward()
-    return z.detach().double(), [None if a.grad is None else a.grad.double() for a in args]
+    (z * W.to(z.device, z.dtype)).sum().backward()
+    return z.detach().double().cpu(), [None if a.grad is None else a.grad.double().cpu() for a in args]
 
 
 # --- exact reference ---------------------------------------------------------------------------
@@ -159,16 +159,17 @@ def max_errors(z, grads, z_ref, grads_ref, rows):
     return float((z - z_ref)[rows].abs().max()), g_err
 
 
-def accuracy_row(n, p, dtype, batch, cvx_max_n, cvx_batch):
-    qp = random_qp(batch, n, n, p, dtype)
+def accuracy_row(n, p, dtype, batch, cvx_max_n, cvx_batch, device="cpu"):
+    qp_cpu = random_qp(batch, n, n, p, dtype)
+    qp = [t.to(device) for t in qp_cpu]
     W = torch.randn(batch, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     ours = Ours()
     z, grads = forward_backward(ours, qp, W)
     sol = ours.last
-    z_ref, grads_ref, certified = reference_batch(qp, W, (sol.lam > sol.slack).numpy())
+    z_ref, grads_ref, certified = reference_batch(qp_cpu, W, (sol.lam > sol.slack).cpu().numpy())
     rows = certified
     scale = max(float(r[rows].abs().max()) for r in grads_ref if r[rows].numel())
-    row = {"n": n, "p": p, "dtype": str(dtype).split(".")[-1], "batch": batch,
+    row = {"n": n, "p": p, "dtype": str(dtype).split(".")[-1], "batch": batch, "device": str(device),
            "certified": int(certified.sum()), "grad_scale": scale,
            "ours_not_converged": int((sol.status != QPStatus.CONVERGED).sum()),
            "ours_iters_mean": float(sol.iterations.float().mean()), "ours_iters_max": int(sol.iterations.max()),
@@ -185,8 +186,8 @@ def accuracy_row(n, p, dtype, batch, cvx_max_n, cvx_batch):
         row["qpth_z_err"], row["qpth_grad_err"] = max_errors(zq, gq, z_ref, grads_ref, rows)
         row["ours_minus_qpth_z"], row["ours_minus_qpth_grad"] = max_errors(z, grads, zq, gq, torch.ones_like(rows))
     cvx = make_cvxpylayers(n, n, p) if n <= cvx_max_n else None
-    if cvx is not None:  # on the first cvx_batch problems: it solves them one by one
-        sub = [t[:cvx_batch] for t in qp]
+    if cvx is not None:  # on the first cvx_batch problems: it solves them one by one (on the CPU)
+        sub = [t[:cvx_batch] for t in qp_cpu]
         zc, gc = forward_backward(cvx, sub, W[:cvx_batch])
         row["cvxpylayers_z_err"], row["cvxpylayers_grad_err"] = max_errors(
             zc, gc, z_ref[:cvx_batch], [r[:cvx_batch] for r in grads_ref], rows[:cvx_batch])
@@ -196,19 +197,21 @@ def accuracy_row(n, p, dtype, batch, cvx_max_n, cvx_batch):
 # --- speed -------------------------------------------------------------------------------------
 
 
-def speed_row(n, p, dtype, batch, repeats, cvx_max_n):
-    qp = random_qp(batch, n, n, p, dtype)
+def speed_row(n, p, dtype, batch, repeats, cvx_max_n, device="cpu"):
+    qp = [t.to(device) for t in random_qp(batch, n, n, p, dtype)]
     W = torch.randn(batch, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    impls = [Ours()] + [f for f in (make_qpth(), make_cvxpylayers(n, n, p) if n <= cvx_max_n else None) if f]
+    cvx = make_cvxpylayers(n, n, p) if n <= cvx_max_n and str(device) == "cpu" else None
+    impls = [Ours()] + [f for f in (make_qpth(), cvx) if f]
     times = {f.name: [] for f in impls}
     for f in impls:  # warm up (first-call allocations, cvxpylayers' canonicalisation)
         forward_backward(f, qp, W)
     for _ in range(repeats):  # interleaved: a slow spell of the machine hits every implementation
         for f in impls:
             start = time.perf_counter()
-            forward_backward(f, qp, W)
+            forward_backward(f, qp, W)  # ends with a copy to the CPU: the device has finished
             times[f.name].append(time.perf_counter() - start)
-    row = {"n": n, "p": p, "dtype": str(dtype).split(".")[-1], "batch": batch, "repeats": repeats}
+    row = {"n": n, "p": p, "dtype": str(dtype).split(".")[-1], "batch": batch, "repeats": repeats,
+           "device": str(device)}
     for name, ts in times.items():
         row[f"{name}_fwdbwd_s"] = statistics.median(ts)
         row[f"{name}_all_s"] = ts
@@ -262,16 +265,18 @@ def markdown(meta, acc, speed):
     return "\n".join(lines) + "\n"
 
 
-def cholesky_ms(repeats=21):
+def cholesky_ms(repeats=21, device="cpu"):
     """Why float32 inputs may run in float64 on CPU: the main cost barely depends on the dtype."""
     out = {}
     for dtype in (torch.float64, torch.float32):
         M = torch.randn(128, 100, 100, dtype=dtype, generator=torch.Generator().manual_seed(0))
-        M = M @ M.mT + 100 * torch.eye(100, dtype=dtype)
+        M = (M @ M.mT + 100 * torch.eye(100, dtype=dtype)).to(device)
         ts = []
         for _ in range(repeats):
             start = time.perf_counter()
             torch.linalg.cholesky_ex(M, upper=True)
+            if M.is_cuda:
+                torch.cuda.synchronize()
             ts.append(time.perf_counter() - start)
         out[str(dtype).split(".")[-1]] = statistics.median(ts) * 1e3
     return out
@@ -298,16 +303,22 @@ def main():
     parser.add_argument("--cvxpylayers-speed-max-n", type=int, default=50,
                         help="time cvxpylayers up to this n (and up to --cvxpylayers-max-n)")
     parser.add_argument("--out", default="qp_layer")
+    parser.add_argument("--device", default="cpu", help="where our solver and qpth run (cvxpylayers and the "
+                        "exact reference stay on the CPU)")
     parser.add_argument("--part", choices=["all", "accuracy", "speed"], default="all",
                         help="run one part and keep the other part's rows from an earlier run's JSON "
                              "(accuracy needs no quiet machine, speed needs an otherwise idle machine)")
     args = parser.parse_args()
     args.speed_sizes = args.speed_sizes or args.sizes
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is visible here; use --device cpu")
     cvx_speed_max_n = min(args.cvxpylayers_speed_max_n, args.cvxpylayers_max_n)
     torch.set_num_threads(args.threads)
     meta = {"torch": torch.__version__, "qpth": version("qpth"), "cvxpylayers": version("cvxpylayers"),
             "threads": torch.get_num_threads(), "batch": args.batch, "repeats": args.repeats,
-            "cpu": platform.processor() or platform.machine()}
+            "cpu": platform.processor() or platform.machine(), "device": args.device}
+    if args.device != "cpu":
+        meta["device"] = torch.cuda.get_device_name(args.device)
     acc, speed = [], []
     RESULTS.mkdir(exist_ok=True)
     previous = RESULTS / f"{args.out}.json"
@@ -317,7 +328,7 @@ def main():
         meta["cholesky_ms"] = old["meta"].get("cholesky_ms")
         meta["repeats"] = old["meta"].get("repeats", args.repeats) if args.part == "accuracy" else args.repeats
     if args.part != "accuracy":
-        meta["cholesky_ms"] = cholesky_ms()
+        meta["cholesky_ms"] = cholesky_ms(device=args.device)
 
     def save():
         payload = {"meta": meta, "accuracy": acc, "speed": speed, "rows": speed}  # rows: gpu_check reads them
@@ -327,13 +338,14 @@ def main():
     for n in args.sizes if args.part != "speed" else []:
         for p in sorted({0, n // 2}):
             for dtype in (torch.float64, torch.float32):
-                acc.append(accuracy_row(n, p, dtype, args.batch, args.cvxpylayers_max_n, args.cvxpylayers_batch))
+                acc.append(accuracy_row(n, p, dtype, args.batch, args.cvxpylayers_max_n, args.cvxpylayers_batch,
+                                        args.device))
                 print({k: v for k, v in acc[-1].items()}, flush=True)
                 save()
     for n in args.speed_sizes if args.part != "accuracy" else []:
         for p in sorted({0, n // 2}):
             for dtype in (torch.float64, torch.float32):
-                speed.append(speed_row(n, p, dtype, args.batch, args.repeats, cvx_speed_max_n))
+                speed.append(speed_row(n, p, dtype, args.batch, args.repeats, cvx_speed_max_n, args.device))
                 print({k: v for k, v in speed[-1].items() if not k.endswith("_all_s")}, flush=True)
                 save()
     print(markdown(meta, acc, speed))

@@ -64,7 +64,7 @@ def meta_step(model: MetaRegression, optimizer: torch.optim.Optimizer, batch, co
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    model._solve_infos.clear()
+    model.solves.pop()
     return float(loss), saved, metrics
 
 

@@ -52,7 +52,7 @@ def test_optnet_layer_is_feasible_and_matches_solve_qp():
     torch.testing.assert_close(z, solve_qp(Q, q, G, h, A, b))
     assert (G @ layer.z0 <= h).all() and torch.allclose(A @ layer.z0, b)  # z0 feasible by construction
     assert (G @ z.detach().T <= h[:, None] + 1e-8).all()
-    assert layer.solver_metrics()["nonconverged_frac"] == 0.0
+    assert bool(layer.solves.last["qp"].converged.all())
 
 
 def test_optnet_layer_gradcheck_through_its_parameters():
@@ -67,7 +67,7 @@ def test_optnet_layer_gradcheck_through_its_parameters():
 
     params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
     layer(q)
-    status = layer.last_solution
+    status = layer.solves.last["qp"]
     assert bool(status.converged.all())
     # strict complementarity (no weakly active constraint), else z*(params) has a kink
     assert bool(((status.lam > 1e-6) | (status.slack > 1e-6)).all())

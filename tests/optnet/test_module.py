@@ -7,6 +7,7 @@ import torch
 
 from ift.data import DigitsDataModule, SudokuDataModule
 from ift.optnet.module import ConvSudoku, MLPClassifier, OptNetClassifier, OptNetSudoku, board_metrics
+from ift.telemetry import SolverDiagnostics
 
 
 def trainer(**kwargs) -> L.Trainer:
@@ -44,15 +45,15 @@ def test_each_model_trains_a_few_steps(cls, data):
     dm = DigitsDataModule(batch_size=32) if data == "digits" else sudoku_data()
     model = cls(input_shape=list(dm.shape), num_classes=dm.num_classes)
     before = params(model)
-    t = trainer(fast_dev_run=3)
+    t = trainer(fast_dev_run=3, callbacks=[SolverDiagnostics()])
     t.fit(model, datamodule=dm)
     assert not torch.equal(before, params(model))
     metrics = t.callback_metrics
     assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["val/loss"])
     assert 0 <= float(metrics["val/acc"]) <= 1
     if cls in (OptNetClassifier, OptNetSudoku):
-        assert float(metrics["optnet/solver_iters"]) >= 1
-        assert float(metrics["optnet/nonconverged_frac"]) == 0.0
+        assert float(metrics["qp/solver_iters"]) >= 1 and float(metrics["val/solver_iters"]) >= 1
+        assert float(metrics["qp/nonconverged_frac"]) == 0.0
 
 
 def test_same_widths_in_optnet_and_mlp_classifiers():
@@ -77,7 +78,7 @@ def test_sudoku_qp_with_the_true_constraints_solves_every_puzzle():
     assert (z.argmax(1) == y).all()
     assert torch.allclose(z.sum(1), torch.ones(len(x), 4, 4), atol=1e-5)  # one digit per cell
     assert (z >= -1e-6).all()
-    assert model.solver_metrics()["nonconverged_frac"] == 0.0
+    assert bool(model.solves.last["qp"].converged.all())
 
 
 def test_board_metrics_count_wrong_puzzles():

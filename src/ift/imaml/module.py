@@ -6,7 +6,8 @@ meta-parameters are one flat vector ``theta``; each task adapts it to ``phi_b`` 
 solved to stationarity, differentiated by the IFT) and the meta-loss is the query MSE at ``phi_b``.
 
 Logged: ``train/loss`` (meta-loss), ``inner/*`` (iMAML: inner iterations, stationarity, share of
-non-stationary tasks), ``ift/*`` (iMAML: CG iterations and residual of the backward solve), and
+non-stationary tasks), ``ift/linsolve_*`` (iMAML: CG iterations and residual of the
+backward solve, recorded in ``solves`` and logged by ``ift.telemetry.SolverDiagnostics``), and
 for val/test ``{stage}/loss`` = query MSE after the method's own adaptation, plus
 ``{stage}/mse_gd{k}`` = query MSE after ``k`` plain gradient steps of size ``eval_lr`` for every
 ``k`` in ``eval_steps``: the same protocol for both methods.
@@ -21,7 +22,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from ift.implicit import LinearSolveInfo
+from ift.implicit import SolveRecorder
 from ift.imaml.meta import FunctionalMLP, InnerSolver, gradient_steps, imaml_adapt, meta_loss, solve_inner, task_mse
 
 METHODS = ("maml", "imaml")
@@ -86,7 +87,7 @@ class MetaRegression(L.LightningModule):
             raise ValueError(f"model.inner: {err}; fields are {list(InnerSolver.__dataclass_fields__)}") from None
         self.net = FunctionalMLP(hidden, activation=activation)
         self.theta = nn.Parameter(self.net.init(torch.Generator().manual_seed(_steps("init_seed", init_seed))))
-        self._solve_infos: list[LinearSolveInfo] = []
+        self.solves = SolveRecorder()  # the backward's CG solve, logged by SolverDiagnostics
 
     # --- adaptation ---
 
@@ -95,7 +96,7 @@ class MetaRegression(L.LightningModule):
         if self.method == "maml":
             return gradient_steps(self.net, self.theta, xs, ys, self.inner_steps, self.inner_lr, create_graph), None, {}
         if create_graph:
-            phi, result = imaml_adapt(self.net, self.theta, xs, ys, self.lam, self.inner, on_solve=self._solve_infos.append)
+            phi, result = imaml_adapt(self.net, self.theta, xs, ys, self.lam, self.inner, on_solve=self.solves.record)
         else:
             result = solve_inner(self.net, self.theta, xs, ys, self.lam, self.inner)
             phi = result.x
@@ -118,18 +119,6 @@ class MetaRegression(L.LightningModule):
         if metrics:
             self.log_dict(metrics, batch_size=len(xs))
         return loss
-
-    def on_after_backward(self) -> None:
-        if self._solve_infos:  # iMAML: the IFT's CG solve ran in this backward
-            info = self._solve_infos[-1]
-            self._solve_infos.clear()
-            self.log_dict(
-                {
-                    "ift/cg_iterations": float(info.max_iterations),
-                    "ift/cg_residual": info.max_residual,
-                    "ift/cg_not_converged_frac": float((~info.converged).float().mean()),
-                }
-            )
 
     def _evaluate(self, batch, stage: str) -> None:
         # Adaptation needs gradients even in validation (Lightning runs it under no_grad).

@@ -9,7 +9,7 @@ per-problem stopping at a relative stationarity tolerance. Worked examples (soft
 """
 
 from ift.implicit.core import implicit_argmin, implicit_fixed_point, implicit_root
-from ift.implicit.diagnostics import ImplicitSolveError, ImplicitSolveWarning, LinearSolveInfo, last_solve_info
+from ift.implicit.diagnostics import ImplicitSolveError, ImplicitSolveWarning, LinearSolveInfo, SolveRecorder
 from ift.implicit.linear_solvers import (
     GMRES,
     CG,
@@ -48,7 +48,7 @@ __all__ = [
     "LinearSolveInfo",
     "ImplicitSolveWarning",
     "ImplicitSolveError",
-    "last_solve_info",
+    "SolveRecorder",
     "hvp",
     "power_iteration",
     "minimize",

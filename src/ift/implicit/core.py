@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ift.implicit.diagnostics import ImplicitSolveError, ImplicitSolveWarning, LinearSolveInfo, _record
+from ift.implicit.diagnostics import ImplicitSolveError, ImplicitSolveWarning, LinearSolveInfo
 from ift.implicit.linear_solvers import LinearSolver, get_linear_solver
 
 _KINDS = ("root", "argmin", "fixed_point")
@@ -236,7 +236,6 @@ def _ift_gradients(
 
 
 def _report(problem: _Problem, info: LinearSolveInfo) -> None:
-    _record(info)
     if problem.on_solve is not None:
         problem.on_solve(info)
     if not info.all_converged:

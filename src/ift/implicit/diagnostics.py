@@ -8,7 +8,6 @@ bad gradient is never returned silently. NaN/Inf raise :class:`ImplicitSolveErro
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -61,23 +60,20 @@ class LinearSolveInfo:
         )
 
 
-# Backward may run on an autograd worker thread (one per CUDA device), so a thread-local would
-# not be visible to the caller; a lock-protected global holds the latest info instead.
-_lock = threading.Lock()
-_last_info: LinearSolveInfo | None = None
+class SolveRecorder:
+    """The latest solve reports of one module, by kind: ``"ift"`` (backward linear solves), ``"qp"``,
+    ``"inner"`` (forward solves). Pass ``recorder.record`` as ``on_solve``; the
+    :class:`ift.telemetry.SolverDiagnostics` callback logs and clears them at each batch end.
 
-
-def _record(info: LinearSolveInfo) -> None:
-    global _last_info
-    with _lock:
-        _last_info = info
-
-
-def last_solve_info() -> LinearSolveInfo | None:
-    """The :class:`LinearSolveInfo` of the most recent implicit backward solve in this process.
-
-    With several backward passes running concurrently "most recent" is ambiguous; pass
-    ``on_solve=`` to the implicit function instead, which is called with the info of that layer.
+    Per module, not per process: concurrent models never read each other's reports.
     """
-    with _lock:
-        return _last_info
+
+    def __init__(self) -> None:
+        self.last: dict[str, object] = {}
+
+    def record(self, info: object, kind: str = "ift") -> None:
+        self.last[kind] = info
+
+    def pop(self) -> dict[str, object]:
+        last, self.last = self.last, {}
+        return last

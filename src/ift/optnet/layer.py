@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ift.optnet.qp import QPSolution, QPStatus, solve_qp_with_info
+from ift.implicit.diagnostics import SolveRecorder
+from ift.optnet.qp import solve_qp_with_info
 
 
 class OptNetLayer(nn.Module):
@@ -14,7 +15,7 @@ class OptNetLayer(nn.Module):
 
     As in the OptNet paper: Q = L L^T + eps I (positive definite), h = G z0 + s0 with s0 >= 0 and
     b = A z0, so z0 is feasible for every parameter value. The input is the linear term q
-    (batch, n). After each call `last_solution` holds the solver's status and iteration counts.
+    (batch, n). Each call records its `QPSolution` (status, iterations) in `solves` as kind "qp".
     """
 
     def __init__(self, n: int, n_ineq: int, n_eq: int = 0, eps: float = 1e-4, max_iter: int = 50):
@@ -32,7 +33,7 @@ class OptNetLayer(nn.Module):
         self.z0 = nn.Parameter(torch.zeros(n))
         self.s0_raw = nn.Parameter(torch.zeros(n_ineq))  # s0 = softplus(s0_raw) > 0
         self.A = nn.Parameter(torch.randn(n_eq, n) / n**0.5) if n_eq else None
-        self.last_solution: QPSolution | None = None
+        self.solves = SolveRecorder()
         self.solve_kwargs: dict = {"max_iter": max_iter}
 
     def qp_parameters(self) -> tuple[torch.Tensor, ...]:
@@ -48,18 +49,8 @@ class OptNetLayer(nn.Module):
             raise ValueError(f"OptNetLayer: input q must have shape (batch, {self.n}), got {tuple(q.shape)}")
         Q, G, h, A, b = self.qp_parameters()
         sol = solve_qp_with_info(Q, q, G, h, A, b, strict=True, **self.solve_kwargs)
-        self.last_solution = sol
+        self.solves.record(sol, "qp")
         return sol.z
-
-    def solver_metrics(self) -> dict[str, float]:
-        """Mean interior point iterations and the fraction of non-converged examples of the last call."""
-        sol = self.last_solution
-        if sol is None:
-            return {}
-        return {
-            "solver_iters": sol.iterations.float().mean().item(),
-            "nonconverged_frac": (sol.status != QPStatus.CONVERGED).float().mean().item(),
-        }
 
 
 def sparsemax_qp(theta: torch.Tensor, tol: float | None = None) -> torch.Tensor:

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ift.implicit.diagnostics import SolveRecorder
 from ift.optnet.layer import OptNetLayer
-from ift.optnet.qp import QPStatus, solve_qp_with_info
+from ift.optnet.qp import solve_qp_with_info
 
 SUDOKU_SHAPE = (4, 4, 4)  # (digit, row, col), as ift.data.SudokuDataModule yields
 
@@ -46,21 +47,16 @@ def check_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
 class _SupervisedModule(L.LightningModule):
     """Shared steps: subclasses implement `compute(batch) -> (loss, metrics)`, where metrics holds
     per-batch means (at least "acc") and, optionally, per-batch sums under keys ending in "_errors".
-    Solver statistics of the last QP solve come from `solver_metrics()`."""
+    QP modules record their solves in a `SolveRecorder` (`solves`); `SolverDiagnostics` logs them."""
 
     def compute(self, batch) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
-
-    def solver_metrics(self) -> dict[str, float]:
-        return {}
 
     def training_step(self, batch, batch_idx):
         loss, metrics = self.compute(batch)
         size = len(batch[0])
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/acc", metrics["acc"], batch_size=size)
-        for key, value in self.solver_metrics().items():
-            self.log(f"optnet/{key}", value, batch_size=size, on_epoch=True)
         return loss
 
     def _eval_step(self, batch, stage: str) -> None:
@@ -70,9 +66,6 @@ class _SupervisedModule(L.LightningModule):
         for key, value in metrics.items():
             reduce = "sum" if key.endswith("_errors") else "mean"
             self.log(f"{stage}/{key}", value.float(), batch_size=size, reduce_fx=reduce, sync_dist=True)
-        if stage == "test":
-            for key, value in self.solver_metrics().items():
-                self.log(f"test/{key}", value, batch_size=size)
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, "val")
@@ -138,9 +131,6 @@ class OptNetClassifier(_Classifier):
         self._build(input_shape, num_classes, hidden, width, lr, weight_decay,
                     OptNetLayer(width, n_ineq, n_eq, eps=eps, max_iter=max_iter))
 
-    def solver_metrics(self) -> dict[str, float]:
-        return self.middle.solver_metrics()
-
 
 class MLPClassifier(_Classifier):
     """`OptNetClassifier` with the OptNet layer replaced by FC(width, width) + ReLU."""
@@ -203,7 +193,7 @@ class OptNetSudoku(_SupervisedModule):
         self.A = nn.Parameter(torch.randn(n_eq, n) / n**0.5)
         inverse_softplus_quarter = torch.log(torch.expm1(torch.tensor(0.25)))
         self.z0_raw = nn.Parameter(torch.full((n,), float(inverse_softplus_quarter)))
-        self._last_solution = None
+        self.solves = SolveRecorder()
 
     def forward(self, x: Tensor) -> Tensor:
         """Puzzle one-hot (B, 4, 4, 4) -> QP solution z (B, 4, 4, 4), same layout."""
@@ -214,7 +204,7 @@ class OptNetSudoku(_SupervisedModule):
         zeros = torch.zeros(self.n, dtype=q.dtype, device=q.device)
         b = self.A @ F.softplus(self.z0_raw)
         sol = solve_qp_with_info(self.eps * eye, q, -eye, zeros, self.A, b, strict=True, max_iter=self.max_iter)
-        self._last_solution = sol
+        self.solves.record(sol, "qp")
         return sol.z.view_as(x)
 
     def compute(self, batch):
@@ -222,13 +212,6 @@ class OptNetSudoku(_SupervisedModule):
         z = self(x)
         target = F.one_hot(y, 4).permute(0, 3, 1, 2).to(z.dtype)
         return F.mse_loss(z, target), board_metrics(z.argmax(1), y)
-
-    def solver_metrics(self) -> dict[str, float]:
-        sol = self._last_solution
-        if sol is None:
-            return {}
-        return {"solver_iters": sol.iterations.float().mean().item(),
-                "nonconverged_frac": (sol.status != QPStatus.CONVERGED).float().mean().item()}
 
 
 class ConvSudoku(_SupervisedModule):

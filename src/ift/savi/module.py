@@ -33,7 +33,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from ift.implicit import get_linear_solver, implicit_argmin
+from ift.implicit import SolveRecorder, get_linear_solver, implicit_argmin
 from ift.implicit.minimize import MinimizeResult
 from ift.savi.inner import InnerConfig, proximal_objective, refine
 from ift.savi.model import GaussianVAE
@@ -129,6 +129,7 @@ class SAVIModule(pl.LightningModule):
             inner_kwargs["checkpoint_segments"] = max(1, round(math.sqrt(int(inner_kwargs.get("steps", 20)))))
         self.inner_cfg = InnerConfig(**inner_kwargs)
         self.ift_cfg = IFTConfig.from_dict(ift)
+        self.solves = SolveRecorder()  # backward linear solves, logged as ift/* by SolverDiagnostics
         policy = self.ift_cfg.nonstationary
         if mode == "savi_ift" and self.inner_cfg.tol == 0 and policy != "ift":
             raise ValueError(f"model.inner.tol=0 leaves every example above tolerance, so "
@@ -206,22 +207,10 @@ class SAVIModule(pl.LightningModule):
         lam_star = implicit_argmin(
             negative_objective, result.x.detach(), lam0, *theta,
             batch_dims=1, linear_solver=self.ift_cfg.linear_solver, tol=self.ift_cfg.tol,
-            maxiter=self.ift_cfg.maxiter, ridge=self.ift_cfg.ridge, on_solve=self._record_solve,
+            maxiter=self.ift_cfg.maxiter, ridge=self.ift_cfg.ridge, on_solve=self.solves.record,
         )
         # Diverged (and, by policy, non-stationary) examples train at lambda_0: the amortized gradient.
         return torch.where(good.unsqueeze(-1), lam_star, lam0)
-
-    def _record_solve(self, info) -> None:
-        self._solve_info = info
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        """The IFT's linear solve runs in backward, after training_step: log its diagnostics here."""
-        info, self._solve_info = getattr(self, "_solve_info", None), None
-        if info is not None:
-            self.log_dict({"ift/linsolve_iters": info.iterations.float().mean(),
-                           "ift/linsolve_residual": info.residual.max(),
-                           "ift/linsolve_unconverged": (~info.converged).float().sum()},
-                          on_step=True, on_epoch=False, batch_size=len(info.iterations))
 
     # --- steps ------------------------------------------------------------------------------
     def _flatten(self, batch) -> torch.Tensor:

@@ -44,3 +44,12 @@ def test_no_module_level_last_solve_info():
 
     assert not hasattr(ift.implicit, "last_solve_info") and not hasattr(diagnostics, "_last_info")
     assert not any(isinstance(v, SolveRecorder) for v in vars(diagnostics).values())
+
+
+def test_unknown_record_is_one_clear_error():
+    import pytest
+
+    from ift.telemetry.diagnostics import solve_metrics
+
+    with pytest.raises(TypeError, match="LinearSolveInfo or a QPSolution"):
+        solve_metrics("inner", object())

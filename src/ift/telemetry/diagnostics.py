@@ -31,8 +31,8 @@ def solve_metrics(kind: str, info: Any) -> dict[str, torch.Tensor]:
         stats = {"solver_iters": info.iterations.float().mean(),
                  "nonconverged_frac": (~info.converged).float().mean()}
     else:
-        stats = {"iterations": info.iterations.float().mean(), "stationarity": info.stationarity.max(),
-                 "nonstationary_frac": (~info.converged).float().mean()}
+        raise TypeError(f"SolverDiagnostics: don't know how to log a {type(info).__name__} recorded as {kind!r}; "
+                        "record a LinearSolveInfo or a QPSolution")
     return {f"{kind}/{name}": value.detach().float() for name, value in stats.items()}
 
 

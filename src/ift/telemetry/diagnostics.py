@@ -3,8 +3,9 @@
 Backward linear solves (kind ``"ift"``) -> ``ift/linsolve_iters`` (mean), ``ift/linsolve_residual``
 (max relative residual), ``ift/linsolve_unconverged`` (count); QP solves (kind ``"qp"``) ->
 ``qp/solver_iters`` (mean), ``qp/nonconverged_frac``. Training logs per step; validation and test
-log epoch means under ``val/``, ``test/`` instead of the kind (``test/solver_iters``). Any other kind with ``iterations``, ``stationarity`` and ``converged`` (a
-``MinimizeResult``) -> ``<kind>/iterations``, ``<kind>/stationarity`` (max), ``<kind>/nonstationary_frac``.
+log epoch means under ``val/``, ``test/`` instead of the kind (``test/solver_iters``).
+Forward inner-solve statistics (SAVI, iMAML ``inner/*``) stay logged by their modules, where they
+are computed.
 """
 
 from __future__ import annotations

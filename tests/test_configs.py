@@ -75,7 +75,7 @@ def compose_with_hydra(*overrides: str):
 def test_slurm_launcher_derives_tasks_per_node_from_the_explicit_device_count():
     from ift.validation import validate_config
 
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")  # a declared dependency
+    import hydra_plugins.hydra_submitit_launcher  # noqa: F401  (a declared dependency: fail, never skip)
     cfg = compose_with_hydra("hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2")
     launcher = cfg.hydra.launcher
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)

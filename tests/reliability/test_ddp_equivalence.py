@@ -94,8 +94,7 @@ class FixedNoiseSAVI(SAVIModule):
 # --- helpers ----------------------------------------------------------------------------------
 def model_config(name: str, tmp_path: Path) -> dict:
     """configs/model/<name>.yaml composed with data=digits, resolved to plain kwargs."""
-    if not (ift.config.CONFIG_DIR / "model" / f"{name}.yaml").exists():
-        pytest.skip(f"configs/model/{name}.yaml not in this checkout")
+    assert (ift.config.CONFIG_DIR / "model" / f"{name}.yaml").exists(), f"configs/model/{name}.yaml is missing"
     cfg = ift.config.compose_config("train", [f"model={name}", "data=digits"], tmp_path / "compose")
     return OmegaConf.to_container(cfg.model, resolve=True)
 

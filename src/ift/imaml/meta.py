@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ift.implicit import LinearSolveInfo, implicit_argmin
 from ift.implicit.fixed_point import proximal_penalty
-from ift.implicit.minimize import MinimizeResult, minimize
+from ift.implicit.minimize import METHODS, MinimizeResult, minimize
 
 
 ACTIVATIONS = {"tanh": torch.tanh, "softplus": torch.nn.functional.softplus, "relu": torch.relu}
@@ -128,8 +128,8 @@ class InnerSolver:
     def __post_init__(self) -> None:
         if self.nonstationary not in ("drop", "ift", "error"):
             raise ValueError(f"model.inner.nonstationary must be drop, ift or error, got {self.nonstationary!r}")
-        if self.method not in ("sgd", "adam", "newton"):
-            raise ValueError(f"model.inner.method must be sgd, adam or newton, got {self.method!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"model.inner.method must be one of {METHODS}, got {self.method!r}")
         for key in ("max_iter", "cg_maxiter"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

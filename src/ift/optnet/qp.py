@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from ift.optnet.kkt import ConstraintSpace, ReducedFactor
+from ift.optnet.kkt import ConstraintSpace, ReducedFactor, bmtv, bmv
 
 
 class QPStatus(enum.IntEnum):
@@ -152,16 +152,6 @@ def _batched(t: torch.Tensor, rank: int, batch: int) -> torch.Tensor:
     return t if t.dim() == rank + 1 else t.unsqueeze(0).expand(batch, *t.shape)
 
 
-# Batched matrix-vector products written as row-vector @ matrix: on CPU this is an order of
-# magnitude faster than bmm with a single right-hand column.
-def _bmv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return (v.unsqueeze(-2) @ M.transpose(-1, -2)).squeeze(-2)
-
-
-def _bmtv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return (v.unsqueeze(-2) @ M).squeeze(-2)
-
-
 def _inf_norm(v: torch.Tensor) -> torch.Tensor:
     return v.abs().amax(-1) if v.shape[-1] > 0 else v.new_zeros(v.shape[:-1])
 
@@ -200,9 +190,9 @@ def _measure(P: _Problem, z, s, lam, nu):
     primal / dual infeasibility.
     """
     cs, n, p = P.cs, z.shape[-1], nu.shape[-1]
-    QAGz = _bmv(cs.QC, z)
+    QAGz = bmv(cs.QC, z)
     Qz, Az, Gz = QAGz[:, :n], QAGz[:, n : n + p], QAGz[:, n + p :]
-    Gt_lam, At_nu = _bmtv(cs.G, lam), _bmtv(cs.A, nu) if p else torch.zeros_like(z)
+    Gt_lam, At_nu = bmtv(cs.G, lam), bmtv(cs.A, nu) if p else torch.zeros_like(z)
     rd = Qz + P.q + Gt_lam + At_nu
     rp = Gz + s - P.h
     re = Az - P.b
@@ -254,7 +244,7 @@ def _equality_solve(P: _Problem, active: torch.Tensor):
     F = ReducedFactor.active_set(P.cs, active)
     z, nu, y = F.solve(-P.q, P.b, F.to_slots(P.h), refine=True)
     lam = F.from_slots(y)
-    return F, (z, P.h - _bmv(F.cs.G, z), lam, nu)
+    return F, (z, P.h - bmv(F.cs.G, z), lam, nu)
 
 
 def _kkt_ok(res, tol):
@@ -334,7 +324,7 @@ def _solve(P: _Problem, tol: float, max_iter: int) -> _Result:
 
     # Start from the solution of the problem with unit barrier weights, then shift s, lam > 0.
     z, nu, _ = ReducedFactor.barrier(P.cs, torch.ones_like(P.h)).solve(-P.q, P.b, P.h)
-    Gz_h = _bmv(P.cs.G, z) - P.h
+    Gz_h = bmv(P.cs.G, z) - P.h
     s, lam = _shift_positive(-Gz_h), _shift_positive(Gz_h)
 
     live = torch.arange(P.h.shape[0], device=P.h.device)

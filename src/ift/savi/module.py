@@ -34,6 +34,7 @@ import lightning.pytorch as pl
 import torch
 
 from ift.implicit import SolveRecorder, get_linear_solver, implicit_argmin
+from ift.implicit.core import _at_least_float32
 from ift.implicit.minimize import MinimizeResult
 from ift.savi.inner import InnerConfig, proximal_objective, refine
 from ift.savi.model import GaussianVAE
@@ -41,11 +42,6 @@ from ift.savi.model import GaussianVAE
 MODES = ("vae", "svi", "savi_unrolled", "savi_checkpointed", "savi_ift")
 UNROLLED = ("savi_unrolled", "savi_checkpointed")
 NONSTATIONARY_POLICIES = ("amortized", "ift", "error")
-
-
-def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
-    """float16 / bfloat16 (autocast outputs) to float32; float32 / float64 unchanged."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 class NonStationaryWarning(RuntimeWarning):

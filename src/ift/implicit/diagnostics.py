@@ -61,9 +61,10 @@ class LinearSolveInfo:
 
 
 class SolveRecorder:
-    """The latest solve reports of one module, by kind: ``"ift"`` (backward linear solves), ``"qp"``,
-    ``"inner"`` (forward solves). Pass ``recorder.record`` as ``on_solve``; the
-    :class:`ift.telemetry.SolverDiagnostics` callback logs and clears them at each batch end.
+    """The latest solve reports of one module, by kind: ``"ift"`` (backward linear solves) and ``"qp"``
+    (forward inner-solve statistics stay logged by the modules). Pass ``recorder.record`` as
+    ``on_solve``; the :class:`ift.telemetry.SolverDiagnostics` callback logs and clears them at each
+    batch end.
 
     Per module, not per process: concurrent models never read each other's reports.
     """

@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from ift.implicit.linear_solvers import default_check_every
+
 
 @dataclass
 class FixedPointResult:
@@ -58,7 +60,7 @@ def fixed_point(
     _check("max_iter", isinstance(max_iter, int) and max_iter >= 1, max_iter, "an int >= 1")
     _check("damping", isinstance(damping, (int, float)) and 0 < damping <= 1, damping, "in (0, 1]")
     if check_every is None:
-        check_every = 1 if x0.device.type == "cpu" else 8
+        check_every = default_check_every(x0.device)
     _check("check_every", isinstance(check_every, int) and check_every >= 1, check_every, "an int >= 1")
 
     def relative_residual(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,6 +37,11 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(dim=-1, keepdim=True)
 
 
+def default_check_every(device: torch.device) -> int:
+    """Iterations between host-side "all rows stopped?" tests: 1 on CPU, 8 on accelerators."""
+    return 1 if device.type == "cpu" else 8
+
+
 def _all_stopped(active: torch.Tensor, k: int, check_every: int) -> bool:
     """Host-side test that no row is active, asked only every ``check_every`` iterations."""
     return k % check_every == 0 and not bool(active.any())
@@ -129,7 +134,7 @@ class LinearSolver:
     def _check_every(self, b: torch.Tensor) -> int:
         if self.check_every is not None:
             return self.check_every
-        return 1 if b.device.type == "cpu" else 8
+        return default_check_every(b.device)
 
     def _iterate(self, matvec: MatVec, b, x, r, threshold, maxiter):  # pragma: no cover - abstract
         raise NotImplementedError

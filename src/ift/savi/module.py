@@ -61,7 +61,7 @@ class IFTConfig:
     """
 
     linear_solver: str = "cg"
-    tol: float = 1e-6
+    tol: float | None = None  # None: the core's per-dtype default (1e-5 float32, 1e-10 float64)
     maxiter: int = 100
     ridge: float = 0.0
     nonstationary: str = "amortized"

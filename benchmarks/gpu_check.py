@@ -9,8 +9,9 @@ Checks, each with its own timeout and a recorded status (ok / failed / timeout /
                report an unconverged CG solve nor stop its inner solve above tolerance on > 10% of a batch;
 - ddp:*        savi_ift under trainer=ddp on all visible GPUs (skipped, with the reason, on one GPU);
 - bench:*      benchmarks/qp_layer.py, savi_memory_speed.py (CUDA peak memory from
-               torch.cuda.max_memory_allocated) and implicit_vs_unrolled.py with small settings, run
-               from a temporary copy so their committed results are not overwritten.
+               torch.cuda.max_memory_allocated), implicit_vs_unrolled.py and host_checks.py (solves
+               with host stopping tests every 1 vs 8 iterations) with small settings, run from a
+               temporary copy so their committed results are not overwritten.
 
 Writes benchmarks/results/gpu_check.{json,md} (device name, torch/CUDA versions, per-check status,
 time and key numbers) after every check, so a killed run still leaves its report.
@@ -46,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = ROOT / "configs"
 PAIRS_TEST = ROOT / "tests" / "test_configs.py"
-BENCHMARKS = ("qp_layer", "savi_memory_speed", "implicit_vs_unrolled")
+BENCHMARKS = ("qp_layer", "savi_memory_speed", "implicit_vs_unrolled", "host_checks")
 # Data configs read from files under data.root; a GPU machine may not have them.
 FILE_DATA = {"mnist", "fashion_mnist", "cifar10"}
 UNCONVERGED_CG = re.compile(r"cg: (\d+)/(\d+) problems not converged")
@@ -300,6 +301,8 @@ def bench_settings(name: str, args, out_json: Path) -> list[str]:
         steps = ["2"] if args.smoke else ["5", "50"]
         return ["--steps", *steps, "--batch-size", "8" if args.smoke else "128", "--repeats",
                 "1" if args.smoke else "3", "--out", str(out_json), *dev]
+    if name == "host_checks":
+        return ["--repeats", "1" if args.smoke else "5", "--out", str(out_json.with_suffix("")), *dev]
     dims = ["16"] if args.smoke else ["256", "1024"]
     return ["--dims", *dims, "--iters", "10" if args.smoke else "100", "--repeats", "1" if args.smoke else "5",
             "--torchopt-dims", *dims, "--torchopt-repeats", "1" if args.smoke else "5", "--dtype", "float32",
@@ -373,7 +376,12 @@ def summarize_implicit(payload: dict, args) -> dict:
     return numbers
 
 
-SUMMARIES = {"qp_layer": summarize_qp, "savi_memory_speed": summarize_savi, "implicit_vs_unrolled": summarize_implicit}
+def summarize_host_checks(payload: dict, args) -> dict:
+    return {f"{r['case'].split(' (')[0]}: time every 8 / every 1": round(r["ratio_8_over_1"], 3) for r in payload["rows"]}
+
+
+SUMMARIES = {"qp_layer": summarize_qp, "savi_memory_speed": summarize_savi, "implicit_vs_unrolled": summarize_implicit,
+             "host_checks": summarize_host_checks}
 
 
 # --- report -----------------------------------------------------------------------------------------

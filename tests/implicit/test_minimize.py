@@ -145,6 +145,38 @@ def test_compaction_gives_the_same_result():
     assert plain.iterations.min() < plain.iterations.max()  # problems did stop at different times
 
 
+@pytest.mark.parametrize("method,kwargs", [("newton", {}), ("sgd", dict(lr=0.05, momentum=0.5)),
+                                           ("adam", dict(lr=0.05))])
+@pytest.mark.parametrize("compact", [False, True])
+def test_sparse_host_checks_give_the_same_result(method, kwargs, compact):
+    """Reading the stopping flags every 8 iterations (the accelerator default) only delays the
+    "all stopped" exit: stopped problems are masked, so points, counts and flags are unchanged."""
+    c = torch.randn(16, 3, generator=torch.Generator().manual_seed(4))
+    x0 = torch.randn(16, 3, generator=torch.Generator().manual_seed(5))
+    run = lambda every: minimize(double_well, x0, method=method, rtol=1e-8, max_iter=300, args=(c,),  # noqa: E731
+                                 compact=compact, check_every=every, **kwargs)
+    every_step, sparse = run(1), run(8)
+    torch.testing.assert_close(sparse.x, every_step.x, rtol=0, atol=0)
+    assert torch.equal(sparse.iterations, every_step.iterations)
+    assert torch.equal(sparse.converged, every_step.converged) and every_step.converged.any()
+    assert every_step.iterations.min() < every_step.iterations.max()
+
+
+def test_host_reads_happen_only_every_check_every_iterations(monkeypatch):
+    """Each bool()/int() of a tensor is a device synchronisation on a GPU: count them in the loop."""
+    reads = []
+    for name in ("__bool__", "__int__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, _f=original: reads.append(1) or _f(t))
+    a, c = quadratic_problem(batch=8)
+    for every, expected_max in ((1, 2 * 64), (8, 2 * 64 // 8)):
+        reads.clear()
+        minimize(quad(a, c), torch.zeros(8, 4), method="sgd", lr=1e-3, rtol=0, max_iter=64, check_every=every)
+        in_loop = len(reads) - 2  # _finish asks whether a last step is undone and whether any diverged
+        assert in_loop <= expected_max, (every, len(reads))
+    assert in_loop >= 64 // 8  # and the sparse loop still checks
+
+
 @pytest.mark.parametrize("method", ["newton", "sgd"])
 def test_unrolled_and_checkpointed_gradients_equal_the_ift(method):
     """Unrolling to convergence, with or without checkpointing, gives the implicit gradient."""
@@ -212,6 +244,7 @@ def test_curvature_callable_is_used():
     (dict(rtol=-1.0), "rtol"),
     (dict(checkpoint_segments=2), "checkpoint_segments needs create_graph"),
     (dict(damping=0.0), "damping"),
+    (dict(check_every=0), "check_every"),
 ])
 def test_bad_arguments_are_one_line_errors(kwargs, match):
     a, c = quadratic_problem()

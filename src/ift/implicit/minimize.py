@@ -41,6 +41,8 @@ from typing import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ift.implicit.linear_solvers import default_check_every
+
 METHODS = ("newton", "sgd", "adam")
 TRIALS_PER_HESSIAN = 4  # newton: damped steps tried per Hessian before the next iteration
 NOISE_ULPS = 100  # newton: predicted decreases below this many eps * (1 + |f|) are taken on trust
@@ -164,6 +166,7 @@ def minimize(
     checkpoint_segments: int | None = None,
     args: tuple[torch.Tensor, ...] = (),
     compact: bool = False,
+    check_every: int | None = None,
 ) -> MinimizeResult:
     """Minimise ``objective(x) -> (B,)`` from ``x0`` (B, n), each row to relative stationarity.
 
@@ -195,17 +198,27 @@ def minimize(
             each with the problem batch as dim 0, so they can be called on any subset of rows:
             once at most half the problems are still active, iterate on those rows only. The
             tail of slow problems then costs what they cost, not what the whole batch costs.
+        check_every: iterations between host-side reads of the per-problem stopping flags (the
+            "all stopped?" test, compaction, Newton's trial loop); problems still stop
+            individually at every iteration, in between they are masked on the device. Default:
+            1 for ``"newton"`` (an iteration builds a Hessian, so one host read per iteration is
+            negligible and stopping early saves whole Hessians), else 1 on CPU and 8 on
+            accelerators, where every read is a device synchronisation.
 
     Returns:
         :class:`MinimizeResult`. Diverged problems fall back to ``x0`` with a
         :class:`MinimizeDivergenceWarning`.
     """
     _check_args(method, x0, max_iter, rtol, lr, damping, checkpoint_segments, create_graph)
+    if check_every is None:
+        check_every = 1 if method == "newton" else default_check_every(x0.device)
+    if not (isinstance(check_every, int) and check_every >= 1):
+        raise ValueError(f"minimize: check_every must be an int >= 1, got {check_every!r}")
     x = x0 if create_graph else x0.detach()
     args = tuple(args) if create_graph else tuple(a.detach() for a in args)
     step = _newton_iteration if method == "newton" else _first_order_iteration
     opts = dict(method=method, rtol=rtol, lr=lr, momentum=momentum, betas=betas, clip=clip, max_abs=max_abs,
-                create_graph=create_graph)
+                create_graph=create_graph, check_every=check_every)
     state = _initial_state(x, method, lr, damping)
     if checkpoint_segments is None:
         state = _loop(step, state, (objective, curvature), args, 0, max_iter, opts, compact)
@@ -244,18 +257,24 @@ def _run_segment(step, keys, start, count, fns, opts, *values):
 
 def _loop(step, state, fns, args, start, stop, opts, compact):
     """Iterations start..stop-1; once at most half the problems are active (and the objective takes
-    its per-problem data through `args`), continue on those rows only and scatter them back."""
+    its per-problem data through `args`), continue on those rows only and scatter them back.
+
+    The host reads the active flags only every `check_every` iterations; in between, stopped
+    problems are carried along masked (every step leaves an inactive problem unchanged).
+    """
     for k in range(start, stop):
-        active = state["active"]
-        n_active = int(active.sum())
-        if n_active == 0:
-            break
-        if compact and n_active <= active.shape[0] // 2:
-            idx = active.nonzero().squeeze(1)
-            sub = _loop(step, {key: v[idx] for key, v in state.items()}, fns, tuple(a[idx] for a in args),
-                        k, stop, opts, compact)
-            return {key: v.index_put((idx,), sub[key]) for key, v in state.items()}
-        state = step(state, k, **_bind(*fns, args), **opts)
+        check = k % opts["check_every"] == 0
+        if check:
+            active = state["active"]
+            n_active = int(active.sum())
+            if n_active == 0:
+                break
+            if compact and n_active <= active.shape[0] // 2:
+                idx = active.nonzero().squeeze(1)
+                sub = _loop(step, {key: v[idx] for key, v in state.items()}, fns, tuple(a[idx] for a in args),
+                            k, stop, opts, compact)
+                return {key: v.index_put((idx,), sub[key]) for key, v in state.items()}
+        state = step(state, k, **_bind(*fns, args), **opts, check=check)
     return state
 
 
@@ -281,7 +300,7 @@ def _slack(value: torch.Tensor) -> torch.Tensor:
     return 8 * torch.finfo(value.dtype).eps * (1 + value.detach().abs())
 
 
-def _newton_iteration(state, k, *, objective, rtol, curvature, max_abs, create_graph, **_):
+def _newton_iteration(state, k, *, objective, rtol, curvature, max_abs, create_graph, check, **_):
     """Evaluate at x; stop converged problems; else damped Newton trials, accepted per problem."""
     x, nu = state["x"], state["nu"]
     if curvature is None:
@@ -294,7 +313,7 @@ def _newton_iteration(state, k, *, objective, rtol, curvature, max_abs, create_g
         torch.isfinite(hess.detach()).flatten(1).all(-1)
     diverged = state["diverged"] | (state["active"] & ~finite)
     active = state["active"] & finite & (relative_stationarity(value, grad) > rtol)
-    if not bool(active.any()):
+    if check and not bool(active.any()):
         return {**state, "active": active, "diverged": diverged}
 
     # Damping is a per-problem constant for the unrolled graph (like a step size): computed detached.
@@ -331,7 +350,7 @@ def _newton_iteration(state, k, *, objective, rtol, curvature, max_abs, create_g
         rejected = pending & ~accept
         nu = torch.where(rejected, (nu * 8).clamp_max(1e8), nu)
         pending = rejected
-        if not bool(pending.any()):
+        if check and not bool(pending.any()):  # without a host read: all trials, masked
             break
     accepted = active & ~pending
     return {**state, "x": new_x, "nu": nu, "active": active, "diverged": diverged,
@@ -339,7 +358,7 @@ def _newton_iteration(state, k, *, objective, rtol, curvature, max_abs, create_g
 
 
 def _first_order_iteration(state, k, *, objective, method, rtol, lr, momentum, betas, clip, max_abs,
-                           create_graph, **_):
+                           create_graph, check, **_):
     """Evaluate at x; undo a step that made things worse (halve that problem's step); step again."""
     x, step_size, m1, m2 = state["x"], state["step_size"], state["m1"], state["m2"]
     value, grad = _value_and_grad(objective, x, create_graph)
@@ -357,7 +376,7 @@ def _first_order_iteration(state, k, *, objective, method, rtol, lr, momentum, b
     stopped = {**state, "x": x, "step_size": step_size, "m1": m1, "m2": m2, "active": active,
                "diverged": diverged, "prev_x": x, "prev_value": value, "prev_grad": grad,
                "iterations": state["iterations"] - worse.long()}  # an undone step is not an update
-    if not bool(active.any()):
+    if check and not bool(active.any()):
         return stopped
     g = torch.where(torch.isfinite(grad), grad, torch.zeros_like(grad))
     if clip is not None:

@@ -28,6 +28,7 @@ import torch
 from ift.data.sinusoid import SinusoidDataModule
 from ift.imaml.meta import gradient_steps, meta_loss, task_mse
 from ift.imaml.module import MetaRegression
+from ift.telemetry.diagnostics import solve_metrics
 from ift.telemetry.saved_tensors import SavedTensorCounter
 
 RESULTS = Path(__file__).parent / "results"
@@ -54,17 +55,18 @@ def meta_step(model: MetaRegression, optimizer: torch.optim.Optimizer, batch, co
     xs, ys, xq, yq = batch
     if counter is not None:
         with counter:
-            phi, keep, metrics = model.adapt(xs, ys, create_graph=True)
+            phi, keep = model.adapt(xs, ys, create_graph=True)
             loss = meta_loss(task_mse(model.net, phi, xq, yq), keep)
         saved = counter.live_bytes
     else:
-        phi, keep, metrics = model.adapt(xs, ys, create_graph=True)
+        phi, keep = model.adapt(xs, ys, create_graph=True)
         loss = meta_loss(task_mse(model.net, phi, xq, yq), keep)
         saved = None
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    model.solves.pop()
+    inner = model.solves.pop().get("inner")  # the names SolverDiagnostics logs
+    metrics = {k: float(v) for k, v in solve_metrics("inner", inner).items()} if inner is not None else {}
     return float(loss), saved, metrics
 
 
@@ -104,7 +106,7 @@ def evaluate(model: MetaRegression, loader, eval_steps: list[int]) -> dict[str, 
     count = 0
     for xs, ys, xq, yq in loader:
         with torch.enable_grad():
-            phi, _, _ = model.adapt(xs, ys, create_graph=False)
+            phi, _ = model.adapt(xs, ys, create_graph=False)
             sums["own"] += float(task_mse(model.net, phi.detach(), xq, yq).sum())
             for k in eval_steps:
                 phi_k = gradient_steps(model.net, model.theta.detach(), xs, ys, k, model.eval_lr, create_graph=False)

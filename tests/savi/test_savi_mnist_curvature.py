@@ -160,10 +160,10 @@ def test_nonstationary_policy_on_a_truncated_solve(trained, policy):
     assert bad.float().mean() > 0.5
     if policy == "amortized":  # those examples train at lambda_0
         torch.testing.assert_close(result.x[bad], lam0[bad])
-        assert float(ift._fallback) == int(bad.sum())
+        assert float(ift.solves.last["inner"].fallback) == int(bad.sum())
     else:
         assert not torch.equal(result.x[bad], lam0[bad])
-        assert float(ift._fallback) == 0
+        assert float(ift.solves.last["inner"].fallback) == 0
 
 
 def test_unknown_names_fail_at_start_up_naming_the_key():

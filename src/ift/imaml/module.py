@@ -5,10 +5,11 @@ meta-parameters are one flat vector ``theta``; each task adapts it to ``phi_b`` 
 (``method=maml``: ``inner_steps`` unrolled gradient steps; ``method=imaml``: the proximal problem
 solved to stationarity, differentiated by the IFT) and the meta-loss is the query MSE at ``phi_b``.
 
-Logged: ``train/loss`` (meta-loss), ``inner/*`` (iMAML: inner iterations, stationarity, share of
-non-stationary tasks), ``ift/linsolve_*`` (iMAML: CG iterations and residual of the
-backward solve, recorded in ``solves`` and logged by ``ift.telemetry.SolverDiagnostics``), and
-for val/test ``{stage}/loss`` = query MSE after the method's own adaptation, plus
+Logged: ``train/loss`` (meta-loss); for iMAML, recorded in ``solves`` and logged by
+``ift.telemetry.SolverDiagnostics``: ``inner/*`` (the inner solve: mean and max iterations, max
+stationarity, share of tasks above tolerance; val/test ``{stage}/inner_*``) and ``ift/linsolve_*``
+(CG iterations and residual of the backward solve); for val/test ``{stage}/loss`` = query MSE
+after the method's own adaptation, plus
 ``{stage}/mse_gd{k}`` = query MSE after ``k`` plain gradient steps of size ``eval_lr`` for every
 ``k`` in ``eval_steps``: the same protocol for both methods.
 """
@@ -16,13 +17,14 @@ for val/test ``{stage}/loss`` = query MSE after the method's own adaptation, plu
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
 from ift.implicit import SolveRecorder
+from ift.implicit.diagnostics import InnerSolveInfo
 from ift.imaml.meta import FunctionalMLP, InnerSolver, gradient_steps, imaml_adapt, meta_loss, solve_inner, task_mse
 
 METHODS = ("maml", "imaml")
@@ -38,6 +40,15 @@ def _steps(key: str, value: Any, low: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"model.{key} must be an int >= {low}, got {value!r}")
     return value
+
+
+class IMAMLInnerInfo(InnerSolveInfo):
+    """iMAML's names for its inner-solve statistics (``nonstationary_frac``: the tasks kept out of
+    the meta-loss by ``nonstationary=drop``, diverged ones included)."""
+
+    names: ClassVar[dict[str, str]] = {"iterations": "mean_iterations", "max_iterations": "max_iterations",
+                                       "stationarity": "max_stationarity", "nonstationary_frac": "unconverged_frac"}
+    stage_key: ClassVar[str] = "{stage}/inner_{name}"
 
 
 class MetaRegression(L.LightningModule):
@@ -87,49 +98,42 @@ class MetaRegression(L.LightningModule):
             raise ValueError(f"model.inner: {err}; fields are {list(InnerSolver.__dataclass_fields__)}") from None
         self.net = FunctionalMLP(hidden, activation=activation)
         self.theta = nn.Parameter(self.net.init(torch.Generator().manual_seed(_steps("init_seed", init_seed))))
-        self.solves = SolveRecorder()  # the backward's CG solve, logged by SolverDiagnostics
+        self.solves = SolveRecorder()  # the inner solve and the backward's CG solve, logged by SolverDiagnostics
 
     # --- adaptation ---
 
-    def adapt(self, xs: Tensor, ys: Tensor, create_graph: bool) -> tuple[Tensor, Tensor | None, dict[str, float]]:
-        """Task weights ``phi`` (B, n), the mask of tasks kept in the meta-loss, inner-solve metrics."""
+    def adapt(self, xs: Tensor, ys: Tensor, create_graph: bool) -> tuple[Tensor, Tensor | None]:
+        """Task weights ``phi`` (B, n) and the mask of tasks kept in the meta-loss (None: all). iMAML
+        records its inner solve in ``solves`` (kind ``"inner"``)."""
         if self.method == "maml":
-            return gradient_steps(self.net, self.theta, xs, ys, self.inner_steps, self.inner_lr, create_graph), None, {}
+            return gradient_steps(self.net, self.theta, xs, ys, self.inner_steps, self.inner_lr, create_graph), None
         if create_graph:
             phi, result = imaml_adapt(self.net, self.theta, xs, ys, self.lam, self.inner, on_solve=self.solves.record)
         else:
             result = solve_inner(self.net, self.theta, xs, ys, self.lam, self.inner)
             phi = result.x
-        metrics = {
-            "inner/iterations": float(result.iterations.float().mean()),
-            "inner/max_iterations": float(result.iterations.max()),
-            "inner/stationarity": float(result.stationarity.max()),
-            "inner/nonstationary_frac": float((~result.converged).float().mean()),
-        }
+        self.solves.record(IMAMLInnerInfo.from_result(result), "inner")
         keep = result.converged if self.inner.nonstationary == "drop" else None
-        return phi, keep, metrics
+        return phi, keep
 
     # --- Lightning hooks ---
 
     def training_step(self, batch, batch_idx):
         xs, ys, xq, yq = batch
-        phi, keep, metrics = self.adapt(xs, ys, create_graph=True)
+        phi, keep = self.adapt(xs, ys, create_graph=True)
         loss = meta_loss(task_mse(self.net, phi, xq, yq), keep)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(xs))
-        if metrics:
-            self.log_dict(metrics, batch_size=len(xs))
         return loss
 
     def _evaluate(self, batch, stage: str) -> None:
         # Adaptation needs gradients even in validation (Lightning runs it under no_grad).
         with torch.inference_mode(False), torch.enable_grad():
             xs, ys, xq, yq = (t.clone() for t in batch)
-            phi, _, metrics = self.adapt(xs, ys, create_graph=False)
+            phi, _ = self.adapt(xs, ys, create_graph=False)
             results = {f"{stage}/loss": task_mse(self.net, phi.detach(), xq, yq).mean()}
             for k in self.eval_steps:
                 phi_k = gradient_steps(self.net, self.theta.detach(), xs, ys, k, self.eval_lr, create_graph=False)
                 results[f"{stage}/mse_gd{k}"] = task_mse(self.net, phi_k, xq, yq).mean()
-        results.update({f"{stage}/{k.replace('/', '_')}": v for k, v in metrics.items()})
         self.log_dict(results, prog_bar=False, batch_size=len(xs))
 
     def validation_step(self, batch, batch_idx):

@@ -1,4 +1,5 @@
-"""What the backward linear solve reports: per-problem iterations and residuals, a warning, an error.
+"""What solves report: the backward linear solve (per-problem iterations and residuals, a warning, an
+error) and the forward inner solve (iterations, stationarity, status), both through ``on_solve``.
 
 The IFT needs ``dF/dx`` to be nonsingular at the solution (condition 3 of the theorem). When it is
 singular or badly conditioned the linear solve of the backward pass does not converge; we then warn
@@ -9,8 +10,12 @@ bad gradient is never returned silently. NaN/Inf raise :class:`ImplicitSolveErro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
+
+if TYPE_CHECKING:
+    from ift.implicit.minimize import MinimizeResult
 
 
 class ImplicitSolveWarning(UserWarning):
@@ -60,11 +65,49 @@ class LinearSolveInfo:
         )
 
 
+@dataclass
+class InnerSolveInfo:
+    """Outcome of one batched forward inner solve (:func:`ift.implicit.minimize`), as the application
+    used it; tensors have one entry per problem (detached). ``fallback``: how many problems the
+    application trained without the IFT (SAVI's examples at ``lambda_0``), None where it has none.
+
+    How :class:`ift.telemetry.SolverDiagnostics` logs it: ``names`` maps each logged name (``inner/<name>``
+    in training) to a statistic of ``ift.telemetry.diagnostics.INNER_STATISTICS``; under val/test the
+    name is ``stage_key`` formatted. An application that logs other names subclasses and overrides these
+    two (iMAML); the defaults are SAVI's.
+    """
+
+    iterations: torch.Tensor
+    grad_norm: torch.Tensor
+    stationarity: torch.Tensor
+    converged: torch.Tensor
+    diverged: torch.Tensor
+    rtol: float
+    fallback: torch.Tensor | None = None
+
+    names: ClassVar[dict[str, str]] = {
+        "steps_taken": "mean_iterations",
+        "grad_norm_final": "mean_grad_norm",
+        "stationarity": "median_stationarity",
+        "stationarity_max": "max_stationarity",
+        "nonstationary_frac": "nonstationary_frac",
+        "diverged": "diverged",
+        "fallback": "fallback",
+    }
+    stage_key: ClassVar[str] = "inner/{stage}_{name}"
+
+    @classmethod
+    def from_result(cls, result: "MinimizeResult", fallback: torch.Tensor | None = None) -> "InnerSolveInfo":
+        return cls(result.iterations.detach(), result.grad_norm.detach(), result.stationarity.detach(),
+                   result.converged.detach(), result.diverged.detach(), result.rtol,
+                   None if fallback is None else fallback.detach())
+
+
 class SolveRecorder:
-    """The latest solve reports of one module, by kind: ``"ift"`` (backward linear solves) and ``"qp"``
-    (forward inner-solve statistics stay logged by the modules). Pass ``recorder.record`` as
-    ``on_solve``; the :class:`ift.telemetry.SolverDiagnostics` callback logs and clears them at each
-    batch end.
+    """The latest solve reports of one module, by kind: ``"ift"`` (backward linear solves, a
+    :class:`LinearSolveInfo`), ``"qp"`` (a QPSolution) and ``"inner"`` (forward inner solves, an
+    :class:`InnerSolveInfo`). Pass ``recorder.record`` as ``on_solve``; the
+    :class:`ift.telemetry.SolverDiagnostics` callback logs and clears them at each batch end.
 
     Per module, not per process: concurrent models never read each other's reports.
     """

@@ -15,6 +15,10 @@ amortized ELBO's gradient is exact, so the fallback costs those examples their r
 gives a wrong direction), "ift" applies the IFT anyway, "error" raises. Either way they are counted
 (`inner/nonstationary_frac`) and a warning is issued.
 
+Every refinement's report (iterations, stationarity, divergence, and in savi_ift the fallback count)
+is recorded in `solves` as an `InnerSolveInfo`; `ift.telemetry.SolverDiagnostics` logs it as
+`inner/*` (val/test: `inner/val_*`, `inner/test_*`), like the backward's `ift/*`.
+
 Why the proximal term (model.inner.eta) matters for savi_ift: at an exact optimum lambda* of the
 ELBO alone, lambda* does not depend on where the solver started, so d lambda*/d lambda_0 = 0 and the
 encoder receives no gradient; the decoder gradient is just the partial derivative (envelope
@@ -35,6 +39,7 @@ import torch
 
 from ift.implicit import SolveRecorder, get_linear_solver, implicit_argmin
 from ift.implicit.core import _at_least_float32
+from ift.implicit.diagnostics import InnerSolveInfo
 from ift.implicit.minimize import MinimizeResult
 from ift.savi.inner import InnerConfig, proximal_objective, refine
 from ift.savi.model import GaussianVAE
@@ -125,7 +130,7 @@ class SAVIModule(pl.LightningModule):
             inner_kwargs["checkpoint_segments"] = max(1, round(math.sqrt(int(inner_kwargs.get("steps", 20)))))
         self.inner_cfg = InnerConfig(**inner_kwargs)
         self.ift_cfg = IFTConfig.from_dict(ift)
-        self.solves = SolveRecorder()  # backward linear solves, logged as ift/* by SolverDiagnostics
+        self.solves = SolveRecorder()  # inner solves and backward linear solves, logged by SolverDiagnostics
         policy = self.ift_cfg.nonstationary
         if mode == "savi_ift" and self.inner_cfg.tol == 0 and policy != "ift":
             raise ValueError(f"model.inner.tol=0 leaves every example above tolerance, so "
@@ -155,11 +160,20 @@ class SAVIModule(pl.LightningModule):
 
     # --- inference --------------------------------------------------------------------------
     def refine(self, x: torch.Tensor, lam0: torch.Tensor, eps: torch.Tensor) -> MinimizeResult:
-        """lambda_K for this module's mode (vae: lambda_0 itself, no steps); `.x` is lambda_K."""
+        """lambda_K for this module's mode (vae: lambda_0 itself, no steps); `.x` is lambda_K. Records
+        the solve's report (kind "inner") for every mode but vae."""
+        result, fallback = self._refine(x, lam0, eps)
+        if self.mode != "vae":
+            self.solves.record(InnerSolveInfo.from_result(result, fallback), "inner")
+        return result
+
+    def _refine(self, x: torch.Tensor, lam0: torch.Tensor, eps: torch.Tensor
+                ) -> tuple[MinimizeResult, torch.Tensor | None]:
+        """The refined result, and in savi_ift with gradients the number of examples trained at lambda_0."""
         if self.mode == "vae" or self.inner_cfg.steps == 0:
             zeros = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
             return MinimizeResult(lam0, zeros, zeros, zeros, zeros.long(), ~zeros.bool(), zeros.bool(),
-                                  self.inner_cfg.tol)
+                                  self.inner_cfg.tol), None
         # Solvers keep their working precision: under autocast (trainer.precision=bf16-mixed) the
         # inner solve would run in bf16 and stop far above model.inner.tol, so savi_ift would train
         # nearly every example at lambda_0. The solve and the IFT attach run in >= float32; the
@@ -172,13 +186,15 @@ class SAVIModule(pl.LightningModule):
                 params = {k: v.detach() for k, v in params.items()}
             result = refine(self.vae, x, lam0 if unrolled else lam0.detach(), eps, params, self.inner_cfg,
                             create_graph=unrolled)
+            fallback = None
             if self.mode == "savi_ift" and torch.is_grad_enabled():
-                result.x = self._attach_implicit(x, lam0, eps, result)
-        return result
+                result.x, fallback = self._attach_implicit(x, lam0, eps, result)
+        return result, fallback
 
     def _attach_implicit(self, x: torch.Tensor, lam0: torch.Tensor, eps: torch.Tensor,
-                         result: MinimizeResult) -> torch.Tensor:
-        """Re-attach the solver's lambda_K to (lambda_0, theta) through the IFT, per the policy."""
+                         result: MinimizeResult) -> tuple[torch.Tensor, torch.Tensor]:
+        """Re-attach the solver's lambda_K to (lambda_0, theta) through the IFT, per the policy; and
+        the number of examples left at lambda_0."""
         generative = self.vae.generative_params()
         names, theta = list(generative), list(generative.values())
         eta = self.inner_cfg.eta
@@ -199,14 +215,13 @@ class SAVIModule(pl.LightningModule):
                 raise NonStationaryError(message + ": raise model.inner.steps or choose another policy")
             warnings.warn(message, NonStationaryWarning, stacklevel=3)
         good = ~result.diverged & (~nonstationary if policy == "amortized" else True)
-        self._fallback = (~good).float().sum()
         lam_star = implicit_argmin(
             negative_objective, result.x.detach(), lam0, *theta,
             batch_dims=1, linear_solver=self.ift_cfg.linear_solver, tol=self.ift_cfg.tol,
             maxiter=self.ift_cfg.maxiter, ridge=self.ift_cfg.ridge, on_solve=self.solves.record,
         )
         # Diverged (and, by policy, non-stationary) examples train at lambda_0: the amortized gradient.
-        return torch.where(good.unsqueeze(-1), lam_star, lam0)
+        return torch.where(good.unsqueeze(-1), lam_star, lam0), (~good).float().sum()
 
     # --- steps ------------------------------------------------------------------------------
     def _flatten(self, batch) -> torch.Tensor:
@@ -237,7 +252,7 @@ class SAVIModule(pl.LightningModule):
         if self.amortized_weight:
             recon0, kl0 = self.vae.elbo_terms(x, lam0, eps, frozen)
             loss = loss - self.amortized_weight * (recon0 - beta * kl0).mean()
-        self._log_split("train", elbo, elbo_amortized, kl, result, x.shape[0])
+        self._log_split("train", elbo, elbo_amortized, kl, x.shape[0])
         if beta < 1:
             self.log("train/kl_weight", beta, on_step=True, on_epoch=False, batch_size=x.shape[0])
         return loss
@@ -270,13 +285,13 @@ class SAVIModule(pl.LightningModule):
             recon_mse = (self.vae.decode(mu) - x).pow(2).mean()
         elbo = recon - kl
         batch_size = x.shape[0]
-        self._log_split(split, elbo, elbo_amortized, kl, result, batch_size)
+        self._log_split(split, elbo, elbo_amortized, kl, batch_size)
         self.log(f"{split}/loss", -elbo.mean(), batch_size=batch_size, sync_dist=True)
         self.log(f"{split}/recon_mse", recon_mse, batch_size=batch_size, sync_dist=True)
         self.log(f"{split}/gamma", self.vae.gamma, batch_size=batch_size, sync_dist=True)
         self._val_mu.append(mu.detach())
 
-    def _log_split(self, split, elbo, elbo_amortized, kl, result: MinimizeResult, batch_size: int) -> None:
+    def _log_split(self, split, elbo, elbo_amortized, kl, batch_size: int) -> None:
         on_step = split == "train"
         metrics = {
             f"{split}/elbo": elbo.mean(),
@@ -284,19 +299,6 @@ class SAVIModule(pl.LightningModule):
             f"{split}/amortization_gap": (elbo - elbo_amortized).mean(),
             f"{split}/kl": kl.mean(),
         }
-        if self.mode != "vae":
-            name = (lambda key: f"inner/{key}") if split == "train" else (lambda key: f"inner/{split}_{key}")
-            ok = ~result.diverged
-            metrics[name("steps_taken")] = result.iterations.float().mean()
-            metrics[name("grad_norm_final")] = result.grad_norm[ok].mean() if ok.any() else result.grad_norm.new_zeros(())
-            # relative stationarity ||grad J|| / (1 + |J|) at the returned point
-            metrics[name("stationarity")] = result.stationarity[ok].median() if ok.any() else result.grad_norm.new_zeros(())
-            metrics[name("stationarity_max")] = result.stationarity[ok].max() if ok.any() else result.grad_norm.new_zeros(())
-            metrics[name("nonstationary_frac")] = result.nonstationary.float().mean()
-            metrics[name("diverged")] = result.diverged.float().sum()
-            if split == "train" and self.mode == "savi_ift" and getattr(self, "_fallback", None) is not None:
-                metrics["inner/fallback"] = self._fallback
-                self._fallback = None
         # train: per step (names stay `train/elbo`); val/test: epoch means reduced across ranks.
         self.log_dict(metrics, on_step=on_step, on_epoch=not on_step, batch_size=batch_size,
                       sync_dist=not on_step)

@@ -15,11 +15,12 @@ from ift.imaml import (
     proximal_objective,
     task_mse,
 )
+from ift.implicit.core import IFTConfig
 from ift.telemetry.saved_tensors import SavedTensorCounter
 
 DT = torch.float64
-TIGHT = InnerSolver(method="sgd", lr=0.05, momentum=0.9, max_iter=5000, rtol=1e-11, cg_tol=1e-12, cg_maxiter=2000,
-                    nonstationary="error")
+TIGHT = InnerSolver(method="sgd", lr=0.05, momentum=0.9, max_iter=5000, rtol=1e-11, nonstationary="error")
+TIGHT_CG = IFTConfig(tol=1e-12, maxiter=2000)
 
 
 def tasks(n_tasks: int, seed: int = 0, dtype=DT):
@@ -31,7 +32,7 @@ def tasks(n_tasks: int, seed: int = 0, dtype=DT):
 def meta_gradient_implicit(net, theta, batch, lam, inner=TIGHT):
     xs, ys, xq, yq = batch
     theta = theta.detach().requires_grad_(True)
-    phi, result = imaml_adapt(net, theta, xs, ys, lam, inner)
+    phi, result = imaml_adapt(net, theta, xs, ys, lam, inner, TIGHT_CG)
     (grad,) = torch.autograd.grad(task_mse(net, phi, xq, yq).mean(), theta)
     return grad, phi.detach(), result
 

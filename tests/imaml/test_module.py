@@ -32,10 +32,29 @@ def test_bad_model_setting_is_one_config_error(compose_train):
         run_training(cfg)
 
 
+@pytest.mark.parametrize("old,new", [("inner.cg_tol=1e-6", "model.ift.tol"), ("inner.cg_maxiter=50", "model.ift.maxiter")])
+def test_old_cg_keys_fail_naming_the_new_key(compose_train, old, new):
+    cfg = compose_train("model=imaml", "data=sinusoid", f"+model.{old}", *SMALL)
+    with pytest.raises(ConfigError, match=rf": model\.{old.split('=')[0]} was renamed {new} \(the core's name\)"):
+        run_training(cfg)
+
+
+def test_ift_settings_reach_the_backward_solve():
+    torch.manual_seed(0)
+    model = MetaRegression(hidden=(8, 8), inner=dict(max_iter=40), ift=dict(tol=1e-2, maxiter=3))
+    xs, ys, xq, yq = next(iter(SinusoidDataModule(batch_size=4, train_tasks=4).train_dataloader()))
+    phi, keep = model.adapt(xs, ys, create_graph=True)
+    meta_loss(task_mse(model.net, phi, xq, yq), keep).backward()
+    info = model.solves.last["ift"]
+    assert (info.solver, info.tol, info.maxiter) == ("cg", 1e-2, 3) and info.max_iterations <= 3
+
+
 @pytest.mark.parametrize(
     "kwargs,key",
     [(dict(method="reptile"), "model.method"), (dict(lam=0.0), "model.lam"), (dict(inner_steps=0), "model.inner_steps"),
-     (dict(inner=dict(tol=1e-3)), "model.inner"), (dict(activation="gelu"), "model.activation")],
+     (dict(inner=dict(tol=1e-3)), "model.inner"), (dict(activation="gelu"), "model.activation"),
+     (dict(ift=dict(linear_solver="qr")), "model.ift.linear_solver"), (dict(ift=dict(tolerance=1.0)), "model.ift has unknown keys"),
+     (dict(ift=dict(solver="cg")), "model.ift.solver was renamed model.ift.linear_solver")],
 )
 def test_bad_settings_name_the_key(kwargs, key):
     with pytest.raises(ValueError, match=key):

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ift.implicit import LinearSolveInfo, implicit_argmin
+from ift.implicit.core import IFTConfig
 from ift.implicit.fixed_point import proximal_penalty
 from ift.implicit.minimize import METHODS, MinimizeResult, minimize
 
@@ -109,7 +110,8 @@ def gradient_steps(
 
 @dataclass(frozen=True)
 class InnerSolver:
-    """Settings of iMAML's inner solve (the core's ``minimize``) and of its IFT linear solve.
+    """Settings of iMAML's inner solve (the core's ``minimize``), ``model.inner.*``; the IFT's linear
+    solve is set by an :class:`ift.implicit.core.IFTConfig` (``model.ift.*``).
 
     ``nonstationary``: what to do with tasks whose inner solve stopped above ``rtol`` (the IFT's
     condition 1 fails there, so their meta-gradient is not the derivative of anything):
@@ -121,8 +123,6 @@ class InnerSolver:
     rtol: float = 1e-3
     lr: float = 0.05
     momentum: float = 0.9
-    cg_tol: float = 1e-5
-    cg_maxiter: int = 100
     nonstationary: str = "drop"
 
     def __post_init__(self) -> None:
@@ -130,11 +130,9 @@ class InnerSolver:
             raise ValueError(f"model.inner.nonstationary must be drop, ift or error, got {self.nonstationary!r}")
         if self.method not in METHODS:
             raise ValueError(f"model.inner.method must be one of {METHODS}, got {self.method!r}")
-        for key in ("max_iter", "cg_maxiter"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"model.inner.{key} must be an int >= 1, got {value!r}")
-        for key in ("rtol", "lr", "cg_tol"):
+        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int) or self.max_iter < 1:
+            raise ValueError(f"model.inner.max_iter must be an int >= 1, got {self.max_iter!r}")
+        for key in ("rtol", "lr"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"model.inner.{key} must be > 0, got {getattr(self, key)!r}")
         if not 0 <= self.momentum < 1:
@@ -170,6 +168,7 @@ def imaml_adapt(
     y: Tensor,
     lam: float,
     inner: InnerSolver,
+    ift: IFTConfig = IFTConfig(),
     on_solve: Callable[[LinearSolveInfo], Any] | None = None,
 ) -> tuple[Tensor, MinimizeResult]:
     """Task weights ``phi*`` (B, n) attached to ``theta`` by the IFT, and the inner solve's report."""
@@ -185,9 +184,7 @@ def imaml_adapt(
         result.x,
         theta,
         batch_dims=1,
-        linear_solver="cg",
-        tol=inner.cg_tol,
-        maxiter=inner.cg_maxiter,
+        **ift.solver_kwargs(),
         on_solve=on_solve,
     )
     return phi, result

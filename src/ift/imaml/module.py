@@ -24,10 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from ift.implicit import SolveRecorder
+from ift.implicit.core import IFTConfig, reject_renamed
 from ift.implicit.diagnostics import InnerSolveInfo
 from ift.imaml.meta import FunctionalMLP, InnerSolver, gradient_steps, imaml_adapt, meta_loss, solve_inner, task_mse
 
 METHODS = ("maml", "imaml")
+INNER_RENAMED = {"cg_tol": "model.ift.tol", "cg_maxiter": "model.ift.maxiter"}  # now the core's names
 
 
 def _positive(key: str, value: Any) -> float:
@@ -60,7 +62,8 @@ class MetaRegression(L.LightningModule):
         activation: ``tanh`` (default; smooth, see ``FunctionalMLP``), ``softplus`` or ``relu``.
         inner_steps, inner_lr: MAML's inner loop (gradient steps on the support MSE).
         lam: iMAML's proximal strength (``lam/2 ||phi - theta||^2``).
-        inner: iMAML's inner / CG solver settings (``InnerSolver`` fields).
+        inner: iMAML's inner solver settings (``InnerSolver`` fields).
+        ift: iMAML's IFT linear solve (``IFTConfig`` fields: ``linear_solver``, ``tol``, ``maxiter``, ``ridge``).
         meta_lr: Adam learning rate of ``theta``.
         eval_steps, eval_lr: val/test adaptation budgets (gradient steps) and step size
             (default ``inner_lr``).
@@ -76,6 +79,7 @@ class MetaRegression(L.LightningModule):
         inner_lr: float = 0.03,
         lam: float = 2.0,
         inner: dict[str, Any] | None = None,
+        ift: dict[str, Any] | None = None,
         meta_lr: float = 0.003,
         eval_steps: Sequence[int] = (0, 1, 5, 10),
         eval_lr: float | None = None,
@@ -92,6 +96,8 @@ class MetaRegression(L.LightningModule):
         self.meta_lr = _positive("meta_lr", meta_lr)
         self.eval_lr = self.inner_lr if eval_lr is None else _positive("eval_lr", eval_lr)
         self.eval_steps = [_steps("eval_steps", k) for k in eval_steps]
+        reject_renamed(inner or {}, INNER_RENAMED, "model.inner")
+        self.ift = IFTConfig.from_dict(ift)
         try:
             self.inner = InnerSolver(**(inner or {}))
         except TypeError as err:
@@ -108,7 +114,8 @@ class MetaRegression(L.LightningModule):
         if self.method == "maml":
             return gradient_steps(self.net, self.theta, xs, ys, self.inner_steps, self.inner_lr, create_graph), None
         if create_graph:
-            phi, result = imaml_adapt(self.net, self.theta, xs, ys, self.lam, self.inner, on_solve=self.solves.record)
+            phi, result = imaml_adapt(self.net, self.theta, xs, ys, self.lam, self.inner, self.ift,
+                                      on_solve=self.solves.record)
         else:
             result = solve_inner(self.net, self.theta, xs, ys, self.lam, self.inner)
             phi = result.x

@@ -25,8 +25,8 @@ gradients are cast back to each param's dtype). A bf16 CG cannot reach a useful 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 
@@ -42,6 +42,50 @@ def _at_least_float32(value: Any) -> Any:
     if isinstance(value, torch.Tensor) and value.dtype in _LOW_PRECISION:
         return value.float()
     return value
+
+
+@dataclass(frozen=True)
+class IFTConfig:
+    """Settings of an application's implicit backward (``model.ift.*``), named as the arguments of
+    :func:`implicit_argmin`: ``linear_solver``, ``tol`` (None: the per-dtype default), ``maxiter``,
+    ``ridge``. Applications add their own fields by subclassing (SAVI's ``nonstationary``).
+    ``renamed``: old keys that fail with one line naming the new key."""
+
+    linear_solver: str = "cg"
+    tol: float | None = None
+    maxiter: int = 100
+    ridge: float = 0.0
+
+    group: ClassVar[str] = "model.ift"
+    renamed: ClassVar[dict[str, str]] = {"solver": "model.ift.linear_solver"}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> "IFTConfig":
+        values = dict(values or {})
+        reject_renamed(values, cls.renamed, cls.group)
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"{cls.group} has unknown keys {unknown}; known: {known}")
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        try:  # unknown solver names and bad settings fail here, not at the first backward
+            get_linear_solver(self.linear_solver, tol=self.tol, maxiter=self.maxiter, ridge=self.ridge)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{self.group}.linear_solver: {err}") from None
+
+    def solver_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of implicit_root / implicit_argmin / implicit_fixed_point."""
+        return {"linear_solver": self.linear_solver, "tol": self.tol, "maxiter": self.maxiter, "ridge": self.ridge}
+
+
+def reject_renamed(values: Mapping[str, Any], renamed: Mapping[str, str], group: str) -> None:
+    """One ValueError line for a config key that was renamed (``renamed``: old key -> new full key)."""
+    for old, new in renamed.items():
+        if old in values:
+            raise ValueError(f"{group}.{old} was renamed {new} (the core's name); rename the key in your config "
+                             "or override")
 
 
 @dataclass(frozen=True)

@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
-from ift.implicit import SolveRecorder, get_linear_solver, implicit_argmin
+from ift.implicit import SolveRecorder, implicit_argmin
+from ift.implicit.core import IFTConfig as CoreIFTConfig
 from ift.implicit.core import _at_least_float32
 from ift.implicit.diagnostics import InnerSolveInfo
 from ift.implicit.minimize import MinimizeResult
@@ -58,38 +59,18 @@ class NonStationaryError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class IFTConfig:
-    """Settings of savi_ift's implicit backward (`model.ift.*`), named as in `ift.implicit.implicit_argmin`.
+class IFTConfig(CoreIFTConfig):
+    """Settings of savi_ift's implicit backward (`model.ift.*`): the core's linear_solver / tol /
+    maxiter / ridge (cg: the Hessian of -J is symmetric), and nonstationary, the policy for examples
+    above model.inner.tol (see the module docstring)."""
 
-    linear_solver / tol / maxiter / ridge: the linear solve of the backward (cg: the Hessian of -J is
-    symmetric). nonstationary: the policy for examples above model.inner.tol (see the module docstring).
-    """
-
-    linear_solver: str = "cg"
-    tol: float | None = None  # None: the core's per-dtype default (1e-5 float32, 1e-10 float64)
-    maxiter: int = 100
-    ridge: float = 0.0
     nonstationary: str = "amortized"
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any] | None) -> "IFTConfig":
-        values = dict(values or {})
-        if "solver" in values:
-            raise ValueError("model.ift.solver was renamed model.ift.linear_solver (the core's name); "
-                             "rename the key in your config or override")
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"model.ift has unknown keys {unknown}; known: {[f.name for f in fields(cls)]}")
-        return cls(**values)
 
     def __post_init__(self) -> None:
         if self.nonstationary not in NONSTATIONARY_POLICIES:
             raise ValueError(f"model.ift.nonstationary={self.nonstationary!r} is unknown; "
                              f"use one of {NONSTATIONARY_POLICIES}")
-        try:  # unknown solver names fail here, not at the first backward
-            get_linear_solver(self.linear_solver, tol=self.tol, maxiter=self.maxiter, ridge=self.ridge)
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"model.ift.linear_solver: {err}") from None
+        super().__post_init__()
 
 
 class SAVIModule(pl.LightningModule):
@@ -217,8 +198,7 @@ class SAVIModule(pl.LightningModule):
         good = ~result.diverged & (~nonstationary if policy == "amortized" else True)
         lam_star = implicit_argmin(
             negative_objective, result.x.detach(), lam0, *theta,
-            batch_dims=1, linear_solver=self.ift_cfg.linear_solver, tol=self.ift_cfg.tol,
-            maxiter=self.ift_cfg.maxiter, ridge=self.ift_cfg.ridge, on_solve=self.solves.record,
+            batch_dims=1, **self.ift_cfg.solver_kwargs(), on_solve=self.solves.record,
         )
         # Diverged (and, by policy, non-stationary) examples train at lambda_0: the amortized gradient.
         return torch.where(good.unsqueeze(-1), lam_star, lam0), (~good).float().sum()

@@ -223,35 +223,55 @@ class _ImplicitFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         problem: _Problem = ctx.problem
-        x_star, *saved = ctx.saved_tensors
-        saved_iter = iter(saved)
-        params = [next(saved_iter) if is_tensor else p for p, is_tensor in zip(ctx.non_tensors, problem.tensor_slots)]
+        x_star, params = _saved_inputs(ctx)
         picked = [i for i, need in enumerate(ctx.needs_input_grad[2:]) if need]
         if not picked:
             return (None, None) + (None,) * len(params)
         _refuse_higher_order([params[i] for i in picked])
-        if torch._C._functorch.is_batchedtensor(grad_output):
-            raise RuntimeError(
-                f"implicit_{problem.kind} does not support torch.func.vmap (nor jacrev/jacfwd/hessian, which "
-                "use it): its iterative linear solvers stop on data-dependent tests. Use batch_dims for "
-                "batches of problems and torch.autograd.functional.jacobian for Jacobians."
-            )
-        if not bool(torch.isfinite(grad_output).all()):
-            # Propagate, as plain autograd would (e.g. AMP's GradScaler relies on seeing the Inf).
-            warnings.warn(ImplicitSolveWarning(f"implicit_{problem.kind}: incoming gradient has NaN/Inf; gradients are NaN"))
-            return (None, None, *[torch.full_like(params[i], float("nan")) if i in picked else None for i in range(len(params))])
-        with torch.autocast(device_type=x_star.device.type, enabled=False):
-            grads = _ift_gradients(
-                problem,
-                _at_least_float32(x_star),
-                [_at_least_float32(p) for p in params],
-                picked,
-                _at_least_float32(grad_output),
-            )
+        _refuse_vmap(problem, grad_output)
+        if bool(torch.isfinite(grad_output).all()):
+            grads = _ift_gradients_in_working_precision(problem, x_star, params, picked, grad_output)
+        else:
+            grads = _nan_gradients(problem, params, picked)
         out: list[torch.Tensor | None] = [None] * len(params)
         for i, g in zip(picked, grads):
-            out[i] = g if g is None else g.to(params[i].dtype)
+            out[i] = g
         return (None, None, *out)
+
+
+def _saved_inputs(ctx) -> tuple[torch.Tensor, list[Any]]:
+    """``x*`` and the params in their original order: saved tensors merged with the non-tensors."""
+    x_star, *saved = ctx.saved_tensors
+    saved_iter = iter(saved)
+    params = [next(saved_iter) if is_tensor else p for p, is_tensor in zip(ctx.non_tensors, ctx.problem.tensor_slots)]
+    return x_star, params
+
+
+def _refuse_vmap(problem: _Problem, grad_output: torch.Tensor) -> None:
+    """Raise under torch.func.vmap: the solvers' data-dependent stopping cannot be batched that way."""
+    if torch._C._functorch.is_batchedtensor(grad_output):
+        raise RuntimeError(
+            f"implicit_{problem.kind} does not support torch.func.vmap (nor jacrev/jacfwd/hessian, which "
+            "use it): its iterative linear solvers stop on data-dependent tests. Use batch_dims for "
+            "batches of problems and torch.autograd.functional.jacobian for Jacobians."
+        )
+
+
+def _nan_gradients(problem: _Problem, params: list[Any], picked: list[int]) -> list[torch.Tensor]:
+    """NaN gradients for a NaN/Inf incoming gradient: propagated, as plain autograd would (e.g.
+    AMP's GradScaler relies on seeing the Inf), with a warning."""
+    warnings.warn(ImplicitSolveWarning(f"implicit_{problem.kind}: incoming gradient has NaN/Inf; gradients are NaN"))
+    return [torch.full_like(params[i], float("nan")) for i in picked]
+
+
+def _ift_gradients_in_working_precision(
+    problem: _Problem, x_star: torch.Tensor, params: list[Any], picked: list[int], grad_output: torch.Tensor
+) -> list[torch.Tensor | None]:
+    """:func:`_ift_gradients` without autocast, in float32 at least; each gradient in its param's dtype."""
+    with torch.autocast(device_type=x_star.device.type, enabled=False):
+        grads = _ift_gradients(problem, _at_least_float32(x_star), [_at_least_float32(p) for p in params], picked,
+                               _at_least_float32(grad_output))
+    return [g if g is None else g.to(params[i].dtype) for i, g in zip(picked, grads)]
 
 
 def _ift_gradients(
@@ -260,14 +280,24 @@ def _ift_gradients(
     """``-(dF/dparams)^T u`` with ``(dF/dx)^T u = grad_output``, for the params in ``picked``."""
     linearization_cls = _AutogradLinearization if _functorch_level() is None else _FuncLinearization
     lin = linearization_cls(problem, x_star, params, picked)
-    shape = x_star.shape
-    batch = int(torch.Size(shape[: problem.batch_dims]).numel())
-    if not bool(torch.isfinite(lin.value).all()):
+    _check_finite_residual(problem, lin.value)
+    u = _adjoint_solve(problem, lin, x_star.shape, grad_output)
+    return lin.vjp_params(-u)
+
+
+def _check_finite_residual(problem: _Problem, value: torch.Tensor) -> None:
+    if not bool(torch.isfinite(value).all()):
         name = "grad_x f" if problem.kind == "argmin" else "F"
         raise ImplicitSolveError(
             f"implicit_{problem.kind}: {name}(x_star, *params) contains NaN/Inf; check x_star and the "
             "params (the forward solver may have diverged)"
         )
+
+
+def _adjoint_solve(problem: _Problem, lin: _AutogradLinearization | _FuncLinearization, shape: torch.Size, grad_output: torch.Tensor) -> torch.Tensor:
+    """``u`` (shaped like ``x*``) with ``(dF/dx)^T u = grad_output``: one linear system per problem,
+    solved by the batched solver and reported through ``on_solve``."""
+    batch = int(torch.Size(shape[: problem.batch_dims]).numel())
     u, info = problem.solver.solve(lambda w: lin.vjp_x(w.reshape(shape)).reshape(batch, -1), grad_output.reshape(batch, -1))
     info.root_residual = lin.value.detach().reshape(batch, -1).norm(dim=-1)
     if not bool(torch.isfinite(u).all()):
@@ -276,7 +306,7 @@ def _ift_gradients(
             "solver diverged at x_star (IFT condition 3); try ridge > 0 or linear_solver='direct'"
         )
     _report(problem, info)
-    return lin.vjp_params((-u).reshape(shape))
+    return u.reshape(shape)
 
 
 def _report(problem: _Problem, info: LinearSolveInfo) -> None:

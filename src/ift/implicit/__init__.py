@@ -8,8 +8,14 @@ per-problem stopping at a relative stationarity tolerance. Worked examples (soft
 ``ift.implicit.examples``.
 """
 
-from ift.implicit.core import implicit_argmin, implicit_fixed_point, implicit_root
-from ift.implicit.diagnostics import ImplicitSolveError, ImplicitSolveWarning, LinearSolveInfo, SolveRecorder
+from ift.implicit.core import IFTConfig, implicit_argmin, implicit_fixed_point, implicit_root
+from ift.implicit.diagnostics import (
+    ImplicitSolveError,
+    ImplicitSolveWarning,
+    InnerSolveInfo,
+    LinearSolveInfo,
+    SolveRecorder,
+)
 from ift.implicit.linear_solvers import (
     GMRES,
     CG,
@@ -36,6 +42,7 @@ __all__ = [
     "implicit_root",
     "implicit_argmin",
     "implicit_fixed_point",
+    "IFTConfig",
     "LinearSolver",
     "CG",
     "GMRES",
@@ -49,6 +56,7 @@ __all__ = [
     "ImplicitSolveWarning",
     "ImplicitSolveError",
     "SolveRecorder",
+    "InnerSolveInfo",
     "hvp",
     "power_iteration",
     "minimize",

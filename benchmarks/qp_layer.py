@@ -10,8 +10,10 @@ system of the active set proposed by our solution (lam > s) and certifies it (ke
 count is reported). Also the max differences ours - qpth. cvxpylayers gets Q through its Cholesky
 factor (DPP form), so its Q gradient goes through torch's Cholesky backward.
 
-Speed: forward+backward wall time, 1 torch thread, the implementations interleaved in one run,
-median of `--repeats`; qpth/ours ratios.
+Speed: forward+backward wall time, 1 torch thread (and 1 BLAS thread for the LAPACK calls made
+through scipy), the implementations interleaved in one run, median of `--repeats`; qpth/ours
+ratios. Ours runs with its default precision policy ("mixed": float32 interior point, float64
+polish and backward); the accuracy part also reports float32 inputs solved entirely in float32.
 
     python benchmarks/qp_layer.py                                   # full run (about 15 min, idle machine)
     python benchmarks/qp_layer.py --part accuracy                   # accuracy: any machine
@@ -31,8 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from ift.optnet import QPStatus, solve_qp_with_info
+from ift.optnet.kkt import cholesky_unchecked
 
 RESULTS = Path(__file__).parent / "results"
 NAMES = ("Q", "q", "G", "h", "A", "b")
@@ -57,13 +61,12 @@ def random_qp(batch, n, m, p, dtype, seed=0):
 class Ours:
     name = "ours"
 
-    def __init__(self, work_in_float64=True):
-        self.last, self.work_in_float64 = None, work_in_float64
+    def __init__(self, precision="mixed"):
+        self.last, self.precision = None, precision
 
     def __call__(self, Q, q, G, h, A, b):
         p = A.shape[1]
-        self.last = solve_qp_with_info(Q, q, G, h, A if p else None, b if p else None,
-                                       work_in_float64=self.work_in_float64)
+        self.last = solve_qp_with_info(Q, q, G, h, A if p else None, b if p else None, precision=self.precision)
         return self.last.z
 
 
@@ -175,8 +178,8 @@ def accuracy_row(n, p, dtype, batch, cvx_max_n, cvx_batch, device="cpu"):
            "ours_iters_mean": float(sol.iterations.float().mean()), "ours_iters_max": int(sol.iterations.max()),
            "ours_statuses": {QPStatus(s).name: int((sol.status == s).sum()) for s in sol.status.unique().tolist()}}
     row["ours_z_err"], row["ours_grad_err"] = max_errors(z, grads, z_ref, grads_ref, rows)
-    if dtype == torch.float32:  # the non-default policy: iterate in float32
-        native = Ours(work_in_float64=False)
+    if dtype == torch.float32:  # the non-default policy: everything in float32
+        native = Ours(precision="input")
         zn, gn = forward_backward(native, qp, W)
         row["native32_z_err"], row["native32_grad_err"] = max_errors(zn, gn, z_ref, grads_ref, rows)
         row["native32_not_converged"] = int((native.last.status != QPStatus.CONVERGED).sum())
@@ -228,7 +231,7 @@ def fmt(v, spec):
 def markdown(meta, acc, speed):
     lines = [
         f"torch {meta['torch']}, qpth {meta['qpth']}, cvxpylayers {meta['cvxpylayers']}, "
-        f"{meta['threads']} torch thread(s); batch {meta['batch']}, m = n inequalities, p equalities.",
+        f"{meta['threads']} thread(s) (torch, and BLAS under numpy/scipy); batch {meta['batch']}, m = n inequalities, p equalities.",
         "",
         "### Accuracy: max abs error against the exact active-set reference (certified problems)",
         "",
@@ -246,13 +249,13 @@ def markdown(meta, acc, speed):
             fmt(r.get("ours_minus_qpth_z"), ".1e"), fmt(r.get("ours_minus_qpth_grad"), ".1e")]) + " |")
     native = [r for r in acc if "native32_z_err" in r]
     if native:
-        lines += ["", "float32 inputs iterated in float32 (`work_in_float64=False`, not the default):", "",
+        lines += ["", 'float32 inputs solved entirely in float32 (`precision="input"`, not the default):', "",
                   "| n | p | not converged | z error | grad error |", "|---|---|---|---|---|"]
         lines += [f"| {r['n']} | {r['p']} | {r['native32_not_converged']} | {fmt(r['native32_z_err'], '.1e')} | "
                   f"{fmt(r['native32_grad_err'], '.1e')} |" for r in native]
     chol = meta.get("cholesky_ms")
     if chol:
-        lines += ["", "Batched Cholesky of 128 matrices 100 x 100, median ms: "
+        lines += ["", "Cholesky of 128 matrices 100 x 100 as the solver factorises them, median ms: "
                   + ", ".join(f"{k} {v:.1f}" for k, v in chol.items())]
     lines += ["", f"### Speed: forward + backward, median of {meta['repeats']} interleaved runs, milliseconds", "",
               "| n | p | dtype | ours | qpth | cvxpylayers | qpth / ours | cvxpylayers / ours |",
@@ -266,7 +269,7 @@ def markdown(meta, acc, speed):
 
 
 def cholesky_ms(repeats=21, device="cpu"):
-    """Why float32 inputs may run in float64 on CPU: the main cost barely depends on the dtype."""
+    """The main per-iteration cost in both dtypes (float32 is what the mixed policy iterates in)."""
     out = {}
     for dtype in (torch.float64, torch.float32):
         M = torch.randn(128, 100, 100, dtype=dtype, generator=torch.Generator().manual_seed(0))
@@ -274,7 +277,7 @@ def cholesky_ms(repeats=21, device="cpu"):
         ts = []
         for _ in range(repeats):
             start = time.perf_counter()
-            torch.linalg.cholesky_ex(M, upper=True)
+            cholesky_unchecked(M)
             if M.is_cuda:
                 torch.cuda.synchronize()
             ts.append(time.perf_counter() - start)
@@ -314,6 +317,7 @@ def main():
         parser.error(f"--device {args.device}: no CUDA device is visible here; use --device cpu")
     cvx_speed_max_n = min(args.cvxpylayers_speed_max_n, args.cvxpylayers_max_n)
     torch.set_num_threads(args.threads)
+    threadpool_limits(args.threads)  # the BLAS/LAPACK under numpy and scipy too
     meta = {"torch": torch.__version__, "qpth": version("qpth"), "cvxpylayers": version("cvxpylayers"),
             "threads": torch.get_num_threads(), "batch": args.batch, "repeats": args.repeats,
             "cpu": platform.processor() or platform.machine(), "device": args.device}

@@ -93,7 +93,7 @@ def test_float32_inputs_match_float64():
 
 def test_float32_native_iteration_converges_on_small_problems():
     Q, q, G, h, A, b = random_qp(8, 5, 5, 0, dtype=torch.float32, seed=5)
-    sol = solve_qp_with_info(Q, q, G, h, work_in_float64=False)
+    sol = solve_qp_with_info(Q, q, G, h, precision="input")
     ref = solve_qp(*(t.double() for t in (Q, q, G, h)))
     ok = sol.converged
     assert ok.float().mean() >= 0.5

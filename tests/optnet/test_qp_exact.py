@@ -123,8 +123,9 @@ def test_weakly_active_constraint_gets_a_one_sided_gradient():
 
 
 def test_n100_float32_inputs_are_float64_results_rounded():
-    # The default policy solves float32 inputs in float64: z and the gradients of the float32
-    # problem agree with the exact reference to float32 rounding of the outputs.
+    # The default (mixed) policy iterates in float32 but polishes, verifies and differentiates in
+    # float64: z and the gradients of the float32 problem agree with the exact reference to
+    # float32 rounding of the outputs.
     batch, n = 16, 100
     qp = [t.float() for t in random_qp(batch, n, n, 50, seed=150)]
     W = torch.randn(batch, n, generator=torch.Generator().manual_seed(4))
@@ -138,3 +139,65 @@ def test_n100_float32_inputs_are_float64_results_rounded():
         scale = max(np.abs(g).max() for g in ref.values() if g.size)
         for name in NAMES:
             np.testing.assert_allclose(grads[name][i].double().numpy(), ref[name], atol=1e-5 * scale, rtol=0)
+
+
+# --- dtype policy (precision="mixed": float32 interior point, float64 crossover and backward) ---
+
+
+@pytest.mark.parametrize("p", [0, 50])
+def test_mixed_precision_matches_float64_policy(p):
+    # Same problems, same active sets: the float64-verified crossover makes the default policy's
+    # solution and gradients those of the all-float64 solve, to float64 rounding.
+    qp = random_qp(16, 100, 100, p, seed=400 + p)
+    W = torch.randn(16, 100, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    sol, grads = solve_with_grads(qp, W)
+    args = [t.detach().clone().requires_grad_() for t in qp]
+    ref = solve_qp_with_info(*args, precision="float64")
+    (ref.z * W).sum().backward()
+    assert (sol.status == QPStatus.CONVERGED).all() and (ref.status == QPStatus.CONVERGED).all()
+    torch.testing.assert_close(sol.z, ref.z, atol=1e-11, rtol=0)
+    torch.testing.assert_close(sol.lam, ref.lam, atol=1e-10, rtol=0)
+    scale = max(float(t.grad.abs().max()) for t in args if t.grad.numel())
+    for name, t in zip(NAMES, args):
+        torch.testing.assert_close(grads[name], t.grad, atol=1e-10 * scale, rtol=0, msg=name)
+
+
+def test_what_float32_cannot_finish_continues_in_float64(monkeypatch):
+    # cond(Q) = 1e6: the float32 factors are too coarse for the crossover's refinement, so every
+    # example carries on in float64 from its float32 iterate, and converges there.
+    import ift.optnet.qp as qp_module
+
+    continued = []
+    real = qp_module._continue_in_float64
+    monkeypatch.setattr(qp_module, "_continue_in_float64", lambda r, rows, *a: continued.append(rows) or real(r, rows, *a))
+    _, q, G, h, _, _ = random_qp(8, 60, 60, 0, seed=7)
+    U, _ = torch.linalg.qr(torch.randn(8, 60, 60, dtype=torch.float64, generator=torch.Generator().manual_seed(3)))
+    Q = U @ torch.diag_embed(torch.logspace(0, -6, 60, dtype=torch.float64)) @ U.mT
+    q = q.clone().requires_grad_()
+    sol = solve_qp_with_info(Q, q, G, h)
+    assert continued and (sol.status == QPStatus.CONVERGED).all()
+    assert (sol.iterations <= 50).all()
+    q64 = q.detach().clone().requires_grad_()
+    ref = solve_qp_with_info(Q, q64, G, h, precision="float64")
+    scale = float(ref.z.detach().abs().max())
+    torch.testing.assert_close(sol.z, ref.z, atol=1e-11 * scale, rtol=0)
+    sol.z.sum().backward()
+    ref.z.sum().backward()
+    torch.testing.assert_close(q.grad, q64.grad, atol=1e-8 * float(q64.grad.abs().max()), rtol=0)
+
+
+def test_redundant_equalities_iterate_in_float64_from_the_start(monkeypatch):
+    # Every equality twice: A Q^-1 A^T is singular, its shifted factor would amplify float32
+    # rounding, so the examples skip float32 iteration (0 float32 steps before float64).
+    import ift.optnet.qp as qp_module
+
+    float32_steps = []
+    real = qp_module._continue_in_float64
+    monkeypatch.setattr(qp_module, "_continue_in_float64",
+                        lambda r, rows, *a: float32_steps.append(r.iterations[rows].clone()) or real(r, rows, *a))
+    Q, q, G, h, A, b = random_qp(8, 50, 50, 10, seed=8)
+    sol = solve_qp_with_info(Q, q, G, h, torch.cat([A, A], 1), torch.cat([b, b], 1))
+    ref = solve_qp_with_info(Q, q, G, h, A, b, precision="float64")
+    assert len(float32_steps) == 1 and (float32_steps[0] == 0).all() and float32_steps[0].numel() == 8
+    assert (sol.status == QPStatus.CONVERGED).all()
+    torch.testing.assert_close(sol.z, ref.z, atol=1e-9, rtol=0)

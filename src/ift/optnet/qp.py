@@ -7,6 +7,8 @@ systems solved in constraint space (`ift.optnet.kkt`): one m x m Cholesky per it
 by predictor and corrector. Once the residuals are small, the active set {lam > s} is solved
 exactly as an equality-constrained QP and corrected by primal-dual active-set steps until the
 KKT conditions hold to `tol` (crossover): the returned point is exact, not an interior iterate.
+By default the interior point runs in float32 and the crossover and backward in float64
+(`precision`, see `solve_qp_with_info`).
 Backward (OptNet, Amos & Kolter 2017): differentiate the KKT conditions at the solution with the
 inactive multipliers fixed at 0, i.e. solve [Q C^T; C 0] (u, v) = (dL/dz, 0) with C the
 equality and active inequality rows, reusing the forward's active-set factor. A weakly active
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from ift.optnet.kkt import ConstraintSpace, ReducedFactor, bmtv, bmv
+from ift.optnet.kkt import ConstraintSpace, ReducedFactor, bmtv, bmv, cholesky_unchecked
 
 
 class QPStatus(enum.IntEnum):
@@ -67,9 +69,12 @@ class QPSolution:
         return self.status == QPStatus.CONVERGED
 
 
-def default_tol(dtype: torch.dtype, work_dtype: torch.dtype) -> float:
+PRECISIONS = ("mixed", "float64", "input")
+
+
+def default_tol(dtype: torch.dtype, precision: str = "mixed") -> float:
     """Relative tolerance: near float64 precision, or just below float32 resolution."""
-    if work_dtype == torch.float32:
+    if precision == "input" and dtype == torch.float32:
         return 1e-5
     return 1e-9 if dtype == torch.float64 else 1e-7
 
@@ -138,11 +143,11 @@ def _check_inputs(args: dict[str, torch.Tensor]) -> tuple[int | None, dict[str, 
 
 def _cholesky_of_Q(Qs: torch.Tensor) -> torch.Tensor:
     """Cholesky factor of the symmetric part of Q (validation, polish and backward share it)."""
-    LQ, info = torch.linalg.cholesky_ex(Qs)
-    if bool((info > 0).any()):
+    LQ, failed = cholesky_unchecked(Qs)
+    if bool(failed.any()):
         raise ValueError(
             "solve_qp: Q must be symmetric positive definite (its Cholesky failed"
-            + (f" for batch elements {torch.nonzero(info > 0).flatten().tolist()[:10]}" if info.dim() else "")
+            + (f" for batch elements {torch.nonzero(failed).flatten().tolist()[:10]}" if failed.dim() else "")
             + "); add eps * I or parameterise Q = L L^T + eps * I"
         )
     return LQ
@@ -235,16 +240,17 @@ def _newton_direction(F: ReducedFactor, part, s, lam, rp, rc):
     return ds, dlam
 
 
-def _equality_solve(P: _Problem, active: torch.Tensor):
+def _equality_solve(P: _Problem, active: torch.Tensor, refine: bool = True, start=None):
     """Solve the KKT system with the constraints in `active` as equalities, the others dropped.
 
     Returns the factor and the point (z, s = h - Gz, lam, nu); it is the QP's exact solution iff
     the dropped constraints hold and the kept multipliers are >= 0 (`_measure` checks both).
+    `start` = (factor, point) refines an unrefined solve of the same active set.
     """
-    F = ReducedFactor.active_set(P.cs, active)
-    z, nu, y = F.solve(-P.q, P.b, F.to_slots(P.h), refine=True)
-    lam = F.from_slots(y)
-    return F, (z, P.h - bmv(F.cs.G, z), lam, nu)
+    F = ReducedFactor.active_set(P.cs, active) if start is None else start[0]
+    z0 = None if start is None else (start[1][0], start[1][3], F.to_slots(start[1][2]))
+    z, nu, y = F.solve(-P.q, P.b, F.to_slots(P.h), refine=refine, start=z0)
+    return F, (z, P.h - bmv(F.cs.G, z), F.from_slots(y), nu)
 
 
 def _kkt_ok(res, tol):
@@ -254,27 +260,25 @@ def _kkt_ok(res, tol):
 def _polish(P: _Problem, active: torch.Tensor, tol: float, corrections: int = 3):
     """Exact solve on the active set guessed from an interior point iterate, verified.
 
-    A guess that fails the KKT check (a dropped constraint violated, a kept multiplier
-    negative) is corrected by primal-dual active-set steps: keep the constraints with lam > 0,
-    add the violated ones. Returns the factors and points of the last attempt per example, their
+    The guess is corrected by primal-dual active-set steps: keep the constraints with lam > 0,
+    add the violated ones, until the set stops changing (at most `corrections` times); these
+    steps only need signs, so they use unrefined solves. The last set of each example is then
+    solved to full precision and verified. Returns the factors and points per example, their
     relative residuals, and whether each satisfies the KKT conditions to `tol`.
     """
-    F, point = _equality_solve(P, active)
-    res = _measure(P, *point)[3:6]
-    ok = _kkt_ok(res, tol)
+    F, point = _equality_solve(P, active, refine=False)
     for _ in range(corrections):
-        bad = (~ok).nonzero().squeeze(-1)
+        _, s, lam, _ = point
+        guess = lam - s > 0
+        bad = (guess != F.active()).any(-1).nonzero().squeeze(-1)
         if not bad.numel():
             break
-        Pb = P.take(bad)
-        _, s, lam, _ = (t[bad] for t in point)
-        Fb, point_b = _equality_solve(Pb, lam - s > 0)
-        res_b = _measure(Pb, *point_b)[3:6]
+        Fb, point_b = _equality_solve(P.take(bad), guess[bad], refine=False)
         F = F.replace(bad, Fb)
         point = tuple(t.index_copy(0, bad, tb) for t, tb in zip(point, point_b))
-        res = tuple(t.index_copy(0, bad, tb) for t, tb in zip(res, res_b))
-        ok = ok.index_copy(0, bad, _kkt_ok(res_b, tol))
-    return F, point, res, ok
+    F, point = _equality_solve(P, None, start=(F, point))
+    res = _measure(P, *point)[3:6]
+    return F, point, res, _kkt_ok(res, tol)
 
 
 # The first polish is tried once the interior point's relative residuals and gap are below
@@ -297,7 +301,7 @@ class _Result:
         self.iterations = new(B, dtype=torch.long)
         self.pri, self.dual, self.gap = new(B), new(B), new(B)
         self.idx, self.valid = new(B, m, dtype=torch.long), new(B, m, dtype=torch.bool)
-        self.L = torch.eye(m, dtype=P.q.dtype, device=P.q.device).repeat(B, 1, 1)  # padding: identity
+        self.L = torch.eye(m, dtype=P.cs.T.dtype, device=P.q.device).repeat(B, 1, 1)  # padding: identity
 
     def store(self, rows, F: ReducedFactor, sel, **values):
         for name, v in values.items():
@@ -308,52 +312,76 @@ class _Result:
 
 
 @torch.no_grad()
-def _solve(P: _Problem, tol: float, max_iter: int) -> _Result:
+def _solve(P: _Problem, exact: _Problem, tol: float, max_iter: int, iter_tol: float | None = None,
+           start=None, left=None) -> _Result:
     """Mehrotra predictor-corrector; every example stops as soon as it is solved (crossover).
 
-    Once an example's residuals fall below FIRST_POLISH (then again after each RETRY_FACTOR
-    drop), or it stops for any other reason, its active set {lam > s} is solved exactly and
-    corrected (`_polish`); a polished point that satisfies the KKT conditions to `tol` is
-    returned as CONVERGED, whatever the interior point's own residuals. Otherwise the example
-    iterates on, and finishes with the interior point's status (CONVERGED at `tol`, STALLED,
-    MAX_ITER, ...). Finished examples leave the batch once they are a quarter of it.
+    The interior point iterates on `P` (possibly float32); the polish solves and verifies on
+    `exact`, the same problems (possibly float64 data with float32 factors, see
+    `ConstraintSpace.with_residuals`). Once an example's residuals fall below FIRST_POLISH (then
+    again after each RETRY_FACTOR drop), or it stops for any other reason, its active set
+    {lam > s} is solved exactly and corrected (`_polish`); a polished point that satisfies the
+    KKT conditions to `tol` is returned as CONVERGED, whatever the interior point's own
+    residuals. Otherwise the example iterates on, and finishes with the interior point's status
+    (CONVERGED when its residuals reach `iter_tol` <= `tol`, STALLED, MAX_ITER, ...; an
+    iteration in a lower precision stops at `iter_tol` > `tol` as MAX_ITER, for the caller to
+    redo). Finished examples leave the batch once they are a quarter of it. `start` = (z, s, lam,
+    nu, iterations) continues from the interior iterates of examples that already took steps
+    (the others start afresh); `left` caps each example's steps below what `max_iter` leaves.
     """
-    out = _Result(P)
+    out = _Result(exact)
     m = P.h.shape[1]
-    near_tol = max(tol, FIRST_POLISH)
+    iter_tol = tol if iter_tol is None else iter_tol
+    near_tol = max(iter_tol, FIRST_POLISH)
 
     # Start from the solution of the problem with unit barrier weights, then shift s, lam > 0.
     z, nu, _ = ReducedFactor.barrier(P.cs, torch.ones_like(P.h)).solve(-P.q, P.b, P.h)
     Gz_h = bmv(P.cs.G, z) - P.h
     s, lam = _shift_positive(-Gz_h), _shift_positive(Gz_h)
+    iters = torch.zeros(P.h.shape[0], dtype=torch.long, device=P.h.device)
+    if start is not None:
+        warm = start[-1] > 0
+        z, s, lam, nu, iters = (torch.where(warm.view(-1, *[1] * (t.dim() - 1)), t0, t)
+                                for t0, t in zip(start, (z, s, lam, nu, iters)))
+    left = max_iter - iters if left is None else torch.minimum(left, max_iter - iters)  # steps still allowed
 
     live = torch.arange(P.h.shape[0], device=P.h.device)
     next_try = torch.full_like(P.h[:, 0], near_tol)  # residual level of the next polish attempt
     broken = torch.zeros_like(live, dtype=torch.bool)
     gone = torch.zeros_like(broken)  # finished, still in the batch until enough of them are
+    n_gone = 0
     step = torch.ones_like(P.h[:, 0])  # length of the last step
-    iters = torch.zeros_like(live)
     for it in range(max_iter + 1):
         rd, rp, re, pri, dual, gap, y_res = _measure(P, z, s, lam, nu)
-        tight = (pri <= tol) & (dual <= tol) & (gap <= tol)
+        tight = (pri <= iter_tol) & (dual <= iter_tol) & (gap <= iter_tol)
         level = torch.stack([pri, dual, gap]).amax(0)
         near = level <= next_try
-        infeasible = ~tight & _farkas(P, z, lam, nu, pri, y_res, tol)
+        infeasible = ~tight & _farkas(P, z, lam, nu, pri, y_res, iter_tol)
         stalled = ~tight & ~infeasible & (step < STALL_STEP)
-        done = tight | infeasible | stalled | broken | (it == max_iter)
+        done = tight | infeasible | stalled | broken | (it >= left)
         attempt = (done | near) & ~gone
-        if bool(attempt.any()):
+        # The Newton matrix of this iteration is factorised before the one host read of the
+        # iteration, which asks both whether some example is due a polish and whether some
+        # factorisation failed (issue 15: no further synchronisation in a plain iteration).
+        last = it == max_iter  # every example is done: no further step
+        F, failed = (None, torch.zeros_like(gone)) if last else ReducedFactor.barrier_unchecked(P.cs, s / lam)
+        any_attempt, any_failed = torch.stack([attempt.any(), failed.any()]).tolist()
+        if any_failed:
+            F = F.repaired(failed)
+        if any_attempt:
             a = attempt.nonzero().squeeze(-1)
-            Fa, (zp, sp, lamp, nup), (ppri, pdual, pgap), ok = _polish(P.take(a), lam[a] > s[a], tol)
+            Fa, (zp, sp, lamp, nup), (ppri, pdual, pgap), ok = _polish(exact.take(live[a]), lam[a] > s[a], tol)
             ok &= ~infeasible[a]
             fin = ok | done[a]
             code = torch.full_like(a, int(QPStatus.MAX_ITER))
+            converged = tight if iter_tol <= tol else torch.zeros_like(tight)
             for flag, status in ((stalled, QPStatus.STALLED), (broken, QPStatus.NUMERICAL_ERROR),
-                                 (infeasible, QPStatus.INFEASIBLE), (tight, QPStatus.CONVERGED)):
+                                 (infeasible, QPStatus.INFEASIBLE), (converged, QPStatus.CONVERGED)):
                 code[flag[a]] = int(status)
             code[ok] = int(QPStatus.CONVERGED)
 
             def pick(polished, iterate):  # the polished point where it was verified
+                iterate = iterate.to(polished.dtype)
                 return torch.where(ok.view(-1, *[1] * (iterate.dim() - 1)), polished, iterate)[fin]
 
             out.store(
@@ -364,18 +392,19 @@ def _solve(P: _Problem, tol: float, max_iter: int) -> _Result:
             )
             next_try = torch.where(attempt, level * RETRY_FACTOR, next_try)
             gone[a[fin]] = True
-            if bool(gone.all()):
+            n_gone = int(gone.sum())
+            if n_gone == gone.numel():
                 break
             # Drop finished examples from the batch once they are a quarter of it: copying the
             # problem data costs about as much as carrying a few finished examples along.
-            if 4 * int(gone.sum()) >= gone.numel():
+            if 4 * n_gone >= gone.numel():
                 keep = ~gone
                 live, P = live[keep], P.take(keep)
-                state = (z, s, lam, nu, next_try, broken, gone, step, iters, rd, rp, re)
-                z, s, lam, nu, next_try, broken, gone, step, iters, rd, rp, re = (t[keep] for t in state)
+                F = ReducedFactor(P.cs, F.L[keep])
+                state = (z, s, lam, nu, next_try, broken, gone, step, iters, left, rd, rp, re)
+                z, s, lam, nu, next_try, broken, gone, step, iters, left, rd, rp, re = (t[keep] for t in state)
 
         # Predictor (affine scaling) direction, then Mehrotra's centred corrector: same factor.
-        F = ReducedFactor.barrier(P.cs, s / lam)
         part = F.project(-rd, -re)
         mu = (s * lam).sum(-1, keepdim=True) / m
         ds, dlam = _newton_direction(F, part, s, lam, rp, s * lam)
@@ -412,15 +441,67 @@ def _constraint_space(Q, G, A, batch) -> ConstraintSpace:
     return ConstraintSpace.build(Q, LQ, G, A)
 
 
+def _mixed_constraint_space(Q, G, A, batch, refine_steps):
+    """float64 data Q, G, A with float32 factors (see `ConstraintSpace.with_residuals`).
+
+    Returns that, the float64 constraint space if one was built (else None), and which examples
+    float32 iteration cannot handle: A Q^-1 A^T (nearly) singular, i.e. redundant equalities,
+    whose shifted factor amplifies float32 rounding by 1 / its smallest pivot.
+    """
+    cs32 = cs64 = None
+    if A.shape[-2] == 0:  # T = G Q^-1 G^T: float32 arithmetic gives it to ~1e-6 relative
+        try:
+            cs32 = _constraint_space(Q.float(), G.float(), A.float(), batch)
+        except ValueError:  # Q too ill-conditioned for a float32 Cholesky: decide in float64
+            pass
+    fragile = torch.zeros(batch, dtype=torch.bool, device=Q.device)
+    if cs32 is None:
+        # With equalities T = G Q^-1 G^T - X^T X cancels: in float32 its error reached ~30% of
+        # the active block's smallest eigenvalue on the benchmark's problems (n = 100, p = 50),
+        # against ~4e-5 when it is computed in float64 and rounded.
+        cs64 = _constraint_space(Q, G, A, batch)
+        cs32 = cs64.cast(torch.float32)
+        if cs64.LA is not None:
+            pivots = cs64.LA.diagonal(dim1=-2, dim2=-1)
+            fragile = (pivots.amin(-1) / pivots.amax(-1)) ** 2 < FLOAT32_MIN_PIVOT_RATIO
+    QC = torch.cat([_batched(t, 2, batch) for t in (Q, A, G)], dim=-2)
+    return cs32.with_residuals(QC, refine_steps), cs64, fragile
+
+
+# Mixed precision: the float32 interior point stops at this relative residual level (about where
+# float32 rounding stops its progress), whatever `tol`, and after FLOAT32_MAX_ITER steps; the
+# float64 polish decides, or float64 iteration carries on. Examples whose A Q^-1 A^T has a
+# squared pivot ratio below FLOAT32_MIN_PIVOT_RATIO iterate in float64 from the start (random A
+# on the benchmark: >= 1e-2; the 64 Sudoku constraints of rank 40: 8e-11).
+ITER_TOL_FLOAT32 = 1e-5
+FLOAT32_MAX_ITER = 20
+FLOAT32_MIN_PIVOT_RATIO = 1e-4
+
+
 class _QPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, Q, q, G, h, A, b, batch, tol, max_iter, work_dtype):
+    def forward(ctx, Q, q, G, h, A, b, batch, tol, max_iter, precision):
         out_dtype = q.dtype
-        Q, q, G, h, A, b = (t.to(work_dtype) for t in (Q, q, G, h, A, b))
+        exact_dtype = q.dtype if precision == "input" else torch.float64
+        Q, q, G, h, A, b = (t.to(exact_dtype) for t in (Q, q, G, h, A, b))
         Qs = 0.5 * (Q + Q.transpose(-1, -2))  # the objective only sees Q's symmetric part
-        cs = _constraint_space(Qs, G, A, batch)
-        r = _solve(_Problem(cs, _batched(q, 1, batch), _batched(h, 1, batch), _batched(b, 1, batch)), tol, max_iter)
-        ctx.cs = cs
+        vectors = [_batched(t, 1, batch) for t in (q, h, b)]
+        if precision == "mixed":
+            cs, cs64, fragile = _mixed_constraint_space(Qs, G, A, batch, 3 if out_dtype == torch.float64 else 2)
+            exact = _Problem(cs, *vectors)
+            loop = _Problem(cs.with_residuals(cs.QC.float(), 1), *(t.float() for t in vectors))
+            left = torch.where(fragile, 0, min(max_iter, FLOAT32_MAX_ITER))
+            r = _solve(loop, exact, tol, max_iter, iter_tol=max(tol, ITER_TOL_FLOAT32), left=left)
+        else:
+            cs = _constraint_space(Qs, G, A, batch)
+            exact = loop = _Problem(cs, *vectors)
+            r = _solve(loop, exact, tol, max_iter)
+        ctx.cs, ctx.redo = cs, None
+        if precision == "mixed":
+            redo = (r.status != QPStatus.CONVERGED).nonzero().squeeze(-1)
+            if redo.numel():  # what float32 iteration did not finish goes on in float64
+                ctx.redo = _continue_in_float64(r, redo, cs64, Qs, G, A, [t[redo] for t in vectors], batch, tol,
+                                                max_iter)
         ctx.save_for_backward(r.z, r.lam, r.nu, r.idx, r.valid, r.L)
         ctx.ranks = (Q.dim() == 3, q.dim() == 2, G.dim() == 3, h.dim() == 2, A.dim() == 3, b.dim() == 2)
         ctx.out_dtype = out_dtype
@@ -437,11 +518,13 @@ class _QPFunction(torch.autograd.Function):
         # lam_act] (inactive multipliers are 0 and stay 0): the adjoint (u, v) solves
         # [Q C^T; C 0] (u, v) = (gz, 0), with the active-set factor of the forward's polish.
         z, lam, nu, idx, valid, L = ctx.saved_tensors
-        F = ReducedFactor(ctx.cs, L, idx, valid)
         gz = gz.to(z.dtype)
-        u, v_eq, v_act = F.solve(gz, torch.zeros_like(nu), torch.zeros_like(lam), refine=True)
-        v = F.from_slots(v_act)
-        lam_act = lam * (F.from_slots(torch.ones_like(lam)) > 0)
+        u, v_eq, v, act = _adjoint(ReducedFactor(ctx.cs, L, idx, valid), gz, nu, lam)
+        if ctx.redo is not None:  # examples solved again in float64 use their float64 factors
+            rows, F = ctx.redo
+            for t, t_redo in zip((u, v_eq, v, act), _adjoint(F, gz[rows], nu[rows], lam[rows])):
+                t[rows] = t_redo
+        lam_act = lam * act
         uz = torch.stack([u, z], dim=-1)  # each gradient below is one product of rank 2
         grads = (
             -0.5 * (uz @ torch.stack([z, u], dim=-2)),  # Q
@@ -455,6 +538,27 @@ class _QPFunction(torch.autograd.Function):
         out = [(g if batched else g.sum(0)).to(ctx.out_dtype) for g, batched in zip(grads, ctx.ranks)]
         out = [g if need else None for g, need in zip(out, ctx.needs_input_grad[:6])]
         return (*out, None, None, None, None)
+
+
+def _adjoint(F: ReducedFactor, gz, nu, lam):
+    """u, v_eq, v (on all m rows) and the active mask of [Q C^T; C 0] (u, v) = (gz, 0)."""
+    u, v_eq, v_act = F.solve(gz, torch.zeros_like(nu), torch.zeros_like(lam), refine=True)
+    return u, v_eq, F.from_slots(v_act), F.active()
+
+
+def _continue_in_float64(r: _Result, rows, cs64, Q, G, A, vectors, batch, tol, max_iter):
+    """Iterate on in float64 from the last iterates of the examples `rows` (with the iterations
+    they have left), write the results into `r`; return the rows and their float64 factor."""
+    if cs64 is None:
+        cs = _constraint_space(*(_batched(t, 2, batch)[rows] for t in (Q, G, A)), rows.numel())
+    else:
+        cs = cs64.take(rows)
+    P = _Problem(cs, *vectors)
+    start = (*(getattr(r, k)[rows] for k in ("z", "s", "lam", "nu")), r.iterations[rows])
+    r64 = _solve(P, P, tol, max_iter, start=start)
+    for name in ("z", "lam", "nu", "s", "status", "iterations", "pri", "dual", "gap"):
+        getattr(r, name)[rows] = getattr(r64, name)
+    return rows, ReducedFactor(cs, r64.L, r64.idx, r64.valid)
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,19 +576,28 @@ def solve_qp_with_info(
     tol: float | None = None,
     max_iter: int = 50,
     strict: bool = False,
-    work_in_float64: bool = True,
+    precision: str = "mixed",
 ) -> QPSolution:
     """Solve a batch of QPs and return primal, duals, status and residuals (see `solve_qp`).
 
     With `strict=True` an infeasible example raises `QPInfeasibleError`; otherwise it is reported
     in `status` and its last iterate returned (never NaN).
 
-    `work_in_float64` (default True) runs the solver and the backward in float64 even for float32
-    inputs (outputs keep the input dtype), so float32 results are float64 results rounded once.
-    On CPU this costs little (Cholesky, the main cost, is about as fast in float64 as in
-    float32); solving in float32 loses accuracy in the Schur complement T when there are
-    equality constraints (docs/optnet.md). Pass False to iterate in the input dtype (tolerance
-    1e-5).
+    `precision` is the dtype policy (outputs always keep the input dtype):
+
+    - "mixed" (default, float32 and float64 inputs): the interior point iterates in float32
+      (about half the cost of float64 per iteration) down to relative residuals 1e-5; the
+      crossover then solves the active-set system with float32 factors and float64 iterative
+      refinement and verifies the KKT conditions in float64 to `tol`, and the backward solves the
+      same way. The returned z, duals and gradients are thus float64-accurate (float32 inputs:
+      float64 results rounded once). Examples that float32 cannot finish (polish failing at the
+      float32 floor, 20 float32 steps, redundant equalities detected from A Q^-1 A^T) carry on
+      in float64 from their last iterate, with the iterations they have left, so correctness
+      never depends on float32 succeeding. With equality constraints T is computed in float64
+      (in float32 it cancels).
+    - "float64": everything in float64.
+    - "input": everything in the input dtype; for float32 inputs tolerance 1e-5 and, with
+      equality constraints, errors up to ~1e-3 (docs/optnet.md).
     """
     if (A is None) != (b is None):
         raise ValueError("solve_qp: pass both A and b for equality constraints, or neither")
@@ -494,13 +607,14 @@ def solve_qp_with_info(
         raise ValueError(f"solve_qp: max_iter must be a positive int, got {max_iter!r}")
     args = dict(Q=Q, q=q, G=G, h=h, A=A, b=b)
     batch, _ = _check_inputs(args)
-    work_dtype = torch.float64 if work_in_float64 else q.dtype
-    tol = default_tol(q.dtype, work_dtype) if tol is None else float(tol)
+    if precision not in PRECISIONS:
+        raise ValueError(f"solve_qp: precision must be one of {PRECISIONS}, got {precision!r}")
+    tol = default_tol(q.dtype, precision) if tol is None else float(tol)
     if not tol > 0:
         raise ValueError(f"solve_qp: tol must be > 0, got {tol}")
 
     z, lam, nu, s, status, iters, pri, dual, gap = _QPFunction.apply(
-        Q, q, G, h, A, b, batch or 1, tol, max_iter, work_dtype
+        Q, q, G, h, A, b, batch or 1, tol, max_iter, precision
     )
     sol = QPSolution(z, lam, nu, s, status, iters, pri, dual, gap)
     if batch is None:
@@ -526,19 +640,21 @@ def solve_qp(
     tol: float | None = None,
     max_iter: int = 50,
     strict: bool = True,
-    work_in_float64: bool = True,
+    precision: str = "mixed",
 ) -> torch.Tensor:
     """Solve `min 1/2 z^T Q z + q^T z  s.t.  G z <= h, A z = b`, differentiably in all arguments.
 
     Shapes: Q (n, n), q (n,), G (m, n), h (m,), A (p, n), b (p,), each optionally with a leading
     batch dimension B; returns z of shape (B, n), or (n,) when no argument is batched. `tol` is the
-    relative residual / gap tolerance (default 1e-9 for float64 inputs, 1e-7 for float32).
+    relative residual / gap tolerance (default 1e-9 for float64 inputs, 1e-7 for float32);
+    `precision` the dtype policy (default "mixed": float32 iterations, float64-verified solution
+    and float64-accurate gradients; see `solve_qp_with_info`).
 
     Infeasible examples raise `QPInfeasibleError` (pass `strict=False` to get the last iterate and
     use `solve_qp_with_info` to see which); examples that hit `max_iter` give a RuntimeWarning.
     """
     sol = solve_qp_with_info(
-        Q, q, G, h, A, b, tol=tol, max_iter=max_iter, strict=strict, work_in_float64=work_in_float64
+        Q, q, G, h, A, b, tol=tol, max_iter=max_iter, strict=strict, precision=precision
     )
     not_converged = int((sol.status != QPStatus.CONVERGED).sum())
     if not_converged:

@@ -148,16 +148,17 @@ class ConstraintSpace:
     refinement, with residuals computed from QC, bring them to QC's precision.
     """
 
-    def __init__(self, QC, Qinv, P, LA, X, T, refine_steps: int = 1):
+    def __init__(self, QC, Qinv, P, LA, X, T, refine_steps: int = 1, rel_shift: float | None = None):
         self.QC, self.Qinv, self.P, self.LA, self.X, self.T = QC, Qinv, P, LA, X, T
         n, p = Qinv.shape[-1], P.shape[-1] - T.shape[-1]
-        self.Q, self.A, self.G, self.C = QC[..., :n, :], QC[..., n : n + p, :], QC[..., n + p :, :], QC[..., n:, :]
-        self.refine_steps = refine_steps
-        # float32 factors of float64 data: a shift near float32 rounding keeps refinement fast.
-        self.rel_shift = torch.finfo(T.dtype).eps if QC.dtype != T.dtype else None
+        self.p = p
+        if QC is not None:  # None: factors only (`take(data=False)`), for unrefined solves
+            self.Q, self.A, self.G, self.C = QC[..., :n, :], QC[..., n : n + p, :], QC[..., n + p :, :], QC[..., n:, :]
+        self.refine_steps, self.rel_shift = refine_steps, rel_shift
 
     def cast(self, dtype) -> "ConstraintSpace":
-        return ConstraintSpace(*(None if t is None else t.to(dtype) for t in self.fields()), self.refine_steps)
+        return ConstraintSpace(*(None if t is None else t.to(dtype) for t in self.fields()), self.refine_steps,
+                               self.rel_shift)
 
     def with_residuals(self, QC, refine_steps: int) -> "ConstraintSpace":
         """These factors with residuals computed from QC (the same problems, possibly float64).
@@ -167,7 +168,9 @@ class ConstraintSpace:
         relative error (<~1e-4 on the benchmark's problems): two reach float32 outputs' accuracy,
         three float64 rounding.
         """
-        return ConstraintSpace(QC, *self.fields()[1:], refine_steps)
+        # float32 factors of float64 data: a Cholesky shift near float32 rounding keeps refinement fast.
+        rel_shift = torch.finfo(self.T.dtype).eps if QC.dtype != self.T.dtype else None
+        return ConstraintSpace(QC, *self.fields()[1:], refine_steps, rel_shift)
 
     @classmethod
     def build(cls, Q, LQ, G, A) -> "ConstraintSpace":
@@ -189,10 +192,12 @@ class ConstraintSpace:
     def expand(self, batch: int) -> "ConstraintSpace":
         """Broadcast unbatched factors (every argument shared) to the batch."""
         grow = lambda t: t if t is None or t.dim() == 3 else t.expand(batch, *t.shape)  # noqa: E731
-        return ConstraintSpace(*(grow(t) for t in self.fields()), self.refine_steps)
+        return ConstraintSpace(*(grow(t) for t in self.fields()), self.refine_steps, self.rel_shift)
 
-    def take(self, index: torch.Tensor) -> "ConstraintSpace":
-        return ConstraintSpace(*(None if t is None else t[index] for t in self.fields()), self.refine_steps)
+    def take(self, index: torch.Tensor, data: bool = True) -> "ConstraintSpace":
+        """The examples `index`; without `data` (QC), enough for `ReducedFactor.solve_and_Gx`."""
+        fields = self.fields() if data else (None, *self.fields()[1:])
+        return ConstraintSpace(*(None if t is None else t[index] for t in fields), self.refine_steps, self.rel_shift)
 
 
 def active_rows(active: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,7 +217,7 @@ class ReducedFactor:
 
     def __init__(self, cs: ConstraintSpace, L: torch.Tensor, idx=None, valid=None):
         self.cs, self.L, self.idx, self.valid = cs, L, idx, valid
-        self.p = cs.A.shape[-2]
+        self.p = cs.p
 
     @classmethod
     def barrier(cls, cs: ConstraintSpace, d: torch.Tensor) -> "ReducedFactor":
@@ -288,6 +293,18 @@ class ReducedFactor:
         dtype = self.L.dtype  # the factors' precision (float32 under mixed precision)
         part = self.project(r1.to(dtype), rA.to(dtype))
         return tuple(t.to(r1.dtype) for t in self.lift(part, self.solve_g(part, rG.to(dtype))))
+
+    def solve_and_Gx(self, r1, rA, rG):
+        """One unrefined solve, in the factors' precision, and G x without a product with G.
+
+        With y the multipliers on all m rows, G x = G Q^-1 (r1 - A^T y_A - G^T y) reduces to
+        g' - T y, g' being `project`'s second part: only the factors are needed.
+        """
+        dtype = self.L.dtype
+        part = self.project(r1.to(dtype), rA.to(dtype))
+        x, yA, yG = self.lift(part, self.solve_g(part, rG.to(dtype)))
+        Gx = part[1] - bmv(self.cs.T, self.from_slots(yG))
+        return tuple(t.to(r1.dtype) for t in (x, yA, yG, Gx))
 
     def solve(self, r1, rA, rG, refine: bool = False, start=None):
         """Solve the system of the module docstring (D = 0 for an active set) for batched vectors.

@@ -139,65 +139,74 @@ def bmtv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 class ConstraintSpace:
     """Per-problem data and factors, computed once per solve.
 
-    QC = [Q; A; G] stacked (one product gives Qz, Az, Gz), Qinv = Q^{-1} (explicit: a product
-    is much cheaper than two triangular solves on a CPU), P = Q^{-1} [A; G]^T, A Q^{-1} A^T =
-    LA LA^T, X = LA^{-1} A Q^{-1} G^T and T = G Q^{-1} G^T - X^T X.
+    Data Q, A, G (residuals and products; kept apart, not stacked: stacking them copied ~20 MB
+    per solve at n = 100, batch 128). Factors: Qinv = Q^{-1} (explicit: a product is much
+    cheaper than two triangular solves on a CPU), P = Q^{-1} [A; G]^T, A Q^{-1} A^T = LA LA^T,
+    X = LA^{-1} A Q^{-1} G^T and T = G Q^{-1} G^T - X^T X.
 
-    QC may be in a higher precision than the factors (`with_residuals`: float64 data, float32
+    The data may be in a higher precision than the factors (`with_data`: float64 data, float32
     factors): solves then run in the factors' precision and `refine_steps` steps of iterative
-    refinement, with residuals computed from QC, bring them to QC's precision.
+    refinement, with residuals computed from the data, bring them to the data's precision.
     """
 
-    def __init__(self, QC, Qinv, P, LA, X, T, refine_steps: int = 1, rel_shift: float | None = None):
-        self.QC, self.Qinv, self.P, self.LA, self.X, self.T = QC, Qinv, P, LA, X, T
-        n, p = Qinv.shape[-1], P.shape[-1] - T.shape[-1]
-        self.p = p
-        if QC is not None:  # None: factors only (`take(data=False)`), for unrefined solves
-            self.Q, self.A, self.G, self.C = QC[..., :n, :], QC[..., n : n + p, :], QC[..., n + p :, :], QC[..., n:, :]
+    def __init__(self, Q, A, G, Qinv, P, LA, X, T, refine_steps: int = 1, rel_shift: float | None = None):
+        self.Q, self.A, self.G = Q, A, G  # None: factors only (`take(data=False)`), for unrefined solves
+        self.Qinv, self.P, self.LA, self.X, self.T = Qinv, P, LA, X, T
+        self.p = P.shape[-1] - T.shape[-1]
         self.refine_steps, self.rel_shift = refine_steps, rel_shift
 
-    def cast(self, dtype) -> "ConstraintSpace":
-        return ConstraintSpace(*(None if t is None else t.to(dtype) for t in self.fields()), self.refine_steps,
-                               self.rel_shift)
+    def data(self):
+        return self.Q, self.A, self.G
 
-    def with_residuals(self, QC, refine_steps: int) -> "ConstraintSpace":
-        """These factors with residuals computed from QC (the same problems, possibly float64).
+    def factors(self):
+        return self.Qinv, self.P, self.LA, self.X, self.T
+
+    def _new(self, data, factors) -> "ConstraintSpace":
+        return ConstraintSpace(*data, *factors, self.refine_steps, self.rel_shift)
+
+    def products(self, x):
+        """Q x, A x, G x for batched vectors x."""
+        Ax = bmv(self.A, x) if self.p else x[:, :0]
+        return bmv(self.Q, x), Ax, bmv(self.G, x)
+
+    def Ct(self, yA, yG):
+        """A^T yA + G^T yG (yG on all m rows)."""
+        return bmtv(self.G, yG) + bmtv(self.A, yA) if self.p else bmtv(self.G, yG)
+
+    def with_data(self, Q, A, G, refine_steps: int) -> "ConstraintSpace":
+        """These factors with residuals computed from Q, A, G (the same problems, possibly float64).
 
         One refinement step undoes the Cholesky shift and the explicit inverse's rounding when
-        QC and the factors share a precision; with float32 factors each step gains about their
+        data and factors share a precision; with float32 factors each step gains about their
         relative error (<~1e-4 on the benchmark's problems): two reach float32 outputs' accuracy,
         three float64 rounding.
         """
         # float32 factors of float64 data: a Cholesky shift near float32 rounding keeps refinement fast.
-        rel_shift = torch.finfo(self.T.dtype).eps if QC.dtype != self.T.dtype else None
-        return ConstraintSpace(QC, *self.fields()[1:], refine_steps, rel_shift)
+        rel_shift = torch.finfo(self.T.dtype).eps if Q.dtype != self.T.dtype else None
+        return ConstraintSpace(Q, A, G, *self.factors(), refine_steps, rel_shift)
 
     @classmethod
     def build(cls, Q, LQ, G, A) -> "ConstraintSpace":
         p = A.shape[-2]
-        C = torch.cat([A, G], dim=-2)
         Qinv = torch.cholesky_inverse(LQ)
-        P = Qinv @ C.transpose(-1, -2)
+        P = Qinv @ (torch.cat([A, G], dim=-2) if p else G).transpose(-1, -2)
         T = G @ P[..., p:]
         LA = X = None
         if p:
             LA = shifted_cholesky(A @ P[..., :p])
             X = torch.linalg.solve_triangular(LA, A @ P[..., p:], upper=False)
             T = T - X.transpose(-1, -2) @ X
-        return cls(torch.cat([Q, C], dim=-2), Qinv, P, LA, X, T)
-
-    def fields(self):
-        return self.QC, self.Qinv, self.P, self.LA, self.X, self.T
+        return cls(Q, A, G, Qinv, P, LA, X, T)
 
     def expand(self, batch: int) -> "ConstraintSpace":
         """Broadcast unbatched factors (every argument shared) to the batch."""
         grow = lambda t: t if t is None or t.dim() == 3 else t.expand(batch, *t.shape)  # noqa: E731
-        return ConstraintSpace(*(grow(t) for t in self.fields()), self.refine_steps, self.rel_shift)
+        return self._new(*((grow(t) for t in ts) for ts in (self.data(), self.factors())))
 
     def take(self, index: torch.Tensor, data: bool = True) -> "ConstraintSpace":
-        """The examples `index`; without `data` (QC), enough for `ReducedFactor.solve_and_Gx`."""
-        fields = self.fields() if data else (None, *self.fields()[1:])
-        return ConstraintSpace(*(None if t is None else t[index] for t in fields), self.refine_steps, self.rel_shift)
+        """The examples `index`; without `data`, enough for `ReducedFactor.solve_and_Gx`."""
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return self._new(map(pick, self.data()) if data else (None,) * 3, map(pick, self.factors()))
 
 
 def active_rows(active: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,17 +319,16 @@ class ReducedFactor:
         """Solve the system of the module docstring (D = 0 for an active set) for batched vectors.
 
         `refine` adds `cs.refine_steps` steps of iterative refinement (residuals with Q, A, G
-        themselves, in QC's precision), which undo the Cholesky shifts, the rounding of the
+        themselves, in the data's precision), which undo the Cholesky shifts, the rounding of the
         explicit inverse and, under mixed precision, the float32 factors. `start` = (x, yA, yG)
         refines an earlier unrefined solution instead of solving afresh.
         """
         x, yA, yG = self._solve_once(r1, rA, rG) if start is None else start
-        cs, n = self.cs, r1.shape[-1]
+        cs = self.cs
         for _ in range(cs.refine_steps if refine else 0):
-            y = torch.cat([yA, self.from_slots(yG)], dim=-1)
-            QAGx = bmv(cs.QC, x)
-            e1 = r1 - QAGx[:, :n] - bmtv(cs.C, y)
-            dx, dyA, dyG = self._solve_once(e1, rA - QAGx[:, n : n + self.p], rG - self.to_slots(QAGx[:, n + self.p :]))
+            Qx, Ax, Gx = cs.products(x)
+            e1 = r1 - Qx - cs.Ct(yA, self.from_slots(yG))
+            dx, dyA, dyG = self._solve_once(e1, rA - Ax, rG - self.to_slots(Gx))
             x, yA, yG = x + dx, yA + dyA, yG + dyG
         return x, yA, yG
 

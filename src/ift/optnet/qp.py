@@ -194,9 +194,8 @@ def _measure(P: _Problem, z, s, lam, nu):
     s need not be positive nor lam nonnegative (a polished point): negative parts count as
     primal / dual infeasibility.
     """
-    cs, n, p = P.cs, z.shape[-1], nu.shape[-1]
-    QAGz = bmv(cs.QC, z)
-    Qz, Az, Gz = QAGz[:, :n], QAGz[:, n : n + p], QAGz[:, n + p :]
+    cs, p = P.cs, nu.shape[-1]
+    Qz, Az, Gz = cs.products(z)
     Gt_lam, At_nu = bmtv(cs.G, lam), bmtv(cs.A, nu) if p else torch.zeros_like(z)
     rd = Qz + P.q + Gt_lam + At_nu
     rp = Gz + s - P.h
@@ -323,7 +322,7 @@ def _solve(P: _Problem, exact: _Problem, tol: float, max_iter: int, iter_tol: fl
 
     The interior point iterates on `P` (possibly float32); the polish solves and verifies on
     `exact`, the same problems (possibly float64 data with float32 factors, see
-    `ConstraintSpace.with_residuals`). Once an example's residuals fall below FIRST_POLISH (then
+    `ConstraintSpace.with_data`). Once an example's residuals fall below FIRST_POLISH (then
     again after each RETRY_FACTOR drop), or it stops for any other reason, its active set
     {lam > s} is solved exactly and corrected (`_polish`); a polished point that satisfies the
     KKT conditions to `tol` is returned as CONVERGED, whatever the interior point's own
@@ -452,31 +451,35 @@ def _constraint_space(Q, G, A, batch) -> ConstraintSpace:
     return ConstraintSpace.build(Q, LQ, G, A)
 
 
-def _mixed_constraint_space(Q, G, A, batch, refine_steps):
-    """float64 data Q, G, A with float32 factors (see `ConstraintSpace.with_residuals`).
+def _mixed_constraint_space(data64, data32, batch, refine_steps):
+    """Constraint spaces for mixed precision from Q, G, A in float64 and in float32.
 
-    Returns that, the float64 constraint space if one was built (else None), and which examples
-    float32 iteration cannot handle: A Q^-1 A^T (nearly) singular, i.e. redundant equalities,
-    whose shifted factor amplifies float32 rounding by 1 / its smallest pivot.
+    Returns the float64 data with float32 factors (the crossover's, see
+    `ConstraintSpace.with_data`), the all-float32 one (the interior point's), the float64 one if
+    it was built (else None), and which examples float32 iteration cannot handle: A Q^-1 A^T
+    (nearly) singular, i.e. redundant equalities, whose shifted factor amplifies float32
+    rounding by 1 / its smallest pivot.
     """
-    cs32 = cs64 = None
+    (Q, G, A), (Q32, G32, A32) = data64, data32
+    loop = cs64 = None
     if A.shape[-2] == 0:  # T = G Q^-1 G^T: float32 arithmetic gives it to ~1e-6 relative
         try:
-            cs32 = _constraint_space(Q.float(), G.float(), A.float(), batch)
+            loop = _constraint_space(Q32, G32, A32, batch)
         except ValueError:  # Q too ill-conditioned for a float32 Cholesky: decide in float64
             pass
     fragile = torch.zeros(batch, dtype=torch.bool, device=Q.device)
-    if cs32 is None:
+    if loop is None:
         # With equalities T = G Q^-1 G^T - X^T X cancels: in float32 its error reached ~30% of
         # the active block's smallest eigenvalue on the benchmark's problems (n = 100, p = 50),
         # against ~4e-5 when it is computed in float64 and rounded.
         cs64 = _constraint_space(Q, G, A, batch)
-        cs32 = cs64.cast(torch.float32)
+        factors = (None if t is None else t.float() for t in cs64.factors())
+        loop = ConstraintSpace(*(_batched(t, 2, batch) for t in (Q32, A32, G32)), *factors)
         if cs64.LA is not None:
             pivots = cs64.LA.diagonal(dim1=-2, dim2=-1)
             fragile = (pivots.amin(-1) / pivots.amax(-1)) ** 2 < FLOAT32_MIN_PIVOT_RATIO
-    QC = torch.cat([_batched(t, 2, batch) for t in (Q, A, G)], dim=-2)
-    return cs32.with_residuals(QC, refine_steps), cs64, fragile
+    exact = loop.with_data(*(_batched(t, 2, batch) for t in (Q, A, G)), refine_steps)
+    return exact, loop, cs64, fragile
 
 
 # Mixed precision: the float32 interior point stops at this relative residual level (about where
@@ -494,13 +497,17 @@ class _QPFunction(torch.autograd.Function):
     def forward(ctx, Q, q, G, h, A, b, batch, tol, max_iter, precision):
         out_dtype = q.dtype
         exact_dtype = q.dtype if precision == "input" else torch.float64
+        symmetric = torch.equal(Q, Q.transpose(-1, -2))  # the common case: no symmetrised copy
+        inputs = (Q, G, A)
         Q, q, G, h, A, b = (t.to(exact_dtype) for t in (Q, q, G, h, A, b))
-        Qs = 0.5 * (Q + Q.transpose(-1, -2))  # the objective only sees Q's symmetric part
+        Qs = Q if symmetric else 0.5 * (Q + Q.transpose(-1, -2))  # the objective only sees Q's symmetric part
         vectors = [_batched(t, 1, batch) for t in (q, h, b)]
         if precision == "mixed":
-            cs, cs64, fragile = _mixed_constraint_space(Qs, G, A, batch, 3 if out_dtype == torch.float64 else 2)
+            data32 = (inputs[0] if symmetric else Qs, *inputs[1:])
+            cs, loop_cs, cs64, fragile = _mixed_constraint_space(
+                (Qs, G, A), [t.float() for t in data32], batch, 3 if out_dtype == torch.float64 else 2)
             exact = _Problem(cs, *vectors)
-            loop = _Problem(cs.with_residuals(cs.QC.float(), 1), *(t.float() for t in vectors))
+            loop = _Problem(loop_cs, *(t.float() for t in vectors))
             left = torch.where(fragile, 0, min(max_iter, FLOAT32_MAX_ITER))
             r = _solve(loop, exact, tol, max_iter, iter_tol=max(tol, ITER_TOL_FLOAT32), left=left)
         else:

@@ -543,19 +543,26 @@ class _QPFunction(torch.autograd.Function):
             for t, t_redo in zip((u, v_eq, v, act), _adjoint(F, gz[rows], nu[rows], lam[rows])):
                 t[rows] = t_redo
         lam_act = lam * act
-        uz = torch.stack([u, z], dim=-1)  # each gradient below is one product of rank 2
+        uz = torch.stack([u, z], dim=-1)  # each matrix gradient below is one product of rank 2
+        need = ctx.needs_input_grad[:6]
         grads = (
-            -0.5 * (uz @ torch.stack([z, u], dim=-2)),  # Q
-            -u,  # q
-            -(torch.stack([lam_act, v], dim=-1) @ uz.transpose(-1, -2)),  # G
-            v,  # h
-            -(torch.stack([nu, v_eq], dim=-1) @ uz.transpose(-1, -2)),  # A
-            v_eq,  # b
+            _rank2(-0.5 * uz, torch.stack([z, u], dim=-2), ctx.ranks[0]) if need[0] else None,  # Q
+            -u if ctx.ranks[1] else -u.sum(0),  # q
+            _rank2(-torch.stack([lam_act, v], dim=-1), uz.transpose(-1, -2), ctx.ranks[2]) if need[2] else None,  # G
+            v if ctx.ranks[3] else v.sum(0),  # h
+            _rank2(-torch.stack([nu, v_eq], dim=-1), uz.transpose(-1, -2), ctx.ranks[4]) if need[4] else None,  # A
+            v_eq if ctx.ranks[5] else v_eq.sum(0),  # b
         )
         # A shared (unbatched) argument influences every example: its gradient is the batch sum.
-        out = [(g if batched else g.sum(0)).to(ctx.out_dtype) for g, batched in zip(grads, ctx.ranks)]
-        out = [g if need else None for g, need in zip(out, ctx.needs_input_grad[:6])]
+        out = [g.to(ctx.out_dtype) if nd else None for g, nd in zip(grads, need)]
         return (*out, None, None, None, None)
+
+
+def _rank2(a, b, batched: bool):
+    """a @ b per example (a: (B, r, 2), b: (B, 2, c)), or its sum over the batch as one product."""
+    if batched:
+        return a @ b
+    return a.transpose(0, 1).reshape(a.shape[1], -1) @ b.reshape(-1, b.shape[-1])
 
 
 def _adjoint(F: ReducedFactor, gz, nu, lam):

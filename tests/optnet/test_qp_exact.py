@@ -188,16 +188,15 @@ def test_what_float32_cannot_finish_continues_in_float64(monkeypatch):
 
 def test_redundant_equalities_iterate_in_float64_from_the_start(monkeypatch):
     # Every equality twice: A Q^-1 A^T is singular, its shifted factor would amplify float32
-    # rounding, so the examples skip float32 iteration (0 float32 steps before float64).
+    # rounding, so no example may take a float32 interior point step.
     import ift.optnet.qp as qp_module
 
-    float32_steps = []
-    real = qp_module._continue_in_float64
-    monkeypatch.setattr(qp_module, "_continue_in_float64",
-                        lambda r, rows, *a: float32_steps.append(r.iterations[rows].clone()) or real(r, rows, *a))
+    float32_steps_allowed = []
+    real = qp_module._solve
+    monkeypatch.setattr(qp_module, "_solve", lambda *a, **k: float32_steps_allowed.append(k.get("left")) or real(*a, **k))
     Q, q, G, h, A, b = random_qp(8, 50, 50, 10, seed=8)
     sol = solve_qp_with_info(Q, q, G, h, torch.cat([A, A], 1), torch.cat([b, b], 1))
     ref = solve_qp_with_info(Q, q, G, h, A, b, precision="float64")
-    assert len(float32_steps) == 1 and (float32_steps[0] == 0).all() and float32_steps[0].numel() == 8
+    assert (float32_steps_allowed[0] == 0).all() and float32_steps_allowed[0].numel() == 8
     assert (sol.status == QPStatus.CONVERGED).all()
     torch.testing.assert_close(sol.z, ref.z, atol=1e-9, rtol=0)

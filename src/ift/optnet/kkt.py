@@ -342,6 +342,10 @@ class ReducedFactor:
         L[:, : width - extra, : width - extra] = self.L
         return ReducedFactor(self.cs, L, pad(self.idx), pad(self.valid))
 
+    def take(self, sel: torch.Tensor) -> "ReducedFactor":
+        """The active-set factor of the batch elements `sel` (its problem data stay whole)."""
+        return ReducedFactor(self.cs, self.L[sel], self.idx[sel], self.valid[sel])
+
     def replace(self, rows: torch.Tensor, other: "ReducedFactor") -> "ReducedFactor":
         """This active-set factor with the batch elements `rows` taken from `other` (same problems)."""
         width = max(self.idx.shape[1], other.idx.shape[1])

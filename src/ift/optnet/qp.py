@@ -281,7 +281,24 @@ def _polish(P: _Problem, active: torch.Tensor, tol: float, corrections: int = 3)
         point = tuple(t.index_copy(0, bad, tb) for t, tb in zip(point, point_b))
     F, point = _equality_solve(P, None, start=(F, point))
     res = _measure(P, *point)[3:6]
-    return F, point, res, _kkt_ok(res, tol)
+    ok = _kkt_ok(res, tol)
+    # Unrefined signs can be off for a nearly weakly active row: one more step from the refined
+    # point where it fails the check or asks for another set (a kept multiplier slightly below 0
+    # can pass a loose tol), kept where it is better.
+    _, s, lam, _ = point
+    bad = (~ok | ((lam - s > 0) != F.active()).any(-1)).nonzero().squeeze(-1)
+    if bad.numel():
+        Pb = P.take(bad)
+        Fb, point_b = _equality_solve(Pb, lam[bad] - s[bad] > 0)
+        res_b = _measure(Pb, *point_b)[3:6]
+        ok_b = _kkt_ok(res_b, tol)
+        better = ok_b | ~ok[bad]
+        bad, Fb = bad[better], Fb.take(better)
+        point = tuple(t.index_copy(0, bad, tb[better]) for t, tb in zip(point, point_b))
+        res = tuple(t.index_copy(0, bad, tb[better]) for t, tb in zip(res, res_b))
+        ok = ok.index_copy(0, bad, ok_b[better])
+        F = F.replace(bad, Fb)
+    return F, point, res, ok
 
 
 # The first polish is tried once the interior point's relative residuals and gap are below

@@ -34,11 +34,12 @@ def cholesky_unchecked(M: torch.Tensor, overwrite: bool = False) -> tuple[torch.
     """Batched Cholesky factor L and a mask of the matrices where it failed, without a host sync.
 
     Only L's lower triangle is meaningful: every consumer uses triangular solves, which read
-    that triangle alone. `overwrite` lets the CPU path factorise M in place.
+    that triangle alone. `overwrite` lets the CPU path factorise M in place. The CPU path is not
+    differentiable (the solver calls this without autograd).
     """
     use_lapack = M.device.type == "cpu" and M.dim() == 3 and M.shape[-1] >= LAPACK_MIN_SIZE and M.dtype in _POTRF
-    if use_lapack and not M.requires_grad:
-        return _lapack_cholesky(M if overwrite else M.clone())
+    if use_lapack and not (torch.is_grad_enabled() and M.requires_grad):
+        return _lapack_cholesky(M.detach() if overwrite else M.detach().clone())
     # The upper factor U = L^T is returned transposed: cholesky_ex spends a good part of its time
     # zeroing the other triangle, and that is cheaper for upper=True in torch's layout.
     U, info = torch.linalg.cholesky_ex(M, upper=True)

@@ -577,8 +577,9 @@ class _QPFunction(torch.autograd.Function):
 
 def _rank2(a, b, batched: bool):
     """a @ b per example (a: (B, r, 2), b: (B, 2, c)), or its sum over the batch as one product."""
-    if batched:
-        return a @ b
+    if batched:  # two broadcast products: a bmm with inner size 2 was ~2x slower on CPU
+        out = a[..., :1] * b[..., :1, :]
+        return out.addcmul_(a[..., 1:], b[..., 1:, :])
     return a.transpose(0, 1).reshape(a.shape[1], -1) @ b.reshape(-1, b.shape[-1])
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import enum
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -332,6 +332,122 @@ class _Result:
         self.L[rows, :k, :k] = F.L[sel]
 
 
+@dataclass
+class _Iterate:
+    """Interior point state of the examples in the batch; `take` keeps some of them."""
+
+    z: torch.Tensor
+    s: torch.Tensor
+    lam: torch.Tensor
+    nu: torch.Tensor
+    iters: torch.Tensor  # steps taken
+    left: torch.Tensor  # steps still allowed
+    live: torch.Tensor  # each example's row in the output
+    next_try: torch.Tensor  # residual level of the next polish attempt
+    broken: torch.Tensor  # the last Newton step was not finite
+    gone: torch.Tensor  # finished, still in the batch until enough of them are
+    step: torch.Tensor  # length of the last step
+
+    def take(self, keep: torch.Tensor) -> "_Iterate":
+        return _Iterate(**{f.name: getattr(self, f.name)[keep] for f in fields(self)})
+
+
+@dataclass
+class _Predictor:
+    """An iteration's Newton factor, its projection of the residuals and the affine direction."""
+
+    F: ReducedFactor
+    part: tuple
+    rp: torch.Tensor
+    ds: torch.Tensor
+    dlam: torch.Tensor
+
+    def take(self, keep: torch.Tensor, cs: ConstraintSpace) -> "_Predictor":
+        part = tuple(None if t is None else t[keep] for t in self.part)
+        return _Predictor(ReducedFactor(cs, self.F.L[keep]), part, self.rp[keep], self.ds[keep], self.dlam[keep])
+
+
+def _initial_iterate(P: _Problem, max_iter: int, near_tol: float, start, left) -> _Iterate:
+    """The starting point; examples with steps in `start` continue from their iterate there."""
+    # Start from the solution of the problem with unit barrier weights, then shift s, lam > 0.
+    z, nu, _ = ReducedFactor.barrier(P.cs, torch.ones_like(P.h)).solve(-P.q, P.b, P.h)
+    Gz_h = bmv(P.cs.G, z) - P.h
+    s, lam = _shift_positive(-Gz_h), _shift_positive(Gz_h)
+    iters = torch.zeros(P.h.shape[0], dtype=torch.long, device=P.h.device)
+    if start is not None:
+        warm = start[-1] > 0
+        z, s, lam, nu, iters = (torch.where(warm.view(-1, *[1] * (t.dim() - 1)), t0, t)
+                                for t0, t in zip(start, (z, s, lam, nu, iters)))
+    left = max_iter - iters if left is None else torch.minimum(left, max_iter - iters)
+    live = torch.arange(P.h.shape[0], device=P.h.device)
+    broken = torch.zeros_like(live, dtype=torch.bool)
+    return _Iterate(z, s, lam, nu, iters, left, live, next_try=torch.full_like(P.h[:, 0], near_tol),
+                    broken=broken, gone=torch.zeros_like(broken), step=torch.ones_like(P.h[:, 0]))
+
+
+def _predictor(F: ReducedFactor, x: _Iterate, rd, rp, re) -> _Predictor:
+    """The affine scaling direction (it aims at s * lam = 0)."""
+    part = F.project(-rd, -re)
+    ds, dlam = _newton_direction(F, part, x.s, x.lam, rp, x.s * x.lam)
+    return _Predictor(F, part, rp, ds, dlam)
+
+
+def _status_codes(ok: torch.Tensor, stops: dict) -> torch.Tensor:
+    """QPStatus of attempted examples: CONVERGED where the polish was verified, else the status of
+    the `stops` flag that holds (the later one where several do), else MAX_ITER."""
+    code = torch.full_like(ok, int(QPStatus.MAX_ITER), dtype=torch.long)
+    for status, flag in stops.items():
+        code[flag] = int(status)
+    code[ok] = int(QPStatus.CONVERGED)
+    return code
+
+
+def _polish_and_store(out: _Result, exact: _Problem, x: _Iterate, a, guess, done, stops: dict, measured, tol):
+    """Polish the attempted examples `a`; those verified, or done anyway, are stored in `out` (the
+    polished point where it was verified, else the iterate) and marked gone."""
+    Fa, (zp, sp, lamp, nup), (ppri, pdual, pgap), ok = _polish(exact.take(x.live[a]), guess[a], tol)
+    ok &= ~stops[QPStatus.INFEASIBLE][a]
+    fin = ok | done[a]
+    code = _status_codes(ok, {status: flag[a] for status, flag in stops.items()})
+
+    def pick(polished, iterate):
+        iterate = iterate.to(polished.dtype)
+        return torch.where(ok.view(-1, *[1] * (iterate.dim() - 1)), polished, iterate)[fin]
+
+    pri, dual, gap = measured
+    out.store(
+        x.live[a[fin]], Fa, fin,
+        z=pick(zp, x.z[a]), lam=pick(lamp.clamp_min(0), x.lam[a]), nu=pick(nup, x.nu[a]),
+        s=pick(sp.clamp_min(0), x.s[a]), status=code[fin], iterations=x.iters[a[fin]],
+        pri=pick(ppri, pri[a]), dual=pick(pdual, dual[a]), gap=pick(pgap, gap[a]),
+    )
+    x.gone[a[fin]] = True
+
+
+def _corrector_step(x: _Iterate, d: _Predictor) -> None:
+    """Mehrotra's centred corrector (same factor as the predictor), then 0.99 of the longest step
+    keeping s, lam >= 0; finished examples and non-finite directions take no step."""
+    s, lam, m = x.s, x.lam, x.s.shape[1]
+    mu = (s * lam).sum(-1, keepdim=True) / m
+    alpha = torch.minimum(_max_step(s, d.ds), _max_step(lam, d.dlam)).unsqueeze(-1)
+    mu_aff = ((s + alpha * d.ds) * (lam + alpha * d.dlam)).sum(-1, keepdim=True) / m
+    sigma = (mu_aff / mu).clamp(0.0, 1.0) ** 3
+    rc = s * lam + d.ds * d.dlam - sigma * mu
+    ds, dlam = _newton_direction(d.F, d.part, s, lam, d.rp, rc)
+    dz, dnu, _ = d.F.lift(d.part, dlam)
+    alpha = (0.99 * torch.minimum(_max_step(s, ds), _max_step(lam, dlam))).clamp(max=1.0)
+
+    x.broken = ~torch.stack([t.isfinite().all(-1) for t in (dz, ds, dlam, dnu)]).all(0) & ~x.gone
+    alpha = torch.where(x.broken | x.gone, torch.zeros_like(alpha), alpha)
+    x.step = alpha
+    alpha = alpha.unsqueeze(-1)
+    x.z = x.z + alpha * torch.nan_to_num(dz)
+    x.s = s + alpha * torch.nan_to_num(ds)
+    x.lam = lam + alpha * torch.nan_to_num(dlam)
+    x.nu = x.nu + alpha * torch.nan_to_num(dnu)
+    x.iters += (~x.broken & ~x.gone).long()
+
+
 @torch.no_grad()
 def _solve(P: _Problem, exact: _Problem, tol: float, max_iter: int, iter_tol: float | None = None,
            start=None, left=None) -> _Result:
@@ -351,107 +467,49 @@ def _solve(P: _Problem, exact: _Problem, tol: float, max_iter: int, iter_tol: fl
     (the others start afresh); `left` caps each example's steps below what `max_iter` leaves.
     """
     out = _Result(exact)
-    m = P.h.shape[1]
     iter_tol = tol if iter_tol is None else iter_tol
-    near_tol = max(iter_tol, FIRST_POLISH)
-
-    # Start from the solution of the problem with unit barrier weights, then shift s, lam > 0.
-    z, nu, _ = ReducedFactor.barrier(P.cs, torch.ones_like(P.h)).solve(-P.q, P.b, P.h)
-    Gz_h = bmv(P.cs.G, z) - P.h
-    s, lam = _shift_positive(-Gz_h), _shift_positive(Gz_h)
-    iters = torch.zeros(P.h.shape[0], dtype=torch.long, device=P.h.device)
-    if start is not None:
-        warm = start[-1] > 0
-        z, s, lam, nu, iters = (torch.where(warm.view(-1, *[1] * (t.dim() - 1)), t0, t)
-                                for t0, t in zip(start, (z, s, lam, nu, iters)))
-    left = max_iter - iters if left is None else torch.minimum(left, max_iter - iters)  # steps still allowed
-
-    live = torch.arange(P.h.shape[0], device=P.h.device)
-    next_try = torch.full_like(P.h[:, 0], near_tol)  # residual level of the next polish attempt
-    broken = torch.zeros_like(live, dtype=torch.bool)
-    gone = torch.zeros_like(broken)  # finished, still in the batch until enough of them are
-    n_gone = 0
-    step = torch.ones_like(P.h[:, 0])  # length of the last step
+    x = _initial_iterate(P, max_iter, max(iter_tol, FIRST_POLISH), start, left)
     for it in range(max_iter + 1):
-        rd, rp, re, pri, dual, gap, y_res = _measure(P, z, s, lam, nu)
+        rd, rp, re, pri, dual, gap, y_res = _measure(P, x.z, x.s, x.lam, x.nu)
         tight = (pri <= iter_tol) & (dual <= iter_tol) & (gap <= iter_tol)
         level = torch.stack([pri, dual, gap]).amax(0)
-        near = level <= next_try
-        infeasible = ~tight & _farkas(P, z, lam, nu, pri, y_res, iter_tol)
-        stalled = ~tight & ~infeasible & (step < STALL_STEP)
-        done = tight | infeasible | stalled | broken | (it >= left)
-        attempt = (done | near) & ~gone
+        infeasible = ~tight & _farkas(P, x.z, x.lam, x.nu, pri, y_res, iter_tol)
+        stalled = ~tight & ~infeasible & (x.step < STALL_STEP)
+        done = tight | infeasible | stalled | x.broken | (it >= x.left)
+        attempt = (done | (level <= x.next_try)) & ~x.gone
         # The Newton matrix of this iteration is factorised before the one host read of the
         # iteration, which asks both whether some example is due a polish and whether some
         # factorisation failed (issue 15: no further synchronisation in a plain iteration).
         last = it == max_iter  # every example is done: no further step
-        F, failed = (None, torch.zeros_like(gone)) if last else ReducedFactor.barrier_unchecked(P.cs, s / lam)
+        F, failed = (None, torch.zeros_like(x.gone)) if last else ReducedFactor.barrier_unchecked(P.cs, x.s / x.lam)
         any_attempt, any_failed = torch.stack([attempt.any(), failed.any()]).tolist()
         if any_failed:
             F = F.repaired(failed)
-        if not last:  # predictor (affine scaling) direction
-            part = F.project(-rd, -re)
-            ds, dlam = _newton_direction(F, part, s, lam, rp, s * lam)
+        pred = None if last else _predictor(F, x, rd, rp, re)
         if any_attempt:
-            a = attempt.nonzero().squeeze(-1)
             # The full predictor step aims at s * lam = 0: its sign pattern guesses the active set
             # better than the iterate's (benchmark, n = 100, residuals 1e-3: the guess was exact or
             # one row off for 60% of the examples, against 20% with lam > s)
-            guess = (lam > s) if last else (lam + dlam > s + ds)
-            Fa, (zp, sp, lamp, nup), (ppri, pdual, pgap), ok = _polish(exact.take(live[a]), guess[a], tol)
-            ok &= ~infeasible[a]
-            fin = ok | done[a]
-            code = torch.full_like(a, int(QPStatus.MAX_ITER))
-            converged = tight if iter_tol <= tol else torch.zeros_like(tight)
-            for flag, status in ((stalled, QPStatus.STALLED), (broken, QPStatus.NUMERICAL_ERROR),
-                                 (infeasible, QPStatus.INFEASIBLE), (converged, QPStatus.CONVERGED)):
-                code[flag[a]] = int(status)
-            code[ok] = int(QPStatus.CONVERGED)
-
-            def pick(polished, iterate):  # the polished point where it was verified
-                iterate = iterate.to(polished.dtype)
-                return torch.where(ok.view(-1, *[1] * (iterate.dim() - 1)), polished, iterate)[fin]
-
-            out.store(
-                live[a[fin]], Fa, fin,
-                z=pick(zp, z[a]), lam=pick(lamp.clamp_min(0), lam[a]), nu=pick(nup, nu[a]),
-                s=pick(sp.clamp_min(0), s[a]), status=code[fin], iterations=iters[a[fin]],
-                pri=pick(ppri, pri[a]), dual=pick(pdual, dual[a]), gap=pick(pgap, gap[a]),
-            )
-            next_try = torch.where(attempt, level * RETRY_FACTOR, next_try)
-            gone[a[fin]] = True
-            n_gone = int(gone.sum())
-            if n_gone == gone.numel():
+            guess = (x.lam > x.s) if last else (x.lam + pred.dlam > x.s + pred.ds)
+            stops = {  # a later flag's status wins where several hold
+                QPStatus.STALLED: stalled,
+                QPStatus.NUMERICAL_ERROR: x.broken,
+                QPStatus.INFEASIBLE: infeasible,
+                QPStatus.CONVERGED: tight if iter_tol <= tol else torch.zeros_like(tight),
+            }
+            a = attempt.nonzero().squeeze(-1)
+            _polish_and_store(out, exact, x, a, guess, done, stops, (pri, dual, gap), tol)
+            x.next_try = torch.where(attempt, level * RETRY_FACTOR, x.next_try)
+            n_gone = int(x.gone.sum())
+            if n_gone == x.gone.numel():
                 break
             # Drop finished examples from the batch once they are a quarter of it: copying the
             # problem data costs about as much as carrying a few finished examples along.
-            if 4 * n_gone >= gone.numel():
-                keep = ~gone
-                live, P = live[keep], P.take(keep)
-                F = ReducedFactor(P.cs, F.L[keep])
-                part = tuple(None if t is None else t[keep] for t in part)
-                state = (z, s, lam, nu, next_try, broken, gone, step, iters, left, rd, rp, re, ds, dlam)
-                z, s, lam, nu, next_try, broken, gone, step, iters, left, rd, rp, re, ds, dlam = (t[keep] for t in state)
-
-        # Mehrotra's centred corrector: same factor as the predictor.
-        mu = (s * lam).sum(-1, keepdim=True) / m
-        alpha = torch.minimum(_max_step(s, ds), _max_step(lam, dlam)).unsqueeze(-1)
-        mu_aff = ((s + alpha * ds) * (lam + alpha * dlam)).sum(-1, keepdim=True) / m
-        sigma = (mu_aff / mu).clamp(0.0, 1.0) ** 3
-        rc = s * lam + ds * dlam - sigma * mu
-        ds, dlam = _newton_direction(F, part, s, lam, rp, rc)
-        dz, dnu, _ = F.lift(part, dlam)
-        alpha = (0.99 * torch.minimum(_max_step(s, ds), _max_step(lam, dlam))).clamp(max=1.0)
-
-        broken = ~torch.stack([t.isfinite().all(-1) for t in (dz, ds, dlam, dnu)]).all(0) & ~gone
-        alpha = torch.where(broken | gone, torch.zeros_like(alpha), alpha)
-        step = alpha
-        alpha = alpha.unsqueeze(-1)
-        z = z + alpha * torch.nan_to_num(dz)
-        s = s + alpha * torch.nan_to_num(ds)
-        lam = lam + alpha * torch.nan_to_num(dlam)
-        nu = nu + alpha * torch.nan_to_num(dnu)
-        iters += (~broken & ~gone).long()
+            if 4 * n_gone >= x.gone.numel():
+                keep = ~x.gone
+                x, P = x.take(keep), P.take(keep)
+                pred = pred.take(keep, P.cs)
+        _corrector_step(x, pred)
     return out
 
 

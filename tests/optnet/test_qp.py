@@ -142,6 +142,17 @@ def test_shared_parameter_gradients_sum_over_batch():
     torch.testing.assert_close(Gs.grad, grad_G)
 
 
+def test_empty_shared_equalities_with_requires_grad_get_empty_gradients():
+    """A shared A of shape (0, n) that requires grad (a layer with p = 0 learnable equalities)."""
+    Q, q, G, h, _, _ = random_qp(4, 5, 6, 0, seed=3)
+    A = torch.zeros(0, 5, dtype=Q.dtype, requires_grad=True)
+    b = torch.zeros(0, dtype=Q.dtype, requires_grad=True)
+    Qs = Q[0].clone().requires_grad_()
+    solve_qp(Qs, q, G, h, A, b).sum().backward()
+    assert A.grad.shape == (0, 5) and b.grad.shape == (0,)
+    assert Qs.grad.shape == (5, 5) and torch.isfinite(Qs.grad).all()
+
+
 def test_backward_reuses_the_forward_factorisation(monkeypatch):
     args = [t.requires_grad_() for t in random_qp(4, 6, 6, 2, seed=10)]
     z = solve_qp(*args)

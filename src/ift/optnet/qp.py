@@ -638,7 +638,8 @@ def _rank2(a, b, batched: bool):
     if batched:  # two broadcast products: a bmm with inner size 2 was ~2x slower on CPU
         out = a[..., :1] * b[..., :1, :]
         return out.addcmul_(a[..., 1:], b[..., 1:, :])
-    return a.transpose(0, 1).reshape(a.shape[1], -1) @ b.reshape(-1, b.shape[-1])
+    batch, rows, k = a.shape  # explicit sizes: -1 is ambiguous when rows = 0 (an empty shared A)
+    return a.transpose(0, 1).reshape(rows, batch * k) @ b.reshape(batch * k, b.shape[-1])
 
 
 def _adjoint(F: ReducedFactor, gz, nu, lam):

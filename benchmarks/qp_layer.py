@@ -12,7 +12,11 @@ factor (DPP form), so its Q gradient goes through torch's Cholesky backward.
 
 Speed: forward+backward wall time, 1 torch thread (and 1 BLAS thread for the LAPACK calls made
 through scipy), the implementations interleaved in one run, median of `--repeats`; qpth/ours
-ratios. Ours runs with its default precision policy ("mixed": float32 interior point, float64
+ratios. The script restarts itself with fixed glibc allocator thresholds (ALLOCATOR_ENV): with
+the defaults, freed large blocks go back to the OS and are faulted in again on the next call,
+and how often depends on the process's history; qpth's time at n = 100 then varied from 530 to
+860 ms between identical processes (528-567 ms with the settings). Both implementations run
+under the same settings. Ours runs with its default precision policy ("mixed": float32 interior point, float64
 polish and backward); the accuracy part also reports float32 inputs solved entirely in float32.
 
     python benchmarks/qp_layer.py                                   # full run (about 15 min, idle machine)
@@ -26,17 +30,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from threadpoolctl import threadpool_limits
+# Keep freed memory in the heap (mmap only above 32 MiB, never trim): set before anything
+# allocates, i.e. by re-executing this script before torch is imported.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+if __name__ == "__main__" and any(os.environ.get(k) != v for k, v in ALLOCATOR_ENV.items()):
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR_ENV})
 
-from ift.optnet import QPStatus, solve_qp_with_info
-from ift.optnet.kkt import cholesky_unchecked
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
+
+from ift.optnet import QPStatus, solve_qp_with_info  # noqa: E402
+from ift.optnet.kkt import cholesky_unchecked  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 NAMES = ("Q", "q", "G", "h", "A", "b")
@@ -231,7 +243,8 @@ def fmt(v, spec):
 def markdown(meta, acc, speed):
     lines = [
         f"torch {meta['torch']}, qpth {meta['qpth']}, cvxpylayers {meta['cvxpylayers']}, "
-        f"{meta['threads']} thread(s) (torch, and BLAS under numpy/scipy); batch {meta['batch']}, m = n inequalities, p equalities.",
+        f"{meta['threads']} thread(s) (torch, and BLAS under numpy/scipy); batch {meta['batch']}, m = n inequalities, p equalities; "
+        + " ".join(f"{k}={v}" for k, v in (meta.get("allocator_env") or {}).items()) + ".",
         "",
         "### Accuracy: max abs error against the exact active-set reference (certified problems)",
         "",
@@ -320,7 +333,8 @@ def main():
     threadpool_limits(args.threads)  # the BLAS/LAPACK under numpy and scipy too
     meta = {"torch": torch.__version__, "qpth": version("qpth"), "cvxpylayers": version("cvxpylayers"),
             "threads": torch.get_num_threads(), "batch": args.batch, "repeats": args.repeats,
-            "cpu": platform.processor() or platform.machine(), "device": args.device}
+            "cpu": platform.processor() or platform.machine(), "device": args.device,
+            "allocator_env": {k: os.environ.get(k) for k in ALLOCATOR_ENV}}
     if args.device != "cpu":
         meta["device"] = torch.cuda.get_device_name(args.device)
     acc, speed = [], []

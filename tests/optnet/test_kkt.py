@@ -26,6 +26,17 @@ def test_cholesky_unchecked_lower_triangle_and_failures(dtype, n):
     assert M[0, 0, 0] > 0  # the input is left alone unless overwrite=True
 
 
+def test_lapack_path_is_right_even_if_scipy_does_not_factorise_in_place(monkeypatch):
+    """The in-place potrf relies on scipy not copying; if it ever does, its result is taken."""
+    copying = {dt: (lambda a, _f=f, **kw: _f(a.copy(order="F"), **kw)) for dt, f in kkt._POTRF.items()}
+    monkeypatch.setattr(kkt, "_POTRF", copying)
+    M = torch.randn(3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    M = M @ M.mT + 64 * torch.eye(64, dtype=torch.float64)
+    L, failed = kkt.cholesky_unchecked(M)
+    assert not failed.any()
+    torch.testing.assert_close(L.tril(), torch.linalg.cholesky(M))
+
+
 def test_interior_point_reads_the_host_once_per_iteration(monkeypatch):
     # Issue 15: each interior point iteration reads one small tensor from the device (is some
     # example due a polish, did some factorisation fail); an iteration with a polish adds one read

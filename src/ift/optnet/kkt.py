@@ -21,6 +21,7 @@ active-set system itself (unlike Q + G^T D^{-1} G, whose weights grow like 1/eps
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from scipy.linalg import lapack
 
@@ -62,7 +63,9 @@ def _lapack_cholesky(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     for i in range(M.shape[0]):
         # a[i].T is Fortran-ordered (no copy): potrf writes L into its lower triangle, which is
         # M[i]'s upper triangle in torch's row-major layout, i.e. M[i] holds L^T there.
-        _, info = potrf(a[i].T, lower=1, clean=0, overwrite_a=1)
+        c, info = potrf(a[i].T, lower=1, clean=0, overwrite_a=1)
+        if not np.may_share_memory(c, a):  # scipy copied after all: take its result
+            a[i].T[...] = c
         failed[i] = info > 0
     return M.transpose(-1, -2), failed
 

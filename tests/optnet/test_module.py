@@ -132,9 +132,31 @@ def test_sudoku_models_reject_other_data(cls):
     (MLPClassifier, {"hidden": 1.5}, "hidden"),
     (OptNetSudoku, {"n_eq": 64}, "n_eq"),
     (ConvSudoku, {"depth": 0}, "depth"),
+    (OptNetClassifier, {"precision": "float16"}, "precision"),
+    (OptNetSudoku, {"precision": "double"}, "precision"),
 ])
 def test_bad_hyperparameters_name_the_key(cls, kwargs, key):
     sudoku = cls in (OptNetSudoku, ConvSudoku)
     args = {"input_shape": [4, 4, 4] if sudoku else [1, 8, 8], "num_classes": 4 if sudoku else 10, **kwargs}
     with pytest.raises(ValueError, match=key):
         cls(**args)
+
+
+@pytest.mark.parametrize("precision", ["mixed", "float64"])
+def test_precision_reaches_the_solver_and_policies_agree(precision, monkeypatch):
+    """model.precision is passed to solve_qp_with_info; the policies give the same solution."""
+    import ift.optnet.module as module
+
+    seen = []
+    solve = module.solve_qp_with_info
+    monkeypatch.setattr(module, "solve_qp_with_info", lambda *a, **kw: seen.append(kw["precision"]) or solve(*a, **kw))
+    torch.manual_seed(0)
+    x = torch.zeros(3, 4, 4, 4, dtype=torch.float64)
+    x[:, 0, 0, 0] = 1.0
+    reference = OptNetSudoku([4, 4, 4], 4).double()
+    model = OptNetSudoku([4, 4, 4], 4, precision=precision).double()
+    model.load_state_dict(reference.state_dict())
+    torch.testing.assert_close(model(x), reference(x), atol=1e-9, rtol=0)
+    assert seen == [precision, "mixed"]
+    layers = [m for m in OptNetClassifier([1, 8, 8], 10, precision=precision).modules() if hasattr(m, "solve_kwargs")]
+    assert layers and all(m.solve_kwargs["precision"] == precision for m in layers)

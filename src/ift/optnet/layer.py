@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ift.implicit.diagnostics import SolveRecorder
-from ift.optnet.qp import solve_qp_with_info
+from ift.optnet.qp import PRECISIONS, solve_qp_with_info
 
 
 class OptNetLayer(nn.Module):
@@ -16,9 +16,11 @@ class OptNetLayer(nn.Module):
     As in the OptNet paper: Q = L L^T + eps I (positive definite), h = G z0 + s0 with s0 >= 0 and
     b = A z0, so z0 is feasible for every parameter value. The input is the linear term q
     (batch, n). Each call records its `QPSolution` (status, iterations) in `solves` as kind "qp".
+    `precision` is the solver's dtype policy (`solve_qp`: "mixed", "float64" or "input").
     """
 
-    def __init__(self, n: int, n_ineq: int, n_eq: int = 0, eps: float = 1e-4, max_iter: int = 50):
+    def __init__(self, n: int, n_ineq: int, n_eq: int = 0, eps: float = 1e-4, max_iter: int = 50,
+                 precision: str = "mixed"):
         super().__init__()
         for name, value, low in (("n", n, 1), ("n_ineq", n_ineq, 1), ("n_eq", n_eq, 0)):
             if not isinstance(value, int) or value < low:
@@ -27,6 +29,8 @@ class OptNetLayer(nn.Module):
             raise ValueError(f"OptNetLayer: n_eq={n_eq} must be < n={n} to leave a feasible set with freedom")
         if not eps > 0:
             raise ValueError(f"OptNetLayer: eps must be > 0, got {eps}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"OptNetLayer: precision must be one of {PRECISIONS}, got {precision!r}")
         self.n, self.eps = n, eps
         self.L = nn.Parameter(torch.eye(n))
         self.G = nn.Parameter(torch.randn(n_ineq, n) / n**0.5)
@@ -34,7 +38,7 @@ class OptNetLayer(nn.Module):
         self.s0_raw = nn.Parameter(torch.zeros(n_ineq))  # s0 = softplus(s0_raw) > 0
         self.A = nn.Parameter(torch.randn(n_eq, n) / n**0.5) if n_eq else None
         self.solves = SolveRecorder()
-        self.solve_kwargs: dict = {"max_iter": max_iter}
+        self.solve_kwargs: dict = {"max_iter": max_iter, "precision": precision}
 
     def qp_parameters(self) -> tuple[torch.Tensor, ...]:
         L = torch.tril(self.L)

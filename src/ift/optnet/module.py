@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ift.implicit.diagnostics import SolveRecorder
 from ift.optnet.layer import OptNetLayer
-from ift.optnet.qp import solve_qp_with_info
+from ift.optnet.qp import PRECISIONS, solve_qp_with_info
 
 SUDOKU_SHAPE = (4, 4, 4)  # (digit, row, col), as ift.data.SudokuDataModule yields
 
@@ -36,6 +36,13 @@ def check_positive(key: str, value, allow_zero: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 if allow_zero else value > 0):
         raise ValueError(f"model.{key} must be a number {'>=' if allow_zero else '>'} 0, got {value!r}")
     return float(value)
+
+
+def check_precision(precision) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"model.precision must be one of {', '.join(PRECISIONS)} (the QP's dtype policy, "
+                         f"docs/optnet.md), got {precision!r}")
+    return precision
 
 
 def check_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
@@ -114,12 +121,13 @@ class OptNetClassifier(_Classifier):
         width: number of QP variables n (10 in the paper), also the FC widths around it.
         n_ineq, n_eq: inequality and equality constraints of the QP.
         eps: Q = L L^T + eps I.  max_iter: interior point iterations per solve.
+        precision: the QP solver's dtype policy, "mixed" | "float64" | "input" (docs/optnet.md).
         lr, weight_decay: Adam.
     """
 
     def __init__(self, input_shape: Sequence[int], num_classes: int, hidden: int = 64, width: int = 10,
                  n_ineq: int = 20, n_eq: int = 0, eps: float = 1e-4, max_iter: int = 50, lr: float = 1e-3,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, precision: str = "mixed"):
         super().__init__()
         self.save_hyperparameters()
         check_int("n_ineq", n_ineq, 1)
@@ -128,8 +136,9 @@ class OptNetClassifier(_Classifier):
             raise ValueError(f"model.n_eq must be < model.width={width} (the QP needs free directions), got {n_eq}")
         check_positive("eps", eps)
         check_int("max_iter", max_iter, 1)
+        check_precision(precision)
         self._build(input_shape, num_classes, hidden, width, lr, weight_decay,
-                    OptNetLayer(width, n_ineq, n_eq, eps=eps, max_iter=max_iter))
+                    OptNetLayer(width, n_ineq, n_eq, eps=eps, max_iter=max_iter, precision=precision))
 
 
 class MLPClassifier(_Classifier):
@@ -174,10 +183,11 @@ class OptNetSudoku(_SupervisedModule):
         input_shape, num_classes: must be the Sudoku data's [4, 4, 4] and 4.
         n_eq: learned equality constraints (40 in the paper). eps: Q = eps I (0.1 in the paper).
         max_iter: interior point iterations.  lr, weight_decay: Adam.
+        precision: the QP solver's dtype policy, "mixed" | "float64" | "input" (docs/optnet.md).
     """
 
     def __init__(self, input_shape: Sequence[int], num_classes: int, n_eq: int = 40, eps: float = 0.1,
-                 max_iter: int = 50, lr: float = 0.1, weight_decay: float = 0.0):
+                 max_iter: int = 50, lr: float = 0.1, weight_decay: float = 0.0, precision: str = "mixed"):
         super().__init__()
         self.save_hyperparameters()
         check_sudoku_data(input_shape, num_classes)
@@ -187,9 +197,10 @@ class OptNetSudoku(_SupervisedModule):
             raise ValueError(f"model.n_eq must be < 64 (the number of QP variables), got {n_eq}")
         check_positive("eps", eps)
         check_int("max_iter", max_iter, 1)
+        check_precision(precision)
         check_positive("lr", lr)
         check_positive("weight_decay", weight_decay, allow_zero=True)
-        self.n, self.eps, self.max_iter = n, float(eps), max_iter
+        self.n, self.eps, self.max_iter, self.precision = n, float(eps), max_iter, precision
         self.A = nn.Parameter(torch.randn(n_eq, n) / n**0.5)
         inverse_softplus_quarter = torch.log(torch.expm1(torch.tensor(0.25)))
         self.z0_raw = nn.Parameter(torch.full((n,), float(inverse_softplus_quarter)))
@@ -203,7 +214,8 @@ class OptNetSudoku(_SupervisedModule):
         eye = torch.eye(self.n, dtype=q.dtype, device=q.device)
         zeros = torch.zeros(self.n, dtype=q.dtype, device=q.device)
         b = self.A @ F.softplus(self.z0_raw)
-        sol = solve_qp_with_info(self.eps * eye, q, -eye, zeros, self.A, b, strict=True, max_iter=self.max_iter)
+        sol = solve_qp_with_info(self.eps * eye, q, -eye, zeros, self.A, b, strict=True, max_iter=self.max_iter,
+                                 precision=self.precision)
         self.solves.record(sol, "qp")
         return sol.z.view_as(x)
 

@@ -15,23 +15,10 @@ from ift.implicit import ImplicitSolveWarning
 from ift.implicit.examples import ridge_hypergradient, ridge_hypergradient_closed_form
 from ift.optnet import QPStatus, solve_qp, solve_qp_with_info
 from ift.savi.module import NonStationaryWarning, SAVIModule
+from tests.optnet.test_qp import random_qp  # strictly feasible QPs as in the OptNet timing study
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")]
 CUDA = torch.device("cuda")
-
-
-def random_qp(batch, n, m, p, seed=0):
-    """Strictly feasible QPs as in the OptNet timing study (h = G z0 + s0, b = A z0), float64 on CPU."""
-    g = torch.Generator().manual_seed(seed)
-    M = torch.randn(batch, n, n, generator=g, dtype=torch.float64)
-    Q = M @ M.mT / n + 0.1 * torch.eye(n, dtype=torch.float64)
-    q = torch.randn(batch, n, generator=g, dtype=torch.float64)
-    G = torch.randn(batch, m, n, generator=g, dtype=torch.float64)
-    z0 = torch.randn(batch, n, generator=g, dtype=torch.float64)
-    h = (G @ z0.unsqueeze(-1)).squeeze(-1) + torch.rand(batch, m, generator=g, dtype=torch.float64)
-    A = torch.randn(batch, p, n, generator=g, dtype=torch.float64)
-    b = (A @ z0.unsqueeze(-1)).squeeze(-1)
-    return Q, q, G, h, A, b
 
 
 def qp_solution_and_grads(args, device, dtype, **kwargs):

@@ -228,8 +228,9 @@ class ReducedFactor:
     full matrices with vectors scattered to all m rows (zero outside R).
     """
 
-    def __init__(self, cs: ConstraintSpace, L: torch.Tensor, idx=None, valid=None):
+    def __init__(self, cs: ConstraintSpace, L: torch.Tensor, idx=None, valid=None, d=None):
         self.cs, self.L, self.idx, self.valid = cs, L, idx, valid
+        self.d = d  # barrier weights of a `barrier` factor (to rebuild its matrix in `repaired`)
         self.p = cs.p
 
     @classmethod
@@ -242,9 +243,7 @@ class ReducedFactor:
     def barrier_unchecked(cls, cs: ConstraintSpace, d: torch.Tensor) -> tuple["ReducedFactor", torch.Tensor]:
         """`barrier` and the mask of failed factorisations, for the caller to check and `repaired`."""
         L, failed = cholesky_unchecked(cls._barrier_matrix(cs, d), overwrite=True)
-        F = cls(cs, L)
-        F.d = d
-        return F, failed
+        return cls(cs, L, d=d), failed
 
     @staticmethod
     def _barrier_matrix(cs: ConstraintSpace, d: torch.Tensor) -> torch.Tensor:
@@ -253,7 +252,7 @@ class ReducedFactor:
         return M
 
     def repaired(self, failed: torch.Tensor) -> "ReducedFactor":
-        return ReducedFactor(self.cs, repair_cholesky(self._barrier_matrix(self.cs, self.d), self.L, failed))
+        return ReducedFactor(self.cs, repair_cholesky(self._barrier_matrix(self.cs, self.d), self.L, failed), d=self.d)
 
     @classmethod
     def active_set(cls, cs: ConstraintSpace, active: torch.Tensor) -> "ReducedFactor":

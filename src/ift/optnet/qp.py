@@ -694,11 +694,11 @@ def solve_qp_with_info(
       same way. The returned z, duals and gradients are thus float64-accurate (float32 inputs:
       float64 results rounded once); measured by benchmarks/qp_layer.py at n = 10..200, batch
       128, against an exact reference: float64 inputs z <= 1e-13, gradients <= 2e-12 x scale;
-      float32 inputs z <= 2.4e-7, gradients <= 6e-8 x scale (qpth's: up to 1.6). Examples that float32 cannot finish (polish failing at the
-      float32 floor, 20 float32 steps, redundant equalities detected from A Q^-1 A^T) carry on
-      in float64 from their last iterate, with the iterations they have left, so correctness
-      never depends on float32 succeeding. With equality constraints T is computed in float64
-      (in float32 it cancels).
+      float32 inputs z <= 2.4e-7, gradients <= 6e-8 x scale (qpth's: up to 1.6). Examples that
+      float32 cannot finish (polish failing at the float32 floor, 20 float32 steps, redundant
+      equalities detected from A Q^-1 A^T) carry on in float64 from their last iterate, with
+      the iterations they have left, so correctness never depends on float32 succeeding. With
+      equality constraints T is computed in float64 (in float32 it cancels).
     - "float64": everything in float64.
     - "input": everything in the input dtype; for float32 inputs tolerance 1e-5 and, with
       equality constraints, errors up to ~1e-3 (docs/optnet.md).

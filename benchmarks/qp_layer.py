@@ -14,10 +14,10 @@ Speed: forward+backward wall time, 1 torch thread (and 1 BLAS thread for the LAP
 through scipy), the implementations interleaved in one run, median of `--repeats`; qpth/ours
 ratios. The script restarts itself with fixed glibc allocator thresholds (ALLOCATOR_ENV): with
 the defaults, freed large blocks go back to the OS and are faulted in again on the next call,
-and how often depends on the process's history; qpth's time at n = 100 then varied from 530 to
-860 ms between identical processes (528-567 ms with the settings). Both implementations run
-under the same settings. Ours runs with its default precision policy ("mixed": float32 interior point, float64
-polish and backward); the accuracy part also reports float32 inputs solved entirely in float32.
+and how often depends on the process's history (benchmarks/qp_allocator.py measures the effect:
+qpth is hit harder than ours). Both implementations run under the same settings. Ours runs with
+its default precision policy ("mixed": float32 interior point, float64 polish and backward); the
+accuracy part also reports float32 inputs solved entirely in float32.
 
     python benchmarks/qp_layer.py                                   # full run (about 15 min, idle machine)
     python benchmarks/qp_layer.py --part accuracy                   # accuracy: any machine

@@ -12,7 +12,7 @@ ARGS ?= model=savi_ift
 PYTEST_ARGS ?=
 GPU_CHECK_ARGS ?=
 
-.PHONY: venv train eval test test-slow gpu-check bench clean
+.PHONY: venv train eval test test-slow gpu-check bench results-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ test-slow: $(STAMP)
 
 gpu-check: $(STAMP)
 	$(VENV)/bin/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
+# Lists every result in benchmarks/results whose measured sources changed since it was produced (or that
+# has no provenance, or came from uncommitted sources); exits non-zero if any is stale.
+results-check: $(STAMP)
+	$(VENV)/bin/python -m ift.bench check
 
 clean:
 	rm -rf $(VENV) outputs logs .pytest_cache

@@ -14,27 +14,27 @@ term eta = 1, each inner solver runs from lambda_0 = enc(x) without a graph:
 
 Reported: fraction of examples at relative stationarity <= 1e-5, median / max stationarity,
 mean / max accepted iterations, the mean objective J relative to the default Newton's (nats per
-example), and the median wall time of --repeats interleaved runs (1 torch thread).
+example), and the wall time, median [min, max] of --repeats interleaved runs after one warm-up
+round (1 torch thread), with the per-round ratio to the default.
 
-    python benchmarks/savi_inner_solvers.py
+    python benchmarks/savi_inner_solvers.py            # ~2 min on one idle core
+    python benchmarks/savi_inner_solvers.py --quick    # smoke run (20 s; numbers meaningless)
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
 
+from ift import bench
 from ift.savi.inner import InnerConfig, refine
 from ift.savi.model import GaussianVAE
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+DATA = bench.REPO.parent / "shared" / "data" / "mnist"
+SOURCES = ["src/ift/savi/inner.py", "src/ift/savi/model.py", "src/ift/implicit/minimize.py",
+           "src/ift/implicit/fixed_point.py", "src/ift/implicit/linear_solvers.py"]
 
 SOLVERS = {
     "newton (exact, default)": dict(optimizer="newton", curvature="exact", steps=20),
@@ -65,56 +65,53 @@ def train_vae(steps: int, data_root: Path) -> tuple[GaussianVAE, torch.Tensor]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench.parser(__doc__)
     parser.add_argument("--train-steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data" / "mnist")
-    parser.add_argument("--out", type=Path, default=RESULTS / "savi_inner_solvers.json")
+    parser.add_argument("--data-root", type=Path, default=DATA, help="folder with the MNIST idx .gz files")
     args = parser.parse_args()
+    if args.quick:
+        args.train_steps, args.batch, args.repeats = 20, 16, 1
+    if not (args.data_root / "train-images-idx3-ubyte.gz").is_file():
+        sys.exit(f"savi_inner_solvers: no MNIST idx files in {args.data_root}; pass --data-root DIR")
     torch.set_num_threads(1)
+    run = bench.Run("savi_inner_solvers", SOURCES, args)
     vae, test = train_vae(args.train_steps, args.data_root)
     x = test[: args.batch]
     eps = torch.randn(4, args.batch, 8, generator=torch.Generator().manual_seed(1))
     params = {k: v.detach() for k, v in vae.generative_params().items()}
     lam0 = vae.encode(x).detach()
     configs = {name: InnerConfig(**{"tol": 1e-5, **kw}) for name, kw in SOLVERS.items()}
-
-    times: dict[str, list[float]] = {name: [] for name in SOLVERS}
-    results = {}
-    for _ in range(args.repeats):  # interleaved
-        for name, cfg in configs.items():
-            start = time.perf_counter()
-            results[name] = refine(vae, x, lam0, eps, params, cfg, create_graph=False)
-            times[name].append(time.perf_counter() - start)
-    reference = -results["newton (exact, default)"].value
-    records = []
-    for name, r in results.items():
+    times = bench.interleaved(
+        {name: (lambda cfg=cfg: refine(vae, x, lam0, eps, params, cfg, create_graph=False)) for name, cfg in configs.items()},
+        repeats=args.repeats)
+    reference = -times["newton (exact, default)"].last.value
+    records, cells = [], []
+    for name, timing in times.items():
+        r = timing.last
         ok = ~r.diverged
         records.append({
             "solver": name, "config": SOLVERS[name], "converged_frac": float(r.converged.float().mean()),
             "stationarity_median": float(r.stationarity[ok].median()), "stationarity_max": float(r.stationarity[ok].max()),
             "iterations_mean": float(r.iterations.float().mean()), "iterations_max": int(r.iterations.max()),
             "J_minus_newton_mean": float((-r.value - reference).mean()), "diverged": int(r.diverged.sum()),
-            "time_s": statistics.median(times[name]),
+            "time": timing.to_dict(),
+            "time_over_default": bench.ratio(timing, times["newton (exact, default)"]).to_dict(),
         })
-    meta = {"torch": torch.__version__, "platform": platform.platform(), "threads": 1, "batch": args.batch,
-            "train_steps": args.train_steps, "gamma": float(vae.gamma), "repeats": args.repeats}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "records": records}, indent=2))
-    lines = ["| solver | frac <= 1e-5 | stationarity median | max | iterations mean | max | "
-             "J - J_newton (nats) | time s | time / default |", "|---|" + "---:|" * 8]
-    base = records[0]["time_s"]
-    for r in records:
-        lines.append(f"| {r['solver']} | {r['converged_frac']:.3f} | {r['stationarity_median']:.1e} | "
-                     f"{r['stationarity_max']:.1e} | {r['iterations_mean']:.1f} | {r['iterations_max']} | "
-                     f"{r['J_minus_newton_mean']:+.3f} | {r['time_s']:.3f} | {r['time_s'] / base:.2f}x |")
-    table = "\n".join(lines) + "\n"
-    args.out.with_suffix(".md").write_text(
-        f"Command: `python benchmarks/savi_inner_solvers.py` (CPU, 1 thread, batch {args.batch}, VAE after "
-        f"{args.train_steps} MNIST steps, gamma {meta['gamma']:.4f}, eta 1, 4 noise draws; median of "
-        f"{args.repeats} interleaved runs)\n\n{table}")
-    print(table)
+        cells.append([name, f"{records[-1]['converged_frac']:.3f}", f"{records[-1]['stationarity_median']:.1e}",
+                      f"{records[-1]['stationarity_max']:.1e}", f"{records[-1]['iterations_mean']:.1f}",
+                      records[-1]["iterations_max"], f"{records[-1]['J_minus_newton_mean']:+.3f}",
+                      timing.spread().fmt(".3f"), bench.ratio(timing, times["newton (exact, default)"]).fmt()])
+    gamma = float(vae.gamma.detach())
+    markdown = (
+        f"# SAVI inner solvers at MNIST curvature\n\n{bench.describe(run.environment)}; batch {args.batch}, "
+        f"VAE after {args.train_steps} MNIST steps (gamma {gamma:.4f}), eta 1, 4 noise draws; times: median "
+        f"[min, max] of {args.repeats} interleaved runs, ratio per round.\n\n"
+        + bench.table(["solver", "frac <= 1e-5", "stationarity median", "max", "iterations mean", "max",
+                       "J - J_newton (nats)", "time s", "time / default"], cells))
+    run.write({"gamma": gamma, "records": records}, markdown)
+    print(markdown)
 
 
 if __name__ == "__main__":

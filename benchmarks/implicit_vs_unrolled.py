@@ -7,7 +7,8 @@ side by side in one run:
 - implicit: GD under ``torch.no_grad()``, then ``implicit_argmin`` (CG on ``X^T X + lambda I``);
 - unrolled: GD with the autograd graph, then backpropagation through all ``K`` steps.
 
-Reported per (d, K, method): median wall time of forward + backward, bytes of tensors saved for
+Reported per (d, K, method): median wall time of forward + backward (and per (d, K) the min /
+median / max of the per-round time ratio), bytes of tensors saved for
 backward (unique storages seen by ``saved_tensors_hooks``, data matrices included), and the relative
 error of the hypergradient against the closed form. The methods are interleaved within each repeat.
 
@@ -15,23 +16,20 @@ A second table times the backward alone of the IFT core against torchopt 0.7.3's
 (same ``w*``, same optimality condition ``grad_w`` of the same objective, same CG tolerance and
 maxiter; interleaved, the order alternating between repeats). torchopt is optional (the ``bench``
 extra plus ``pip install --no-deps torchopt==0.7.3``); without it that table is skipped with a
-message. Writes JSON and markdown.
+message. Both tables report the ratio as median [min, max] over the rounds. Writes JSON and markdown
+through ``ift.bench``.
 
-    python benchmarks/implicit_vs_unrolled.py            # default grid, ~3 min on 2 cores
+    python benchmarks/implicit_vs_unrolled.py            # default grid, ~4 min on one idle core
+    python benchmarks/implicit_vs_unrolled.py --quick    # smoke run (~15 s; numbers meaningless)
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import statistics
-import time
 import warnings
-from pathlib import Path
 
 import torch
 
+from ift import bench
 from ift.implicit import CG, LinearSolveInfo, default_tol, implicit_argmin
 from ift.implicit.examples import (
     ridge_gradient_descent,
@@ -40,7 +38,8 @@ from ift.implicit.examples import (
     ridge_validation_loss,
 )
 
-RESULTS = Path(__file__).parent / "results"
+SOURCES = ["src/ift/implicit/core.py", "src/ift/implicit/linear_solvers.py", "src/ift/implicit/operators.py",
+           "src/ift/implicit/diagnostics.py", "src/ift/implicit/examples.py"]
 TORCHOPT_INSTALL = "pip install optree graphviz && pip install --no-deps torchopt==0.7.3"
 
 
@@ -112,37 +111,29 @@ def hypergradient(method: str, X, y, Xv, yv, lam0: float, iters: int, infos: lis
     return grad, saved
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def run(dims, iters_list, repeats, lam_per_dim, device, dtype) -> list[dict]:
-    rows = []
+def run(dims, iters_list, repeats, lam_per_dim, device, dtype) -> tuple[list[dict], list[dict]]:
+    """Per (d, K, method) rows, and per (d, K) the spread of the per-round time ratio unrolled / implicit."""
+    rows, ratios = [], []
     for d in dims:
         lam = lam_per_dim * d  # keeps the penalty's share of the spectrum of X^T X (~ d) fixed across d
         X, y, Xv, yv = make_problem(d, seed=d, device=device, dtype=dtype)
         _, grad_exact = ridge_hypergradient_closed_form(X, y, Xv, yv, torch.tensor(lam, dtype=dtype, device=device))
         for iters in iters_list:
-            methods = ("implicit", "unrolled")
-            times = {m: [] for m in methods}
-            infos, last = [], {}
-            for _ in range(repeats):
-                for method in methods:  # interleaved: both see the same machine load
-                    synchronize(device)
-                    start = time.perf_counter()
-                    last[method] = hypergradient(method, X, y, Xv, yv, lam, iters, infos)
-                    synchronize(device)
-                    times[method].append(time.perf_counter() - start)
-            for method in methods:
-                grad, saved = last[method]
+            infos: list[LinearSolveInfo] = []
+            times = bench.interleaved(  # both methods see the same machine load
+                {m: (lambda m=m: hypergradient(m, X, y, Xv, yv, lam, iters, infos)) for m in ("implicit", "unrolled")},
+                repeats=repeats, device=str(device))
+            ratio = bench.ratio(times["unrolled"], times["implicit"])
+            ratios.append({"d": d, "iters": iters, "unrolled_over_implicit": ratio.to_dict()})
+            for method, timing in times.items():
+                grad, saved = timing.last
                 rows.append(
                     {
                         "d": d,
                         "lam": lam,
                         "iters": iters,
                         "method": method,
-                        "time_s": statistics.median(times[method]),
+                        "time": timing.to_dict(),
                         "saved_bytes": saved.bytes,
                         "saved_bytes_beyond_data": saved.bytes_beyond_data,
                         "grad": float(grad),
@@ -153,42 +144,25 @@ def run(dims, iters_list, repeats, lam_per_dim, device, dtype) -> list[dict]:
                 )
                 r = rows[-1]
                 print(
-                    f"d={d:5d} K={iters:5d} {method:8s} time={r['time_s'] * 1e3:9.1f} ms "
+                    f"d={d:5d} K={iters:5d} {method:8s} time={timing.median * 1e3:9.1f} ms "
                     f"saved={saved.bytes / 2**20:9.2f} MiB (beyond data {saved.bytes_beyond_data / 2**20:8.3f}) rel.err={r['rel_grad_error']:.2e}",
                     flush=True,
                 )
-    return rows
+    return rows, ratios
 
 
-class Stopwatch:
-    """Wall seconds and CPU seconds of this thread (on CPU autograd runs the backward here, so the CPU
-    time is less disturbed by other processes on a shared machine than the wall time)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def __enter__(self) -> "Stopwatch":
-        synchronize(self.device)
-        self._wall, self._cpu = time.perf_counter(), time.thread_time()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        synchronize(self.device)
-        self.wall, self.cpu = time.perf_counter() - self._wall, time.thread_time() - self._cpu
-
-
-def backward_ift(w_star, X, y, Xv, yv, lam, tol, maxiter):
-    """Seconds of the IFT core's backward alone, the gradient and the solve's info."""
+def backward_ift(clock, w_star, X, y, Xv, yv, lam, tol, maxiter):
+    """The IFT core's backward, timed alone by ``clock``: the gradient and the solve's info."""
     lam = torch.tensor(lam, dtype=X.dtype, device=X.device, requires_grad=True)
     infos: list[LinearSolveInfo] = []
     w = implicit_argmin(ridge_objective, w_star, X, y, lam, linear_solver=CG(tol=tol, maxiter=maxiter), on_solve=infos.append)
     loss = ridge_validation_loss(w, Xv, yv)
-    with Stopwatch(X.device) as clock:
+    with clock:
         (grad,) = torch.autograd.grad(loss, lam)
-    return clock, grad, infos[0]
+    return grad, infos[0]
 
 
-def backward_torchopt(torchopt, w_star, X, y, Xv, yv, lam, tol, maxiter):
+def backward_torchopt(clock, torchopt, w_star, X, y, Xv, yv, lam, tol, maxiter):
     """The same with torchopt's ``custom_root`` and its CG (``solve_cg``)."""
 
     # lam leads: torchopt 0.7.3 indexes the differentiated arguments by position, so they must come first.
@@ -199,9 +173,9 @@ def backward_torchopt(torchopt, w_star, X, y, Xv, yv, lam, tol, maxiter):
     solver = torchopt.diff.implicit.custom_root(optimality, argnums=1, solve=solve)(lambda w, lam, X, y: w_star)
     lam = torch.tensor(lam, dtype=X.dtype, device=X.device, requires_grad=True)
     loss = ridge_validation_loss(solver(w_star, lam, X, y), Xv, yv)
-    with Stopwatch(X.device) as clock:
+    with clock:
         (grad,) = torch.autograd.grad(loss, lam)
-    return clock, grad
+    return grad
 
 
 def run_torchopt(torchopt, dims, iters, repeats, lam_per_dim, device, dtype) -> list[dict]:
@@ -215,29 +189,20 @@ def run_torchopt(torchopt, dims, iters, repeats, lam_per_dim, device, dtype) -> 
         maxiter = CG().default_maxiter(d)
         with torch.no_grad():
             w_star = ridge_gradient_descent(X, y, torch.tensor(lam, dtype=dtype, device=device), iters)
-        times = {"ift": [], "torchopt": []}
-        cpu_times = {"ift": [], "torchopt": []}
-        for repeat in range(repeats + 1):  # the first round warms up and is not timed
-            order = ("ift", "torchopt") if repeat % 2 else ("torchopt", "ift")
-            for method in order:
-                if method == "ift":
-                    clock, grad_ift, info = backward_ift(w_star, X, y, Xv, yv, lam, tol, maxiter)
-                else:
-                    clock, grad_to = backward_torchopt(torchopt, w_star, X, y, Xv, yv, lam, tol, maxiter)
-                if repeat:
-                    times[method].append(clock.wall)
-                    cpu_times[method].append(clock.cpu)
+        times = bench.interleaved(
+            {"ift": lambda clock: backward_ift(clock, w_star, X, y, Xv, yv, lam, tol, maxiter),
+             "torchopt": lambda clock: backward_torchopt(clock, torchopt, w_star, X, y, Xv, yv, lam, tol, maxiter)},
+            repeats=repeats, device=str(device), section=True)
+        (grad_ift, info), grad_to = times["ift"].last, times["torchopt"].last
         row = {
             "d": d,
             "iters": iters,
             "cg_tol": tol,
             "maxiter": maxiter,
-            "ift_backward_s": statistics.median(times["ift"]),
-            "torchopt_backward_s": statistics.median(times["torchopt"]),
-            "ift_backward_cpu_s": statistics.median(cpu_times["ift"]),
-            "torchopt_backward_cpu_s": statistics.median(cpu_times["torchopt"]),
-            "ift_times_s": times["ift"],
-            "torchopt_times_s": times["torchopt"],
+            "ift_backward": times["ift"].to_dict(),
+            "torchopt_backward": times["torchopt"].to_dict(),
+            "torchopt_over_ift": bench.ratio(times["torchopt"], times["ift"]).to_dict(),
+            "torchopt_over_ift_cpu": bench.ratio(times["torchopt"], times["ift"], cpu=True).to_dict(),
             "ift_cg_iterations": info.max_iterations,
             "ift_cg_residual": info.max_residual,
             "ift_rel_grad_error": float((grad_ift - grad_exact).abs() / grad_exact.abs()),
@@ -245,83 +210,75 @@ def run_torchopt(torchopt, dims, iters, repeats, lam_per_dim, device, dtype) -> 
         }
         rows.append(row)
         print(
-            f"d={d:5d} backward: ift {row['ift_backward_s'] * 1e3:.2f} ms, torchopt {row['torchopt_backward_s'] * 1e3:.2f} ms "
-            f"(ratio {row['torchopt_backward_s'] / row['ift_backward_s']:.2f}), CG iters {info.max_iterations}",
+            f"d={d:5d} backward: ift {times['ift'].median * 1e3:.2f} ms, torchopt {times['torchopt'].median * 1e3:.2f} ms "
+            f"(ratio {bench.ratio(times['torchopt'], times['ift']).fmt()}), CG iters {info.max_iterations}",
             flush=True,
         )
     return rows
 
 
-def torchopt_markdown(rows: list[dict], meta: dict) -> list[str]:
+def spread(d: dict) -> bench.Spread:
+    return bench.Spread(**d)
+
+
+def ms(timing: dict) -> str:
+    return bench.Spread(timing["min_s"], timing["median_s"], timing["max_s"], len(timing["wall_s"])).fmt(".2f", 1e3)
+
+
+def torchopt_markdown(rows: list[dict], meta: dict) -> str:
     if not rows:
-        return ["torchopt comparison skipped: torchopt not installed (" + TORCHOPT_INSTALL + ").", ""]
-    lines = [
-        "## Backward only: IFT core vs torchopt 0.7.3 `custom_root`",
-        "",
+        return "torchopt comparison skipped: torchopt not installed (" + TORCHOPT_INSTALL + ").\n"
+    cells = [[r["d"], ms(r["ift_backward"]), ms(r["torchopt_backward"]), spread(r["torchopt_over_ift"]).fmt(),
+              spread(r["torchopt_over_ift_cpu"]).fmt(), r["ift_cg_iterations"], f"{r['ift_cg_residual']:.1e}",
+              f"{r['ift_rel_grad_error']:.1e}", f"{r['torchopt_rel_grad_error']:.1e}"] for r in rows]
+    return (
+        f"## Backward only: IFT core vs torchopt {meta['torchopt']} `custom_root`\n\n"
         f"Same `w*` ({rows[0]['iters']} GD steps), same optimality condition (`torch.func.grad` of the ridge "
         f"objective for torchopt, the objective itself for `implicit_argmin`), same CG relative tolerance "
-        f"({rows[0]['cg_tol']:g}) and maxiter; median of {meta['torchopt_repeats']} interleaved runs (order "
-        "alternating, one warm-up round) of `torch.autograd.grad` alone.",
-        "",
-        "| d | IFT core backward (ms) | torchopt backward (ms) | speed ratio torchopt/core "
-        "| CPU time core / torchopt (ms) | CPU ratio | CG iters (core) "
-        "| core CG residual | core rel. error | torchopt rel. error |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['d']} | {r['ift_backward_s'] * 1e3:.2f} | {r['torchopt_backward_s'] * 1e3:.2f} | "
-            f"{r['torchopt_backward_s'] / r['ift_backward_s']:.2f} | "
-            f"{r['ift_backward_cpu_s'] * 1e3:.2f} / {r['torchopt_backward_cpu_s'] * 1e3:.2f} | "
-            f"{r['torchopt_backward_cpu_s'] / r['ift_backward_cpu_s']:.2f} | {r['ift_cg_iterations']} | "
-            f"{r['ift_cg_residual']:.1e} | {r['ift_rel_grad_error']:.1e} | {r['torchopt_rel_grad_error']:.1e} |"
-        )
-    lines += [
-        "",
-        "Speed ratio > 1 means the core's backward is faster. CPU time is that of the calling thread, "
-        "which runs the CPU backward (less disturbed than wall time when other processes share the machine).",
-        "",
-    ]
-    return lines
+        f"({rows[0]['cg_tol']:g}) and maxiter; {meta['torchopt_repeats']} interleaved rounds (order "
+        "alternating, one warm-up round) of `torch.autograd.grad` alone. Times: median [min, max]; ratios: "
+        "median [min, max] of the per-round ratios.\n\n"
+        + bench.table(["d", "IFT core backward (ms)", "torchopt backward (ms)", "speed ratio torchopt/core",
+                       "CPU-time ratio torchopt/core", "CG iters (core)", "core CG residual", "core rel. error",
+                       "torchopt rel. error"], cells)
+        + "\nSpeed ratio > 1 means the core's backward is faster. CPU time is that of the calling thread, "
+        "which runs the CPU backward (less disturbed than wall time when other processes share the machine).\n"
+    )
 
 
-def markdown(rows: list[dict], meta: dict, torchopt_rows: list[dict]) -> str:
+def markdown(rows: list[dict], ratios: list[dict], meta: dict, env: dict, torchopt_rows: list[dict]) -> str:
     by_key = {(r["d"], r["iters"], r["method"]): r for r in rows}
-    lines = [
-        "# Implicit vs unrolled: ridge hypergradient",
-        "",
-        f"`{meta['command']}` on {meta['device']} ({meta['threads']} thread(s)), {meta['dtype']}, "
-        f"torch {meta['torch']}, median of {meta['repeats']} interleaved runs of forward + backward. Data: X (2d x d), "
-        f"X_val (d x d) Gaussian, lambda = {meta['lam_per_dim']} d; CG tolerance {meta['cg_tol']:g} (relative residual).",
-        "",
-        "| d | GD iters K | implicit time (ms) | unrolled time (ms) | time ratio unrolled/implicit "
-        "| implicit saved (MiB) | unrolled saved (MiB) | memory ratio | saved beyond data, implicit / unrolled (KiB) "
-        "| implicit rel. error | unrolled rel. error | CG iters |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for d, iters in sorted({(r["d"], r["iters"]) for r in rows}):
+    cells = []
+    for pair in ratios:
+        d, iters = pair["d"], pair["iters"]
         imp, unr = by_key[(d, iters, "implicit")], by_key[(d, iters, "unrolled")]
-        lines.append(
-            f"| {d} | {iters} | {imp['time_s'] * 1e3:.1f} | {unr['time_s'] * 1e3:.1f} | "
-            f"{unr['time_s'] / imp['time_s']:.2f} | {imp['saved_bytes'] / 2**20:.3f} | "
-            f"{unr['saved_bytes'] / 2**20:.3f} | {unr['saved_bytes'] / imp['saved_bytes']:.1f} | "
-            f"{imp['saved_bytes_beyond_data'] / 2**10:.1f} / {unr['saved_bytes_beyond_data'] / 2**10:.1f} | "
-            f"{imp['rel_grad_error']:.1e} | {unr['rel_grad_error']:.1e} | {imp['cg_iterations']} |"
-        )
-    lines += [
-        "",
-        "Saved bytes are unique storages packed by `torch.autograd.graph.saved_tensors_hooks` during the "
+        cells.append([
+            d, iters, f"{imp['time']['median_s'] * 1e3:.1f}", f"{unr['time']['median_s'] * 1e3:.1f}",
+            spread(pair["unrolled_over_implicit"]).fmt(), f"{imp['saved_bytes'] / 2**20:.3f}",
+            f"{unr['saved_bytes'] / 2**20:.3f}", f"{unr['saved_bytes'] / imp['saved_bytes']:.1f}",
+            f"{imp['saved_bytes_beyond_data'] / 2**10:.1f} / {unr['saved_bytes_beyond_data'] / 2**10:.1f}",
+            f"{imp['rel_grad_error']:.1e}", f"{unr['rel_grad_error']:.1e}", imp["cg_iterations"]])
+    return (
+        "# Implicit vs unrolled: ridge hypergradient\n\n"
+        f"{bench.describe(env)}, {meta['dtype']}; {meta['repeats']} interleaved rounds of forward + backward "
+        f"(one warm-up round); times are medians, the time ratio is median [min, max] of the per-round ratios. "
+        f"Data: X (2d x d), X_val (d x d) Gaussian, lambda = {meta['lam_per_dim']} d; CG tolerance "
+        f"{meta['cg_tol']:g} (relative residual).\n\n"
+        + bench.table(["d", "GD iters K", "implicit time (ms)", "unrolled time (ms)", "time ratio unrolled/implicit",
+                       "implicit saved (MiB)", "unrolled saved (MiB)", "memory ratio",
+                       "saved beyond data, implicit / unrolled (KiB)", "implicit rel. error", "unrolled rel. error",
+                       "CG iters"], cells)
+        + "\nSaved bytes are unique storages packed by `torch.autograd.graph.saved_tensors_hooks` during the "
         "forward, including the data matrices (which both methods keep); the 'beyond data' column leaves "
         "them out. Time ratio > 1 means implicit is faster. Relative error is against the "
         "closed form `-(X_val^T r)^T (X^T X + lambda I)^{-1} w*`; at small K both methods inherit the "
-        "unconverged inner solve, the implicit one through `w_K`, the unrolled one through truncation.",
-        "",
-    ]
-    return "\n".join(lines + torchopt_markdown(torchopt_rows, meta))
+        "unconverged inner solve, the implicit one through `w_K`, the unrolled one through truncation.\n\n"
+        + torchopt_markdown(torchopt_rows, meta)
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench.parser(__doc__)
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--iters", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--repeats", type=int, default=5)
@@ -331,12 +288,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
-    parser.add_argument("--name", default="implicit_vs_unrolled", help="results/<name>.json and .md")
     args = parser.parse_args()
+    if args.quick:
+        args.dims, args.iters, args.repeats, args.torchopt_dims, args.torchopt_repeats = [32], [10, 50], 1, [32], 1
 
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    rows = run(args.dims, args.iters, args.repeats, args.lam_per_dim, device, dtype)
+    run_ = bench.Run("implicit_vs_unrolled", SOURCES, args, device=args.device)
+    rows, ratios = run(args.dims, args.iters, args.repeats, args.lam_per_dim, device, dtype)
     torchopt = import_torchopt()
     torchopt_rows = []
     if torchopt is not None:
@@ -344,27 +303,16 @@ def main() -> None:
             torchopt, args.torchopt_dims, max(args.iters), args.torchopt_repeats, args.lam_per_dim, device, dtype
         )
     meta = {
-        "command": "python benchmarks/implicit_vs_unrolled.py"
-        + (f" --dims {' '.join(map(str, args.dims))}" if args.dims != [64, 256, 1024] else "")
-        + (f" --iters {' '.join(map(str, args.iters))}" if args.iters != [100, 1000] else "")
-        + (f" --repeats {args.repeats}" if args.repeats != 5 else "")
-        + (f" --torchopt-dims {' '.join(map(str, args.torchopt_dims))}" if args.torchopt_dims != [256, 1024] else "")
-        + (f" --torchopt-repeats {args.torchopt_repeats}" if args.torchopt_repeats != 15 else ""),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
-        "threads": torch.get_num_threads(),
         "dtype": args.dtype,
-        "torch": torch.__version__,
         "repeats": args.repeats,
         "torchopt_repeats": args.torchopt_repeats,
         "torchopt": getattr(torchopt, "__version__", None),
         "lam_per_dim": args.lam_per_dim,
         "cg_tol": default_tol(dtype),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"meta": meta, "rows": rows, "torchopt_rows": torchopt_rows}
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(markdown(rows, meta, torchopt_rows))
-    print((RESULTS / f"{args.name}.md").read_text())
+    text = markdown(rows, ratios, meta, run_.environment, torchopt_rows)
+    run_.write({"meta": meta, "rows": rows, "ratios": ratios, "torchopt_rows": torchopt_rows}, text)
+    print(text)
 
 
 if __name__ == "__main__":

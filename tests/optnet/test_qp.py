@@ -263,7 +263,7 @@ def test_infeasible_problem_raises_in_strict_mode():
 
 def test_max_iter_is_reported_and_warned():
     # 2 steps and the active-set crossover do not solve these (10 x 10 ones they would).
-    Q, q, G, h, A, b = random_qp(4, 30, 60, 0, seed=12)
+    Q, q, G, h, A, b = random_qp(4, 30, 90, 0, seed=12)
     sol = solve_qp_with_info(Q, q, G, h, max_iter=2)
     assert (sol.status == QPStatus.MAX_ITER).all() and (sol.iterations == 2).all()
     with pytest.warns(RuntimeWarning, match=r"4 of 4 QPs did not converge \(4 MAX_ITER\)"):

@@ -29,6 +29,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ift.optnet.kkt import ConstraintSpace, ReducedFactor, bmtv, bmv, cholesky_unchecked
+from ift.optnet.scaling import Scaling
 
 
 class QPStatus(enum.IntEnum):
@@ -40,6 +41,9 @@ class QPStatus(enum.IntEnum):
     NUMERICAL_ERROR = 3  # a Newton step was not finite; the last finite iterate is returned
     STALLED = 4  # a step shorter than STALL_STEP (1e-8): the Newton direction, computed in the
     # working precision, no longer makes progress; the last iterate is returned
+    DEGENERATE = 5  # solved (z verified to tol) but strict complementarity fails: some inequality
+    # has slack and multiplier both below DEGENERATE_FACTOR * tol (relative, after scaling), so
+    # the active set is ambiguous and the gradient is one of the one-sided derivatives
 
 
 # Q must be positive definite (checked), so the objective is bounded below on any nonempty
@@ -66,7 +70,8 @@ class QPSolution:
 
     @property
     def converged(self) -> torch.Tensor:
-        return self.status == QPStatus.CONVERGED
+        """z is the verified solution (CONVERGED, or DEGENERATE: exact z, one-sided gradient)."""
+        return (self.status == QPStatus.CONVERGED) | (self.status == QPStatus.DEGENERATE)
 
 
 PRECISIONS = ("mixed", "float64", "input")
@@ -717,9 +722,12 @@ def solve_qp_with_info(
     if not tol > 0:
         raise ValueError(f"solve_qp: tol must be > 0, got {tol}")
 
-    z, lam, nu, s, status, iters, pri, dual, gap = _QPFunction.apply(
-        Q, q, G, h, A, b, batch or 1, tol, max_iter, precision
-    )
+    scaling = Scaling(Q, G, A)
+    scaled = scaling.problem(Q, q, G, h, A, b)
+    z, lam, nu, s, status, iters, pri, dual, gap = _QPFunction.apply(*scaled, batch or 1, tol, max_iter, precision)
+    status = _flag_degenerate(status, s, lam, scaled[3], scaled[1], tol)
+    z = scaling.primal(z)
+    lam, nu, s = scaling.duals(lam, nu, s)
     sol = QPSolution(z, lam, nu, s, status, iters, pri, dual, gap)
     if batch is None:
         sol = QPSolution(*(t.squeeze(0) for t in (z, lam, nu, s, status, iters, pri, dual, gap)))
@@ -727,6 +735,18 @@ def solve_qp_with_info(
         bad = torch.nonzero(status == QPStatus.INFEASIBLE).flatten().tolist()
         raise QPInfeasibleError(f"solve_qp: QP infeasible for batch elements {bad[:10]}")
     return sol
+
+
+# A certified solution with an inequality whose slack and multiplier are both below this many
+# times tol (relative to 1 + |h|, 1 + |q| of the scaled problem) is DEGENERATE: the exact
+# solution cannot tell whether that constraint is active, and the gradient picks one side.
+DEGENERATE_FACTOR = 100.0
+
+
+def _flag_degenerate(status, slack, lam, h, q, tol):
+    thr = DEGENERATE_FACTOR * tol
+    weak = (slack <= thr * (1 + h.abs().amax(-1, keepdim=True))) & (lam <= thr * (1 + q.abs().amax(-1, keepdim=True)))
+    return torch.where((status == QPStatus.CONVERGED) & weak.any(-1), int(QPStatus.DEGENERATE), status)
 
 
 def _status_counts(status: torch.Tensor) -> str:
@@ -760,7 +780,7 @@ def solve_qp(
     sol = solve_qp_with_info(
         Q, q, G, h, A, b, tol=tol, max_iter=max_iter, strict=strict, precision=precision
     )
-    not_converged = int((sol.status != QPStatus.CONVERGED).sum())
+    not_converged = int((~sol.converged).sum())
     if not_converged:
         warnings.warn(
             f"solve_qp: {not_converged} of {sol.status.numel()} QPs did not converge "

@@ -1,0 +1,61 @@
+"""Diagonal equilibration of a QP by powers of two, so that the solver is scale-invariant.
+
+    z = D z~,  Q~ = D Q D,  q~ = D q,  G~ = E_G G D,  bounds~ = E_G bounds,  A~ = E_A A D,  b~ = E_A b
+
+D makes Q~'s diagonal ~1 (Jacobi scaling), E_G and E_A make each row of G~ and A~ of unit inf-norm.
+Both are functions of diag(Q) and of the row norms of G D, A D only, which column scaling
+(z -> C z) and row scaling (G_i, h_i -> s_i G_i, s_i h_i) change by exactly the inverse factors:
+the scaled problem is the same whatever the input's scaling, up to the rounding of each factor to
+a power of two (a factor within sqrt(2) of the ideal one). Powers of two make every product
+exact, so the scaled problem is exactly the input problem in any dtype, and undoing the scaling
+(z = D z~, lam = E_G lam~, s = s~ / E_G) adds no rounding. The factors are constants for autograd:
+the solution does not depend on them, so differentiating through the products is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _power_of_two(norm: torch.Tensor, exponent: float) -> torch.Tensor:
+    """2^round(exponent * log2(norm)) where norm > 0 and finite, else 1."""
+    ok = (norm > 0) & torch.isfinite(norm)
+    e = torch.round(exponent * torch.log2(torch.where(ok, norm, torch.ones_like(norm))))
+    return torch.exp2(e)
+
+
+def _row_scale(M: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    if M.shape[-2] == 0 or M.shape[-1] == 0:
+        return M.new_ones(*M.shape[:-1])
+    return _power_of_two((M * d.unsqueeze(-2)).abs().amax(-1), -1.0)
+
+
+class Scaling:
+    """The factors D (columns), E_G, E_A (rows) of one (batched) problem; see the module docstring."""
+
+    def __init__(self, Q: torch.Tensor, G: torch.Tensor, A: torch.Tensor):
+        with torch.no_grad():
+            # diag of Q's symmetric part is Q's diagonal; a nonpositive one gets 1 (Q is then
+            # rejected by the solver's Cholesky check)
+            self.d = _power_of_two(Q.detach().diagonal(dim1=-2, dim2=-1), -0.5)
+            self.eG = _row_scale(G.detach(), self.d)
+            self.eA = _row_scale(A.detach(), self.d)
+
+    def problem(self, Q, q, G, h, A, b):
+        """The scaled problem's data (differentiable in the inputs)."""
+        d, eG, eA = self.d, self.eG, self.eA
+        Qs = Q * (d.unsqueeze(-1) * d.unsqueeze(-2))  # d_i d_j = d_j d_i: a symmetric Q stays symmetric
+        Gs = G * (eG.unsqueeze(-1) * d.unsqueeze(-2))
+        As = A * (eA.unsqueeze(-1) * d.unsqueeze(-2))
+        return Qs, q * d, Gs, h * eG, As, b * eA
+
+    def rows(self, v: torch.Tensor) -> torch.Tensor:
+        """Bounds-like vectors of G's rows into the scaled problem."""
+        return v * self.eG
+
+    def primal(self, z_scaled: torch.Tensor) -> torch.Tensor:
+        return z_scaled * self.d
+
+    def duals(self, lam, nu, slack):
+        """lam, nu, slack of the input problem from the scaled problem's."""
+        return lam * self.eG, nu * self.eA, slack / self.eG

@@ -188,8 +188,9 @@ def minimize(
         create_graph: differentiate through the iterations (unrolling).
         checkpoint_segments: with ``create_graph``, recompute the loop in this many checkpointed
             segments during backward (about sqrt(max_iter) balances memory and recomputation).
-            Reentrant checkpointing: differentiate with ``.backward()`` (``torch.autograd.grad``
-            on the result raises).
+            Non-reentrant checkpointing, so both ``.backward()`` and ``torch.autograd.grad`` work;
+            its forward recomputes the segment up to each step's inner gradient (quadratic in the
+            segment's length: 354 objective calls instead of 66 for 64 steps in 8 segments).
         args: extra tensors passed on as ``objective(x, *args)`` and ``curvature(x, *args)``.
             With ``checkpoint_segments``, tensors with an autograd history (not leaves) that the
             objective depends on must come in here, not by closure: each segment's backward
@@ -227,11 +228,10 @@ def minimize(
         for start in range(0, max_iter, per_segment):
             count = min(per_segment, max_iter - start)
             keys = list(state)
-            # Reentrant checkpointing: the segment runs without a graph in forward and is rerun with
-            # one in backward. (The non-reentrant variant recomputes the segment for every
-            # autograd.grad call inside it, which makes the forward quadratic in its length.)
+            # Non-reentrant (PyTorch's recommendation; the reentrant variant refuses torch.autograd.grad):
+            # each inner gradient in the forward recomputes the segment up to that step (quadratic).
             out = checkpoint(_run_segment, step, keys, start, count, (objective, curvature, len(args), compact),
-                             opts, *args, *state.values(), use_reentrant=True)
+                             opts, *args, *state.values(), use_reentrant=False)
             state = dict(zip(keys, out))
             if not bool(state["active"].any()):
                 break
@@ -247,8 +247,8 @@ def _bind(objective, curvature, args) -> dict:
 
 def _run_segment(step, keys, start, count, fns, opts, *values):
     objective, curvature, n_args, compact = fns
-    # The checkpoint's forward runs without grad: compute plain values there (no per-step graphs to
-    # keep alive); its backward reruns the segment with grad enabled and builds them then.
+    # Build the per-step graphs only where grad is on (the checkpoint drops their saved tensors in
+    # forward and rebuilds them when backward needs them).
     opts = {**opts, "create_graph": torch.is_grad_enabled()}
     state = dict(zip(keys, values[n_args:]))
     state = _loop(step, state, (objective, curvature), values[:n_args], start, start + count, opts, compact)

@@ -87,12 +87,13 @@ def _relative(path: Path | str) -> str:
 
 
 def expand_sources(declared: Iterable[str]) -> list[str]:
-    """Repository-relative files of the declared sources; a folder stands for its ``.py`` files."""
+    """Repository-relative files of the declared sources; a folder stands for every file in it."""
     files = set()
     for entry in declared:
         path = REPO / entry
         if path.is_dir():
-            files.update(p.relative_to(REPO).as_posix() for p in path.rglob("*.py") if "__pycache__" not in p.parts)
+            files.update(p.relative_to(REPO).as_posix() for p in path.rglob("*")
+                         if p.is_file() and "__pycache__" not in p.parts)
         else:
             files.add(Path(entry).as_posix())
     return sorted(files)
@@ -338,8 +339,10 @@ class Run:
         p = self.provenance
         state = ("measured sources uncommitted: " + ", ".join(p["dirty_sources"]) if p["dirty_sources"]
                  else "measured sources committed")
+        load = self.environment["load_average"]
+        load = f"; load average {load[0]:.1f} on {self.environment['cpu_count']} CPUs at the start" if load else ""
         return (f"\n---\nProduced by `{p['command']}` at commit `{(p['commit'] or 'unknown')[:12]}` ({state}"
-                f"{', --quick smoke run' if p['quick'] else ''}); {describe(self.environment)}.\n")
+                f"{', --quick smoke run' if p['quick'] else ''}); {describe(self.environment)}{load}.\n")
 
     def write(self, payload: Mapping, markdown: str | None = None, figures: Mapping[str, Any] | None = None,
               files: Sequence[str] = ()) -> Path:

@@ -11,26 +11,26 @@ Checks, each with its own timeout and a recorded status (ok / failed / timeout /
 - bench:*      benchmarks/qp_layer.py, savi_memory_speed.py (CUDA peak memory from
                torch.cuda.max_memory_allocated), implicit_vs_unrolled.py and host_checks.py (solves
                with host stopping tests every 1 vs 8 iterations) with small settings, run from a
-               temporary copy so their committed results are not overwritten.
+               temporary copy writing to a temporary folder (--out), so their committed results are not
+               overwritten.
 
-Writes benchmarks/results/gpu_check.{json,md} (device name, torch/CUDA versions, per-check status,
-time and key numbers) after every check, so a killed run still leaves its report.
+Writes gpu_check.{json,md} (device name, torch/CUDA versions, per-check status, time and key numbers;
+provenance and environment through ``ift.bench``) to --out (default benchmarks/results) after every
+check, so a killed run still leaves its report.
 
     python benchmarks/gpu_check.py                          # on a CUDA machine (make gpu-check)
-    python benchmarks/gpu_check.py --device cpu --smoke --out /tmp/g.json   # tiny CPU run of the same checks
+    python benchmarks/gpu_check.py --device cpu --quick     # tiny CPU run of the same checks (to a temp folder)
     python benchmarks/gpu_check.py --only 'train:*' --jobs 8                # a subset (fnmatch patterns)
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
 import csv
 import fnmatch
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import signal
@@ -43,9 +43,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from ift import bench
+
+ROOT = bench.REPO
 CONFIGS = ROOT / "configs"
+# What a passing report vouches for: all of the package, its configs, the entry points and the CUDA tests.
+SOURCES = ["src/ift", "configs", "train.py", "eval.py", "tests/test_gpu.py",
+           *(f"benchmarks/{name}.py" for name in ("qp_layer", "savi_memory_speed", "implicit_vs_unrolled", "host_checks"))]
 PAIRS_TEST = ROOT / "tests" / "test_configs.py"
 BENCHMARKS = ("qp_layer", "savi_memory_speed", "implicit_vs_unrolled", "host_checks")
 # Data configs read from files under data.root; a GPU machine may not have them.
@@ -218,14 +222,14 @@ def train_check(model: str, data: str, precision: str, args, work: Path, devices
         trainer = ["trainer=gpu"] if devices == 1 else ["trainer=ddp", f"trainer.devices={devices}"]
     else:
         trainer = ["trainer=cpu"] if devices == 1 else ["trainer=ddp_cpu", f"trainer.devices={devices}"]
-    batches = (1, 1) if args.smoke else (args.train_batches, 2)
+    batches = (1, 1) if args.quick else (args.train_batches, 2)
     command = [sys.executable, str(ROOT / "train.py"), f"model={model}", f"data={data}", *trainer,
                "debug=fast", "logger=csv", f"trainer.limit_train_batches={batches[0]}",
                f"trainer.limit_val_batches={batches[1]}", f"trainer.limit_test_batches={batches[1]}",
                "trainer.enable_progress_bar=false", f"paths.log_dir={work / 'logs'}", f"hydra.run.dir={run_dir}"]
     if precision == "bf16":
         command.append("trainer.precision=bf16-mixed")
-    if args.smoke:
+    if args.quick:
         command.append("data.batch_size=16")
     return Check(name, command, timeout=args.train_timeout if devices == 1 else args.ddp_timeout)
 
@@ -277,6 +281,8 @@ def finish_pytest(check: Check, out: str) -> None:
 
 def supports(script: Path, flag: str) -> bool:
     text = script.read_text()
+    if flag in ("--out", "--quick") and "bench.parser(" in text:  # the flags every ift.bench script has
+        return True
     return f'"{flag}"' in text or f"'{flag}'" in text
 
 
@@ -294,19 +300,21 @@ def bench_settings(name: str, args, out_json: Path) -> list[str]:
     """Small settings per benchmark; flags it does not (yet) have are dropped by bench_check."""
     dev = ["--device", args.device]
     if name == "qp_layer":
-        sizes = ["5"] if args.smoke else ["10", "50"]
-        return ["--sizes", *sizes, "--batch", "4" if args.smoke else "128", "--repeats", "1" if args.smoke else "3",
+        sizes = ["5"] if args.quick else ["10", "50"]
+        return ["--sizes", *sizes, "--batch", "4" if args.quick else "128", "--repeats", "1" if args.quick else "3",
                 "--cvxpylayers-max-n", "0", *dev]
     if name == "savi_memory_speed":
-        steps = ["2"] if args.smoke else ["5", "50"]
-        return ["--steps", *steps, "--batch-size", "8" if args.smoke else "128", "--repeats",
-                "1" if args.smoke else "3", "--out", str(out_json), *dev]
+        steps = ["2"] if args.quick else ["5", "50"]
+        return ["--steps", *steps, "--batch-size", "8" if args.quick else "128", "--repeats",
+                "1" if args.quick else "3", "--out", str(out_json), *dev]
+    # scripts on ift.bench: --out is the folder, --quick their own smoke settings
+    results = ["--out", str(out_json.parent)]
     if name == "host_checks":
-        return ["--repeats", "1" if args.smoke else "5", "--out", str(out_json.with_suffix("")), *dev]
-    dims = ["16"] if args.smoke else ["256", "1024"]
-    return ["--dims", *dims, "--iters", "10" if args.smoke else "100", "--repeats", "1" if args.smoke else "5",
-            "--torchopt-dims", *dims, "--torchopt-repeats", "1" if args.smoke else "5", "--dtype", "float32",
-            "--name", out_json.stem, *dev]
+        return [*results, *(["--quick"] if args.quick else ["--repeats", "5"]), *dev]
+    if args.quick:
+        return [*results, "--quick", "--dtype", "float32", *dev]
+    return [*results, "--dims", "256", "1024", "--iters", "100", "--repeats", "5", "--torchopt-dims", "256", "1024",
+            "--torchopt-repeats", "5", "--dtype", "float32", *dev]
 
 
 def bench_check(name: str, args, work: Path) -> Check:
@@ -369,15 +377,17 @@ def summarize_savi(payload: dict, args) -> dict:
 
 
 def summarize_implicit(payload: dict, args) -> dict:
-    numbers = {f"d{r['d']}_K{r['iters']}_{r['method']}_ms": ms(r["time_s"]) for r in payload["rows"]}
+    numbers = {f"d{r['d']}_K{r['iters']}_{r['method']}_ms": ms(r["time"]["median_s"]) for r in payload["rows"]}
     numbers["max_rel_grad_error_implicit"] = max(r["rel_grad_error"] for r in payload["rows"] if r["method"] == "implicit")
     for r in payload.get("torchopt_rows", []):
-        numbers[f"d{r['d']}_ift_vs_torchopt_backward_ms"] = [ms(r["ift_backward_s"]), ms(r["torchopt_backward_s"])]
+        numbers[f"d{r['d']}_ift_vs_torchopt_backward_ms"] = [ms(r["ift_backward"]["median_s"]),
+                                                             ms(r["torchopt_backward"]["median_s"])]
     return numbers
 
 
 def summarize_host_checks(payload: dict, args) -> dict:
-    return {f"{r['case'].split(' (')[0]}: time every 8 / every 1": round(r["ratio_8_over_1"], 3) for r in payload["rows"]}
+    return {f"{r['case'].split(' (')[0]}: time every 8 / every 1": round(r["ratio_8_over_1"]["median"], 3)
+            for r in payload["rows"]}
 
 
 SUMMARIES = {"qp_layer": summarize_qp, "savi_memory_speed": summarize_savi, "implicit_vs_unrolled": summarize_implicit,
@@ -386,23 +396,15 @@ SUMMARIES = {"qp_layer": summarize_qp, "savi_memory_speed": summarize_savi, "imp
 
 # --- report -----------------------------------------------------------------------------------------
 
-def environment(args) -> dict:
+def device_info(args) -> dict:
     import torch
 
     cuda = args.device == "cuda"
-    try:  # a copy of the tree without .git (or without git) has no commit to name
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = ""
     return {
-        "device": torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.processor() or platform.machine()})",
         "gpus": torch.cuda.device_count() if cuda else 0,
-        "torch": torch.__version__, "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
         "bf16_supported": torch.cuda.is_bf16_supported() if cuda else None,
-        "python": platform.python_version(), "commit": commit or None,
-        "mode": "smoke" if args.smoke else "full", "command": " ".join(["python", *sys.argv]),
+        "mode": "quick" if args.quick else "full",
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
@@ -413,30 +415,25 @@ def cell(value) -> str:
     return str(value)
 
 
-def write_report(out: Path, meta: dict, checks: list[Check], total: float) -> None:
+def write_report(run: bench.Run, meta: dict, checks: list[Check], total: float) -> None:
     counts = {s: sum(c.status == s for c in checks) for s in ("ok", "failed", "timeout", "skipped", "pending")}
-    payload = {"meta": {**meta, "total_seconds": round(total, 1)}, "summary": counts,
-               "checks": [asdict(c) | {"command": " ".join(c.command)} for c in checks]}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
-    lines = [f"GPU check on **{meta['device']}** ({meta['gpus']} GPU(s)), torch {meta['torch']}, CUDA {meta['cuda']}, "
-             f"commit {meta['commit']}, {meta['mode']} mode, {total:.0f} s in all. Command: `{meta['command']}`.", "",
-             "Summary: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n), "",
-             "| check | status | s | key numbers / reason |", "|---|---|---:|---|"]
+    rows = []
     for c in checks:
         detail = "; ".join(f"{k} {cell(v)}" for k, v in c.numbers.items())
         detail = f"{c.reason}. {detail}" if c.reason else detail
-        lines.append(f"| {c.name} | {c.status} | {c.seconds:.1f} | {detail.replace('|', '/')} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        rows.append([c.name, c.status, f"{c.seconds:.1f}", detail.replace("|", "/").replace("\n", " ")])
+    markdown = (f"# GPU check\n\n{bench.describe(run.environment)}; {meta['gpus']} GPU(s), {meta['mode']} mode, "
+                f"{total:.0f} s in all.\n\nSummary: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + "\n\n"
+                + bench.table(["check", "status", "s", "key numbers / reason"], rows, align="llrl"))
+    run.write({"meta": {**meta, "total_seconds": round(total, 1)}, "summary": counts,
+               "checks": [asdict(c) | {"command": " ".join(c.command)} for c in checks]}, markdown)
 
 
 # --- main -------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bench.parser(__doc__)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    p.add_argument("--smoke", action="store_true", help="tiny settings (with --device cpu: keeps the script from rotting)")
-    p.add_argument("--out", type=Path, default=None, help="report JSON (default benchmarks/results/gpu_check.json)")
     p.add_argument("--only", nargs="+", default=None, help="fnmatch patterns of check names, e.g. 'train:vae*'")
     p.add_argument("--jobs", type=int, default=None, help="training runs at once (default: half the CPU cores up to 6 on CUDA, 1 on CPU)")
     p.add_argument("--budget", type=float, default=290.0, help="seconds for everything; later checks are skipped")
@@ -447,8 +444,8 @@ def parse_args(argv=None):
     p.add_argument("--pytest-timeout", type=float, default=120.0)
     p.add_argument("--keep", action="store_true", help="keep the temporary run folders (printed)")
     args = p.parse_args(argv)
-    if args.device == "cpu" and not args.smoke:
-        p.error("--device cpu runs only with --smoke (the full settings are sized for a GPU)")
+    if args.device == "cpu" and not args.quick:
+        p.error("--device cpu runs only with --quick (the full settings are sized for a GPU)")
     return args
 
 
@@ -480,7 +477,7 @@ def build_checks(args, work: Path) -> list[tuple[Check, object]]:
     return checks
 
 
-def run_all(args, work: Path, out: Path, meta: dict) -> list[Check]:
+def run_all(args, work: Path, run: bench.Run, meta: dict) -> list[Check]:
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     runner = Runner(env)
@@ -503,7 +500,7 @@ def run_all(args, work: Path, out: Path, meta: dict) -> list[Check]:
             if check.status != "skipped":
                 finish(output)
         with report_lock:
-            write_report(out, meta, [c for c, _ in checks], time.monotonic() - start)
+            write_report(run, meta, [c for c, _ in checks], time.monotonic() - start)
             print(f"[{time.monotonic() - start:6.1f} s] {check.name}: {check.status} {check.reason}", flush=True)
 
     def stop(signum, frame):  # SIGTERM (a scheduler's kill): still leave the report
@@ -528,7 +525,7 @@ def run_all(args, work: Path, out: Path, meta: dict) -> list[Check]:
             if c.status == "pending":
                 c.status, c.reason = "skipped", "interrupted"
     finally:
-        write_report(out, meta, [c for c, _ in checks], time.monotonic() - start)
+        write_report(run, meta, [c for c, _ in checks], time.monotonic() - start)
     return [c for c, _ in checks]
 
 
@@ -538,15 +535,16 @@ def main(argv=None) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print(f"gpu_check: no CUDA device visible (torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
-              f"run it on a GPU machine, or `python benchmarks/gpu_check.py --device cpu --smoke` for the CPU smoke run",
+              f"run it on a GPU machine, or `python benchmarks/gpu_check.py --device cpu --quick` for the CPU smoke run",
               file=sys.stderr)
         return 2
-    out = args.out or RESULTS / "gpu_check.json"
+    run = bench.Run("gpu_check", SOURCES, args, device=args.device)
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    meta = environment(args)
-    print(f"gpu_check on {meta['device']}: report in {out} and {out.with_suffix('.md')}", flush=True)
+    meta = device_info(args)
+    device = run.environment.get("device_name", run.environment["device"])
+    print(f"gpu_check on {device}: report in {run.out}/gpu_check.{{json,md}}", flush=True)
     try:
-        checks = run_all(args, work, out, meta)
+        checks = run_all(args, work, run, meta)
     finally:
         if args.keep:
             print(f"run folders kept in {work}")

@@ -264,7 +264,8 @@ def main() -> None:
                         help=f"also train {MATCHED}: MAML for iMAML's training wall-clock (needs an idle machine)")
     args = parser.parse_args()
     if args.quick:
-        args.seeds, args.meta_steps, args.steps, args.repeats, args.test_tasks = [0, 1], 30, [1, 5], 2, 50
+        args.seeds, args.meta_steps, args.steps, args.repeats, args.test_tasks = [0, 1], 20, [1, 5], 2, 50
+        args.imaml_max_iter = 30
     torch.set_num_threads(1)
     run = bench.Run("imaml_sinusoid", SOURCES, args)
 

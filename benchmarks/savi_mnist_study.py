@@ -20,6 +20,10 @@ table and the plot are rebuilt from those files after each run.
 
     python benchmarks/savi_mnist_study.py                       # the committed study (see --help)
     python benchmarks/savi_mnist_study.py --summarize-only      # rebuild table + plot from runs/
+    python benchmarks/savi_mnist_study.py --quick               # smoke run (2 models, 1 seed, 4 steps)
+
+Each run file carries its own provenance (``ift.bench``), so `make results-check` names the runs
+made with older code; the summary's provenance is that of the summarising process.
 """
 
 from __future__ import annotations
@@ -31,19 +35,22 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from ift import bench
+
 NAME = "savi_mnist_study"
 MODELS = ["vae", "svi", "savi_unrolled", "savi_checkpointed", "savi_ift"]
+SOURCES = ["src/ift/savi", "src/ift/implicit", "src/ift/training.py", "src/ift/evaluation.py",
+           "src/ift/data", "configs/model", "configs/train.yaml"]
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench.parser(__doc__)
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=100, help="optimiser steps per run (batch 128)")
@@ -52,12 +59,20 @@ def parse_args(argv=None):
     parser.add_argument("--test-examples", type=int, default=2000)
     parser.add_argument("--iwae-samples", type=int, default=500)
     parser.add_argument("--elbo-samples", type=int, default=10)
-    parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "mnist"))
-    parser.add_argument("--out-dir", type=Path, default=RESULTS / NAME)
-    parser.add_argument("--work-dir", type=Path, default=ROOT / "logs" / "benchmarks" / NAME)
+    parser.add_argument("--data-root", type=Path, default=bench.REPO.parent / "shared" / "data" / "mnist")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="training logs and checkpoints (default logs/benchmarks/savi_mnist_study)")
     parser.add_argument("--summarize-only", action="store_true")
     parser.add_argument("--single", nargs=2, metavar=("MODEL", "SEED"), help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.seeds, args.steps, args.val_every, args.val_batches = ["vae", "savi_ift"], [0], 4, 2, 1
+        args.test_examples, args.iwae_samples, args.elbo_samples = 250, 5, 2
+    if args.work_dir is None:
+        args.work_dir = (Path(tempfile.mkdtemp(prefix="savi_mnist_quick_")) if args.quick
+                         else bench.REPO / "logs" / "benchmarks" / NAME)
+    args.study_dir = bench.out_dir(args) / NAME  # runs/<model>_s<seed>.json
+    return args
 
 
 # --- one run (in its own process) --------------------------------------------------------------
@@ -87,9 +102,9 @@ def train_and_evaluate(model: str, seed: int, args) -> dict:
     from ift.training import run_training
 
     run_dir = args.work_dir / f"{model}_s{seed}"
-    overrides = [f"model={model}", "data=mnist", f"data.root={args.data_root}", "logger=csv", "trainer=cpu",
-                 f"seed={seed}", "trainer.max_epochs=1", f"+trainer.max_steps={args.steps}",
-                 f"+trainer.val_check_interval={args.val_every}", f"+trainer.limit_val_batches={args.val_batches}",
+    overrides = [f"model={model}", "data=mnist", f"data.root={args.data_root.resolve()}", "logger=csv", "trainer=cpu",
+                 f"seed={seed}", "trainer.max_epochs=1", f"trainer.max_steps={args.steps}",
+                 f"trainer.val_check_interval={args.val_every}", f"trainer.limit_val_batches={args.val_batches}",
                  "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "test=false"]
     cfg = compose_config("train", overrides, run_dir)
     with open_dict(cfg):
@@ -168,16 +183,21 @@ def training_log_stats(run_dir: Path) -> dict:
 
 
 # --- the study ---------------------------------------------------------------------------------
-def run_one(model: str, seed: int, args) -> dict:
+def run_one(model: str, seed: int, args) -> Path:
+    """One run in a fresh process (its peak RSS its own), which writes runs/<model>_s<seed>.json."""
     cmd = [sys.executable, __file__, "--single", model, str(seed), "--steps", str(args.steps),
            "--val-every", str(args.val_every), "--val-batches", str(args.val_batches),
            "--test-examples", str(args.test_examples), "--iwae-samples", str(args.iwae_samples),
-           "--elbo-samples", str(args.elbo_samples), "--data-root", args.data_root,
-           "--work-dir", str(args.work_dir)]
+           "--elbo-samples", str(args.elbo_samples), "--data-root", str(args.data_root),
+           "--work-dir", str(args.work_dir), "--out", str(bench.out_dir(args))] + (["--quick"] if args.quick else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{model} seed {seed} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_path(args, model, seed)
+
+
+def run_path(args, model: str, seed: int) -> Path:
+    return args.study_dir / "runs" / f"{model}_s{seed}.json"
 
 
 COLUMNS = [("test/elbo", "ELBO refined", 2), ("test/elbo_amortized", "ELBO amortized", 2),
@@ -204,12 +224,13 @@ def fmt(values: list[float], digits: int | None) -> str:
 
 
 def summarize(args) -> None:
-    runs = [json.loads(p.read_text()) for p in sorted((args.out_dir / "runs").glob("*.json"))]
+    runs = [json.loads(p.read_text()) for p in sorted((args.study_dir / "runs").glob("*.json"))]
     if not runs:
         return
+    run = bench.Run(NAME, SOURCES, args)
     by_model = {m: [r for r in runs if r["model"] == m] for m in MODELS if any(r["model"] == m for r in runs)}
     summary = {}
-    lines = ["| model | seeds | " + " | ".join(c[1] for c in COLUMNS) + " |", "|---|---:|" + "---:|" * len(COLUMNS)]
+    rows = []
     for model, rs in by_model.items():
         cells, summary[model] = [], {"seeds": [r["seed"] for r in rs]}
         for key, _, digits in COLUMNS:
@@ -220,10 +241,8 @@ def summarize(args) -> None:
             summary[model][key] = {"mean": statistics.fmean(vals) if vals else None,
                                    "std": statistics.stdev(vals) if len(vals) > 1 else None, "values": vals}
             cells.append(fmt(vals, digits))
-        lines.append(f"| {model} | {len(rs)} | " + " | ".join(cells) + " |")
-    lines += ["", "Paired by seed (same initialisation and data order), differences to `savi_unrolled`:", "",
-              "| model - savi_unrolled | seeds | ELBO refined | IWAE log p(x) | train wall-clock ratio |",
-              "|---|---:|---:|---:|---:|"]
+        rows.append([model, len(rs), *cells])
+    paired = []
     base = {r["seed"]: r for r in by_model.get("savi_unrolled", [])}
     for model, rs in by_model.items():
         pairs = [(r, base[r["seed"]]) for r in rs if r["seed"] in base and model != "savi_unrolled"]
@@ -233,19 +252,22 @@ def summarize(args) -> None:
         d_iwae = [a["metrics"]["test/iwae_ll"] - b["metrics"]["test/iwae_ll"] for a, b in pairs]
         ratio = [a["train_wall_clock_s"] / b["train_wall_clock_s"] for a, b in pairs]
         summary[model]["paired_vs_savi_unrolled"] = {"elbo": d_elbo, "iwae_ll": d_iwae, "wall_clock_ratio": ratio}
-        lines.append(f"| {model} | {len(pairs)} | {fmt(d_elbo, 2)} | {fmt(d_iwae, 2)} | {fmt(ratio, 2)} |")
+        paired.append([model, len(pairs), fmt(d_elbo, 2), fmt(d_iwae, 2), fmt(ratio, 2)])
     steps = runs[0]["steps"]
-    header = (f"Command: `python benchmarks/savi_mnist_study.py --steps {steps}` (CPU, 1 torch thread per run, "
-              f"batch 128, {steps} optimiser steps = {steps * 128} training images; test metrics on the first "
-              f"{int(runs[0]['metrics']['test/examples'])} official test images, IWAE with "
-              f"{args.iwae_samples} samples; mean ± std over seeds)\n\n")
-    (args.out_dir.parent / f"{NAME}.md").write_text(header + "\n".join(lines) + "\n")
-    (args.out_dir.parent / f"{NAME}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                                  "summary": summary}, indent=2))
-    plot(by_model, args.out_dir.parent / f"{NAME}.png")
+    markdown = (
+        f"# SAVI on MNIST\n\n{bench.describe(run.environment)}; one torch thread per run, batch 128, {steps} "
+        f"optimiser steps = {steps * 128} training images; test metrics on the first "
+        f"{int(runs[0]['metrics']['test/examples'])} official test images, IWAE with {args.iwae_samples} samples; "
+        "mean ± std over seeds. Runs are in `savi_mnist_study/runs/`, each with its own provenance.\n\n"
+        + bench.table(["model", "seeds", *(c[1] for c in COLUMNS)], rows)
+        + "\nPaired by seed (same initialisation and data order), differences to `savi_unrolled`:\n\n"
+        + bench.table(["model - savi_unrolled", "seeds", "ELBO refined", "IWAE log p(x)", "train wall-clock ratio"],
+                      paired))
+    run.write({"summary": summary, "runs": [f"{NAME}/runs/{r['model']}_s{r['seed']}.json" for r in runs]},
+              markdown, figures={f"{NAME}.png": plot(by_model)})
 
 
-def plot(by_model: dict, path: Path) -> None:
+def plot(by_model: dict):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -262,25 +284,26 @@ def plot(by_model: dict, path: Path) -> None:
     ax.set_title("SAVI on MNIST: validation ELBO against wall-clock (one line per seed)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
     if args.single:
-        print(json.dumps(train_and_evaluate(args.single[0], int(args.single[1]), args)))
+        model, seed = args.single[0], int(args.single[1])
+        record = train_and_evaluate(model, seed, args)
+        bench.Run(f"{model}_s{seed}", SOURCES, args, out=args.study_dir / "runs").write(record)
         return
-    (args.out_dir / "runs").mkdir(parents=True, exist_ok=True)
+    if not (args.data_root / "train-images-idx3-ubyte.gz").is_file():
+        sys.exit(f"savi_mnist_study: no MNIST idx files in {args.data_root}; pass --data-root DIR")
     if not args.summarize_only:
         for seed in args.seeds:  # seeds outermost: a partial study still covers every model
             for model in args.models:
-                path = args.out_dir / "runs" / f"{model}_s{seed}.json"
-                if path.exists():
+                if run_path(args, model, seed).exists():
                     continue
                 start = time.perf_counter()
-                record = run_one(model, seed, args)
-                path.write_text(json.dumps(record, indent=1))
+                record = json.loads(run_one(model, seed, args).read_text())
                 m = record["metrics"]
                 print(f"{model} seed {seed}: test ELBO {m['test/elbo']:.2f} (amortized {m['test/elbo_amortized']:.2f}), "
                       f"IWAE {m['test/iwae_ll']:.2f}, train {record['train_wall_clock_s']:.0f} s, "

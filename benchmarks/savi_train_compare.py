@@ -4,17 +4,19 @@ Each model trains through the real Hydra configs (`configs/model/<name>.yaml`, `
 for the same number of epochs on the same data and seed. Reported per model: test ELBO at the
 refined and at the amortized parameters, IWAE estimate of log p(x) (proposal = the model's own
 q), KL, active units, learned gamma and wall-clock training time; plus a plot of validation ELBO
-against wall-clock time. Writes JSON, markdown and PNG to benchmarks/results/.
+against wall-clock time. Writes JSON, markdown and PNG through ``ift.bench`` (to benchmarks/results/
+by default).
 
     python benchmarks/savi_train_compare.py --epochs 20     # digits
+    python benchmarks/savi_train_compare.py --quick         # smoke run (2 models, 1 epoch)
 For MNIST (several seeds, IWAE on 2000 test images, stationarity statistics) use
 benchmarks/savi_mnist_study.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,12 +28,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
+from ift import bench  # noqa: E402
 from ift.config import compose_config  # noqa: E402
 from ift.training import run_training  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 MODELS = ["vae", "svi", "savi_unrolled", "savi_checkpointed", "savi_ift"]
+SOURCES = ["src/ift/savi", "src/ift/implicit", "src/ift/training.py", "src/ift/evaluation.py",
+           "src/ift/data", "configs/model", "configs/train.yaml"]
 
 
 class ValidationClock(pl.Callback):
@@ -83,48 +86,18 @@ def evaluate_iwae(run_dir: Path, args) -> dict:
     return model.evaluate_extra(datamodule, {"iwae_samples": args.iwae_samples, "iwae_chunk": 100}, run_dir)
 
 
-def markdown(results: list[dict], args) -> str:
+def markdown(results: list[dict], args, env: dict) -> str:
     keys = [("test/elbo", "ELBO (refined)"), ("test/elbo_amortized", "ELBO (amortized)"),
             ("test/iwae_ll", f"IWAE log p(x), K={args.iwae_samples}"), ("test/kl", "KL"),
             ("test/active_units", "active units"), ("test/gamma", "gamma")]
-    lines = ["| model | " + " | ".join(k[1] for k in keys) + " | train wall-clock s |",
-             "|---|" + "---:|" * (len(keys) + 1)]
-    for r in results:
-        m = r["metrics"]
-        lines.append(f"| {r['model']} | " + " | ".join(f"{m[k]:.3f}" if k != "test/gamma" else f"{m[k]:.4f}"
-                                                       for k, _ in keys) + f" | {r['wall_clock_s']:.0f} |")
-    return "\n".join(lines) + "\n"
+    rows = [[r["model"], *(f"{r['metrics'][k]:.3f}" if k != "test/gamma" else f"{r['metrics'][k]:.4f}" for k, _ in keys),
+             f"{r['wall_clock_s']:.0f}"] for r in results]
+    return (f"# SAVI models on {args.data}, {args.epochs} epochs\n\n{bench.describe(env)}; seed {args.seed}, "
+            "test metrics at the best checkpoint.\n\n"
+            + bench.table(["model", *(k[1] for k in keys), "train wall-clock s"], rows))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="digits")
-    parser.add_argument("--data-root", default=None, help="data.root, e.g. ../shared/data/mnist")
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--iwae-samples", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--models", nargs="+", default=MODELS)
-    parser.add_argument("--work-dir", type=Path, default=ROOT / "logs" / "benchmarks" / "savi_train_compare")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: stable timings on a shared machine)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.data == "mnist" and args.data_root is None:
-        args.data_root = str(ROOT.parent / "shared" / "data" / "mnist")
-
-    results = []
-    for model in args.models:
-        results.append(train_one(model, args, args.work_dir / args.data / model))
-        print(f"{model}: {results[-1]['metrics'].get('test/elbo'):.3f} in {results[-1]['wall_clock_s']:.0f} s",
-              flush=True)
-
-    name = f"savi_train_compare_{args.data}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                       "results": results}, indent=2))
-    cmd = f"python benchmarks/savi_train_compare.py --data {args.data} --epochs {args.epochs}"
-    table = markdown(results, args)
-    (RESULTS / f"{name}.md").write_text(f"Command: `{cmd}` (CPU, seed {args.seed})\n\n{table}")
+def plot(results: list[dict], data: str):
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in results:
         if r["curve"]:
@@ -132,11 +105,45 @@ def main() -> None:
             ax.plot(t, e, marker=".", label=r["model"])
     ax.set_xlabel("training wall-clock (s)")
     ax.set_ylabel("validation ELBO (refined)")
-    ax.set_title(f"SAVI on {args.data}: ELBO against time")
+    ax.set_title(f"SAVI on {data}: ELBO against time")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{name}.png", dpi=120)
-    print(table)
+    return fig
+
+
+def main() -> None:
+    parser = bench.parser(__doc__)
+    parser.add_argument("--data", default="digits")
+    parser.add_argument("--data-root", type=Path, default=None, help="data.root (default for mnist: ../shared/data/mnist)")
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--iwae-samples", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="training logs and checkpoints (default logs/benchmarks/savi_train_compare)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: stable timings on a shared machine)")
+    args = parser.parse_args()
+    if args.quick:
+        args.models, args.epochs, args.iwae_samples = ["vae", "savi_ift"], 1, 5
+    if args.work_dir is None:
+        args.work_dir = (Path(tempfile.mkdtemp(prefix="savi_train_compare_quick_")) if args.quick
+                         else bench.REPO / "logs" / "benchmarks" / "savi_train_compare")
+    torch.set_num_threads(args.threads)
+    if args.data == "mnist" and args.data_root is None:
+        args.data_root = bench.REPO.parent / "shared" / "data" / "mnist"
+    if args.data_root is not None:
+        args.data_root = args.data_root.resolve()
+    run = bench.Run(f"savi_train_compare_{args.data}", SOURCES, args)
+
+    results = []
+    for model in args.models:
+        results.append(train_one(model, args, args.work_dir / args.data / model))
+        print(f"{model}: {results[-1]['metrics'].get('test/elbo'):.3f} in {results[-1]['wall_clock_s']:.0f} s",
+              flush=True)
+    text = markdown(results, args, run.environment)
+    run.write({"results": results}, text, figures={f"savi_train_compare_{args.data}.png": plot(results, args.data)})
+    print(text)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from ift import bench
+from tests.conftest import ROOT, SHARED_MNIST
 
 
 # --- timing --------------------------------------------------------------------------------------
@@ -99,7 +100,8 @@ def repo(tmp_path, monkeypatch):
     git(root, "commit", "-q", "-m", "init")
     monkeypatch.setattr(bench, "REPO", root)
     monkeypatch.setattr(bench, "RESULTS", root / "benchmarks" / "results")
-    monkeypatch.setattr(sys, "argv", [str(root / "benchmarks" / "demo.py"), "--repeats", "3"])
+    monkeypatch.setattr(sys, "argv", [str(root / "benchmarks" / "demo.py"), "--repeats", "3",
+                                      "--data", str(tmp_path / "data")])
     return root
 
 
@@ -114,12 +116,12 @@ def test_write_records_provenance(repo):
     doc = json.loads(path.read_text())
     p = doc["provenance"]
     assert doc["rows"] == [{"a": 1.5}]
-    assert p["command"] == "python benchmarks/demo.py --repeats 3"  # relative, as a user types it
+    assert p["command"] == "python benchmarks/demo.py --repeats 3 --data ../data"  # no absolute paths
     assert set(p["sources"]) == {"benchmarks/demo.py", "src/pkg/other.py", "src/pkg/solver.py"}
     assert p["dirty_sources"] == [] and len(p["commit"]) == 40 and p["files"] == ["demo.json", "demo.md"]
     assert doc["arguments"]["out"] == "benchmarks/results"
     md = (repo / "benchmarks" / "results" / "demo.md").read_text()
-    assert "Produced by `python benchmarks/demo.py --repeats 3` at commit" in md
+    assert "Produced by `python benchmarks/demo.py --repeats 3 --data ../data` at commit" in md
     assert str(repo) not in path.read_text() + md  # no absolute paths
     assert bench.check(bench.RESULTS) == []
     assert bench.main(["check"]) == 0
@@ -167,3 +169,75 @@ def test_check_cli_on_a_missing_folder(tmp_path):
     done = subprocess.run([sys.executable, "-m", "ift.bench", "check", "--results", str(tmp_path / "nope")],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "is not a folder" in done.stdout
+
+
+# --- every script of this harness, --quick, end to end ------------------------------------------------
+def quick_run(script: str, tmp_path: Path, *extra: str, timeout: int = 600) -> dict:
+    out = tmp_path / "results"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out), *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    name = script.removesuffix(".py")
+    documents = {p.name: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert documents, f"{script} wrote no JSON to --out"
+    for doc in documents.values():
+        p = doc["provenance"]
+        assert p["quick"] and p["script"] == f"benchmarks/{script}" and p["commit"]
+        assert p["command"].startswith(f"python benchmarks/{script} --quick --out ")
+        assert f"benchmarks/{script}" in p["sources"]
+        for f in p["files"]:
+            assert (out / f).is_file()
+            if f.endswith(".md"):
+                text = (out / f).read_text()
+                assert "|---|" in text and "Produced by `python benchmarks/" in text
+    assert all(reason for _, reason in bench.check(out))  # a smoke run is never a fresh result
+    assert any(name in f for f in documents)
+    return documents
+
+
+@pytest.mark.parametrize("script", ["host_checks.py", "implicit_vs_unrolled.py"])
+def test_quick_timing_scripts(script, tmp_path):
+    docs = quick_run(script, tmp_path)
+    doc = docs[script.replace(".py", ".json")]
+    if script == "host_checks.py":
+        assert {r["ratio_8_over_1"]["n"] for r in doc["rows"]} == {1}
+    else:
+        assert all(r["unrolled_over_implicit"]["min"] > 0 for r in doc["ratios"])
+        assert max(r["rel_grad_error"] for r in doc["rows"] if r["method"] == "implicit" and r["iters"] == 50) < 1e-3
+
+
+@pytest.mark.slow
+def test_quick_imaml_sinusoid(tmp_path):
+    doc = quick_run("imaml_sinusoid.py", tmp_path, "--wallclock-match")["imaml_sinusoid.json"]
+    methods = {r["method"] for r in doc["summary"]}
+    assert methods == {"maml", "imaml", "maml@imaml-time"}
+    assert all("prox" in r["test_mse"] for r in doc["runs"])
+    assert (tmp_path / "results" / "imaml_sinusoid.png").is_file()
+
+
+needs_mnist = pytest.mark.skipif(not (SHARED_MNIST / "train-images-idx3-ubyte.gz").is_file(),
+                                 reason=f"MNIST idx files not in {SHARED_MNIST}")
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_quick_savi_inner_solvers(tmp_path):
+    doc = quick_run("savi_inner_solvers.py", tmp_path)["savi_inner_solvers.json"]
+    assert doc["records"][0]["solver"] == "newton (exact, default)" and doc["records"][0]["converged_frac"] > 0.5
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_quick_savi_mnist_study(tmp_path):
+    docs = quick_run("savi_mnist_study.py", tmp_path)
+    runs = sorted((tmp_path / "results" / "savi_mnist_study" / "runs").glob("*.json"))
+    assert [p.name for p in runs] == ["savi_ift_s0.json", "vae_s0.json"]
+    assert all(json.loads(p.read_text())["provenance"]["quick"] for p in runs)  # each run has its own
+    assert set(docs["savi_mnist_study.json"]["summary"]) == {"vae", "savi_ift"}
+
+
+@pytest.mark.slow
+def test_quick_savi_train_compare(tmp_path):
+    doc = quick_run("savi_train_compare.py", tmp_path)["savi_train_compare_digits.json"]
+    assert [r["model"] for r in doc["results"]] == ["vae", "savi_ift"]

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py on CPU: what it trains, its smoke mode end to end, timeouts and the no-CUDA message.
+"""benchmarks/gpu_check.py on CPU: what it trains, its --quick mode end to end, timeouts and the no-CUDA message.
 
 The real run needs a GPU (`make gpu-check`); these keep the script from rotting between GPU runs.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +49,7 @@ def test_every_model_config_is_trained_on_data_that_exists(gpu_check):
 def test_a_benchmark_without_a_device_flag_fails_on_cuda_and_drops_unknown_flags(gpu_check, tmp_path):
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "qp_layer.py").write_text('parser.add_argument("--sizes")\nparser.add_argument("--batch")\n')
-    args = gpu_check.parse_args(["--device", "cpu", "--smoke"])
+    args = gpu_check.parse_args(["--device", "cpu", "--quick"])
     check = gpu_check.bench_check("qp_layer", args, tmp_path)
     assert check.status == "pending" and "--device" not in check.command and "--sizes" in check.command
     assert "--device" in check.numbers["flags_not_supported"]
@@ -57,18 +58,28 @@ def test_a_benchmark_without_a_device_flag_fails_on_cuda_and_drops_unknown_flags
     assert check.status == "failed" and "no --device option" in check.reason
 
 
+def test_an_ift_bench_script_gets_out_and_quick_and_its_summary_reads_its_json(gpu_check, tmp_path):
+    (tmp_path / "bench").mkdir()
+    shutil.copy(ROOT / "benchmarks" / "host_checks.py", tmp_path / "bench" / "host_checks.py")
+    check = gpu_check.bench_check("host_checks", gpu_check.parse_args(["--device", "cpu", "--quick"]), tmp_path)
+    assert check.command[2:] == ["--out", str(tmp_path / "bench" / "results"), "--quick", "--device", "cpu"]
+    assert "flags_not_supported" not in check.numbers
+    payload = {"rows": [{"case": "minimize sgd (16 x 16)", "ratio_8_over_1": {"min": 0.9, "median": 1.01, "max": 1.2, "n": 3}}]}
+    assert gpu_check.summarize_host_checks(payload, None) == {"minimize sgd: time every 8 / every 1": 1.01}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA visible: the no-CUDA message does not apply")
 def test_without_cuda_it_says_so_in_one_line_and_fails():
     result = run()
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "no CUDA device" in lines[0] and "--device cpu --smoke" in lines[0]
+    assert len(lines) == 1 and "no CUDA device" in lines[0] and "--device cpu --quick" in lines[0]
 
 
-def test_smoke_run_trains_through_train_py_runs_a_benchmark_and_writes_the_report(tmp_path):
+def test_quick_run_trains_through_train_py_runs_benchmarks_and_writes_the_report(tmp_path):
     out = tmp_path / "gpu_check.json"
     wanted = {"train:savi_ift@digits:fp32", "train:vae@digits:bf16", "bench:qp_layer"}
-    result = run("--device", "cpu", "--smoke", "--out", str(out), "--only", *sorted(wanted))
+    result = run("--device", "cpu", "--quick", "--out", str(tmp_path), "--only", *sorted(wanted))
     report = json.loads(out.read_text())
     checks = {c["name"]: c for c in report["checks"]}
     assert set(checks) == wanted, result.stdout
@@ -79,7 +90,8 @@ def test_smoke_run_trains_through_train_py_runs_a_benchmark_and_writes_the_repor
     assert ift["ift/linsolve_unconverged (max)"] == 0 and ift["ift/linsolve_iters (max)"] > 0  # the CG ran
     assert "trainer.precision=bf16-mixed" in checks["train:vae@digits:bf16"]["command"]
     assert any(k.endswith("_fwdbwd_ms") for k in checks["bench:qp_layer"]["numbers"])
-    assert report["meta"]["torch"] == torch.__version__ and report["meta"]["mode"] == "smoke"
+    assert report["environment"]["torch"] == torch.__version__ and report["meta"]["mode"] == "quick"
+    assert report["provenance"]["quick"] and "src/ift/bench.py" in report["provenance"]["sources"]
     md = out.with_suffix(".md").read_text()
     assert all(f"| {name} | ok |" in md for name in wanted)
 
@@ -115,8 +127,8 @@ def test_a_savi_ift_run_fails_on_unconverged_solves_and_bad_metrics(gpu_check, t
 
 
 def test_a_check_past_its_timeout_is_killed_and_still_reported(tmp_path):
-    out = tmp_path / "g.json"
-    result = run("--device", "cpu", "--smoke", "--out", str(out), "--only", "bench:savi_memory_speed",
+    out = tmp_path / "gpu_check.json"
+    result = run("--device", "cpu", "--quick", "--out", str(tmp_path), "--only", "bench:savi_memory_speed",
                  "--bench-timeout", "1")
     check = json.loads(out.read_text())["checks"][0]
     assert check["status"] == "timeout" and "killed" in check["reason"]

@@ -77,13 +77,8 @@ def _git(*cmd: str) -> str | None:
 
 
 def _relative(path: Path | str) -> str:
-    path = Path(path)
-    if not path.is_absolute():
-        path = Path.cwd() / path
-    try:
-        return path.resolve().relative_to(REPO).as_posix()
-    except ValueError:
-        return str(path)
+    """``path`` relative to the repository (``../`` for one outside it): results hold no absolute paths."""
+    return Path(os.path.relpath(Path(path).resolve(), REPO)).as_posix()
 
 
 def expand_sources(declared: Iterable[str]) -> list[str]:
@@ -120,7 +115,7 @@ def command_line(argv: Sequence[str] | None = None) -> str:
     argv = list(sys.argv if argv is None else argv)
     parts = ["python"]
     for i, arg in enumerate(argv):
-        if i == 0 or (os.path.isabs(arg) and Path(arg).resolve().is_relative_to(REPO)):
+        if i == 0 or os.path.isabs(arg):
             arg = _relative(arg)
         parts.append(arg)
     return shlex.join(parts)
@@ -326,11 +321,12 @@ def _arguments(args: argparse.Namespace) -> dict:
 
 
 class Run:
-    """One benchmark run: provenance and environment taken at construction, written by ``write``."""
+    """One benchmark run: provenance and environment taken at construction, written by ``write`` to
+    ``out`` (default: ``--out``, see :func:`out_dir`)."""
 
     def __init__(self, name: str, sources: Sequence[str], args: argparse.Namespace, device: str | None = None,
-                 script: str | None = None) -> None:
-        self.name, self.args, self.out = name, args, out_dir(args)
+                 script: str | None = None, out: Path | None = None) -> None:
+        self.name, self.args, self.out = name, args, Path(out) if out is not None else out_dir(args)
         self.script = script or _relative(sys.argv[0])
         self.provenance = provenance(self.script, sources, quick=bool(getattr(args, "quick", False)))
         self.environment = environment(device)

@@ -128,9 +128,12 @@ def test_write_records_provenance(repo):
 
 
 def test_check_names_the_changed_source(repo, capsys):
+    (repo / ".gitignore").write_text("*.local\n")
+    (repo / "src" / "pkg" / "mine.local").write_text("ignored by git: not a source\n")
     produce(repo)
     (repo / "src" / "pkg" / "solver.py").write_text("x = 2\n")
     (repo / "src" / "pkg" / "new.py").write_text("z = 1\n")
+    (repo / "src" / "pkg" / "other.local").write_text("ignored too\n")
     assert bench.check(bench.RESULTS) == [("demo.json", "src/pkg/new.py is new since the result was produced"),
                                           ("demo.json", "src/pkg/solver.py changed since the result was produced")]
     assert bench.main(["check"]) == 1

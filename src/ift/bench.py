@@ -82,13 +82,17 @@ def _relative(path: Path | str) -> str:
 
 
 def expand_sources(declared: Iterable[str]) -> list[str]:
-    """Repository-relative files of the declared sources; a folder stands for every file in it."""
+    """Repository-relative files of the declared sources; a folder stands for every file in it that
+    git does not ignore (tracked or new)."""
     files = set()
     for entry in declared:
         path = REPO / entry
         if path.is_dir():
-            files.update(p.relative_to(REPO).as_posix() for p in path.rglob("*")
-                         if p.is_file() and "__pycache__" not in p.parts)
+            listed = _git("ls-files", "--cached", "--others", "--exclude-standard", "--", entry)
+            if listed is None:  # no git: every file bar caches
+                listed = "\n".join(p.relative_to(REPO).as_posix() for p in path.rglob("*")
+                                   if p.is_file() and "__pycache__" not in p.parts)
+            files.update(f for f in listed.splitlines() if f and (REPO / f).is_file())
         else:
             files.add(Path(entry).as_posix())
     return sorted(files)

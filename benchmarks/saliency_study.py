@@ -31,6 +31,7 @@ from ift.data import DigitsDataModule, MNISTDataModule
 from ift.saliency import (build_network, gradient, guided_backprop, infidelity, input_gradient_norm, input_hessian_norm,
                           max_sensitivity, pgd_attack, smooth, softplus_gradient_lipschitz)
 from ift.saliency.module import ClassifierModule, first_examples
+from ift.saliency.pgd import fgsm_rs_attack
 from ift.saliency.explanations import METHODS, make_explanation, to_global
 from ift.saliency.measures import max_sensitivities
 from ift.saliency.report import (SaliencyConfig, evaluate_method, infidelity_cache, markdown_table, saliency_table,
@@ -243,9 +244,20 @@ def proposition_a1(datamodule, out: Path, epochs: int) -> None:
 SENS_REPORTED = ("input", "unit", "none", "input_2019")  # from the same samples; see measures.max_sensitivity
 SETTINGS = {
     # what fits on 2 CPU cores in about 2 hours, run with 1 torch thread
-    "cpu": dict(width=1.0, batch=128, lr=1e-3, natural_epochs=3, robust_epochs=3, eps=0.3, steps=7,
-                step_size=0.1, eps_warmup_epochs=0.5, robust_init="regular", val_size=5000, val_pgd_examples=1000,
+    # stage 1 of the cpu robust model: from random initialisation, FGSM with random start (Wong et al.
+    # 2020: step 1.25 eps, cyclic lr), ~200 s per epoch; alone it holds 0.48 under PGD-100 x 10 restarts
+    "cpu_fgsm": dict(width=1.0, batch=100, lr=1e-3, natural_epochs=3, robust_epochs=8, robust_attack="fgsm_rs",
+                     fgsm_step=0.375, robust_lr=5e-3, schedule="cyclic", eps=0.3, steps=7, step_size=0.01,
+                     eps_warmup_epochs=1.0, val_size=5000, val_pgd_examples=1000, val_pgd_steps=20),
+    # stage 2: the stage-1 model trained on with PGD-10 x 0.075 (Madry's 2.5 eps / steps), lr 5e-4 then
+    # 5e-5 in the last epoch; never trained on natural images
+    "cpu": dict(width=1.0, batch=100, lr=1e-3, robust_lr=5e-4, natural_epochs=3, robust_epochs=3, robust_attack="pgd",
+                robust_init="setting:cpu_fgsm", eps=0.3, steps=10, train_step_size=0.075, step_size=0.01,
+                eps_warmup_epochs=0.0, val_size=5000, val_pgd_examples=500, val_pgd_steps=40,
                 test_pgd=dict(examples=2000, steps=40, step_size=0.01), examples=50,
+                verify=dict(examples=500, eps=0.3, steps=100, restarts=10, step_sizes=[0.01, 0.05],
+                            square_queries=1000, curve=dict(examples=500, steps=50,
+                                                            radii=[0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5])),
                 sal=dict(sens_samples=50, sens_normalize=SENS_REPORTED, infd_samples=1000, sg_samples=50,
                          shap_samples=1000, nb_samples=5000, ig_steps=10, square_sizes=(1, 10),
                          method_sens={"IG-SG": {"examples": 5}, "SHAP": {"examples": 3, "samples": 10},
@@ -254,16 +266,19 @@ SETTINGS = {
     # the paper's sizes (Madry et al.: 100k iterations of batch 50 = 83 epochs of PGD-40, Adam 1e-4);
     # defined for a GPU, not run on the 2-core CPU machine
     "paper": dict(width=1.0, batch=50, lr=1e-4, natural_epochs=10, robust_epochs=83, eps=0.3, steps=40,
-                  step_size=0.01, eps_warmup_epochs=0.0, val_size=5000, val_pgd_examples=5000,
+                  step_size=0.01, eps_warmup_epochs=0.0, val_size=5000, val_pgd_examples=5000, val_pgd_steps=40,
                   test_pgd=dict(examples=10000, steps=40, step_size=0.01), examples=50,
                   sal=dict(sens_samples=50, sens_normalize=SENS_REPORTED, infd_samples=10000, sg_samples=200,
                            shap_samples=20000, nb_samples=20000, ig_steps=10, square_sizes=(1, 10)),
                   fig6=dict(examples=50, sens_samples=50, sg_samples=200, radii=[0.1, 0.25, 0.5, 1.0, 1.5, 2.0])),
     # seconds-long smoke run of the whole MNIST pipeline (tiny training subset)
-    "quick": dict(width=0.25, batch=64, lr=1e-3, natural_epochs=1, robust_epochs=1, eps=0.3, steps=2,
-                  step_size=0.2, eps_warmup_epochs=0.5, robust_init="regular", val_size=200, val_pgd_examples=100,
+    "quick": dict(width=0.25, batch=64, lr=1e-3, natural_epochs=1, robust_epochs=2, robust_attack="fgsm_rs",
+                  fgsm_step=0.375, robust_lr=5e-3, schedule="cyclic", eps=0.3, steps=2, step_size=0.2,
+                  eps_warmup_epochs=0.5, val_size=200, val_pgd_examples=100, val_pgd_steps=3,
                   train_limit=1000,
                   test_pgd=dict(examples=100, steps=5, step_size=0.1), examples=3,
+                  verify=dict(examples=40, eps=0.3, steps=3, restarts=2, step_sizes=[0.1, 0.2], square_queries=20,
+                              curve=dict(examples=40, steps=3, radii=[0.0, 0.3, 0.5])),
                   sal=dict(sens_samples=2, sens_normalize=SENS_REPORTED, infd_samples=50, sg_samples=2,
                            shap_samples=50, nb_samples=200, ig_steps=3, square_sizes=(1, 3),
                            method_sens={"Square": {"examples": 1, "samples": 3}}),
@@ -307,12 +322,26 @@ def pgd_accuracy(net, x, y, eps: float, steps: int, step_size: float, batch: int
     return correct / len(x)
 
 
+def learning_rate(spec: dict, robust: bool, epoch: float, epochs: int) -> float:
+    """``schedule`` "cyclic": triangular from 0 up to ``lr`` at 40 % of training and back to 0 (Wong et
+    al. 2020); otherwise ``lr`` with the last epoch at lr / 10."""
+    lr = spec.get("robust_lr", spec["lr"]) if robust else spec["lr"]
+    if robust and spec.get("schedule") == "cyclic":
+        t = epoch / epochs
+        return lr * (t / 0.4 if t < 0.4 else max(0.0, (1 - t) / 0.6))
+    return lr / 10 if (epochs > 1 and epoch >= epochs - 1) else lr
+
+
 def train_mnist(data: dict, spec: dict, robust: bool, log, save=None, init: dict | None = None,
-                seed: int = 0) -> tuple[nn.Module, dict]:
-    """Adam on the training part; robust: PGD examples at eps (linearly warmed up from 0 over
-    ``eps_warmup_epochs``), the last epoch at lr / 10. ``init``: a state dict to start from (the
-    cpu setting fine-tunes the regular model adversarially). ``save(net, history)`` runs after every
-    epoch (a partial run still leaves a usable checkpoint). Returns the network and a per-epoch history."""
+                resume: dict | None = None, seed: int = 0) -> tuple[nn.Module, dict]:
+    """Adam on the training part. Robust: ``robust_attack`` "pgd" (PGD-``steps`` x ``step_size``) or
+    "fgsm_rs" (FGSM with random start, step ``fgsm_step``) at eps, eps linearly warmed up from 0 over
+    ``eps_warmup_epochs``; lr by ``learning_rate``. ``init``: a state dict to start from (fine-tuning);
+    ``resume``: a saved checkpoint dict of this run (continues after its last finished epoch).
+    ``save(net, history, state)`` runs after every epoch (a cut run leaves a usable, resumable checkpoint).
+    History rows: adversarial train loss / accuracy (on the training attack's examples), natural train
+    loss / accuracy (on a fixed 5000-image part of the training set), validation accuracy and, robust,
+    validation PGD accuracy (``val_pgd_steps`` x ``step_size``)."""
     torch.manual_seed(seed)
     x, y = data["train"]
     if spec.get("train_limit"):
@@ -324,37 +353,60 @@ def train_mnist(data: dict, spec: dict, robust: bool, log, save=None, init: dict
     epochs = spec["robust_epochs"] if robust else spec["natural_epochs"]
     steps_per_epoch = math.ceil(len(x) / spec["batch"])
     gen = torch.Generator().manual_seed(seed + 1)
-    history, t0 = [], time.perf_counter()
+    history, start, spent = [], 0, 0.0
+    if resume is not None:
+        net.load_state_dict(resume["state_dict"])
+        opt.load_state_dict(resume["optimizer"])
+        gen.set_state(resume["generator"])
+        history, spent = resume["history"]["epochs"], resume["history"]["train_seconds"]
+        start = len(history)
+        log(f"resuming after epoch {start}")
+    t0 = time.perf_counter() - spent
     vx, vy = data["val"]
-    for epoch in range(epochs):
-        if epoch == epochs - 1 and epochs > 1:
-            for group in opt.param_groups:
-                group["lr"] = spec["lr"] / 10
+    nx, ny = x[:5000], y[:5000]
+    attack = spec.get("robust_attack", "pgd")
+    for epoch in range(start, epochs):
         perm = torch.randperm(len(x), generator=gen)
-        total = 0.0
+        total, correct = 0.0, 0
         for i in range(steps_per_epoch):
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(spec, robust, epoch + i / steps_per_epoch, epochs)
             idx = perm[i * spec["batch"]:(i + 1) * spec["batch"]]
             xb, yb = x[idx], y[idx]
             if robust:
                 progress = (epoch + i / steps_per_epoch) / spec["eps_warmup_epochs"] if spec["eps_warmup_epochs"] else 1
                 eps = spec["eps"] * min(1.0, progress)
                 net.eval()
-                xb = pgd_attack(net, xb, yb, eps, spec["step_size"] * eps / spec["eps"], spec["steps"], generator=gen)
+                if attack == "fgsm_rs":
+                    xb = fgsm_rs_attack(net, xb, yb, eps, spec["fgsm_step"] * eps / spec["eps"], generator=gen)
+                else:
+                    step = spec.get("train_step_size", spec["step_size"])
+                    xb = pgd_attack(net, xb, yb, eps, step * eps / spec["eps"], spec["steps"], generator=gen)
             net.train()
-            loss = F.cross_entropy(net(xb), yb)
+            logits = net(xb)
+            loss = F.cross_entropy(logits, yb)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += loss.item()
-        row = {"epoch": epoch + 1, "train_loss": total / steps_per_epoch, "val_acc": accuracy(net, vx, vy),
-               "seconds": time.perf_counter() - t0}
+            total += loss.item() * len(yb)
+            correct += int((logits.argmax(1) == yb).sum())
+        net.eval()
+        with torch.no_grad():
+            nat_loss = float(sum(F.cross_entropy(net(nx[j:j + 1000]), ny[j:j + 1000], reduction="sum")
+                                 for j in range(0, len(nx), 1000)) / len(nx))
+        row = {"epoch": epoch + 1, "train_loss": total / len(x), "train_acc": correct / len(x),
+               "natural_train_loss": nat_loss, "natural_train_acc": accuracy(net, nx, ny),
+               "val_acc": accuracy(net, vx, vy), "lr_end": opt.param_groups[0]["lr"]}
         if robust:
             n = spec["val_pgd_examples"]
-            row["val_pgd_acc"] = pgd_accuracy(net, vx[:n], vy[:n], spec["eps"], spec["steps"], spec["step_size"])
+            row["val_pgd_acc"] = pgd_accuracy(net, vx[:n], vy[:n], spec["eps"], spec["val_pgd_steps"],
+                                              spec["step_size"])
+        row["seconds"] = time.perf_counter() - t0
         history.append(row)
         log(f"{'robust' if robust else 'regular'} {row}")
         if save is not None:
-            save(net, {"epochs": history, "train_seconds": time.perf_counter() - t0, "complete": epoch == epochs - 1})
+            save(net, {"epochs": history, "train_seconds": time.perf_counter() - t0, "complete": epoch == epochs - 1},
+                 {"optimizer": opt.state_dict(), "generator": gen.get_state()})
     return net.eval(), {"epochs": history, "train_seconds": time.perf_counter() - t0, "complete": True}
 
 
@@ -363,26 +415,117 @@ def checkpoint_path(ckpt_dir: Path, setting: str, label: str) -> Path:
 
 
 def train_pair(setting: str, mnist_root: Path, ckpt_dir: Path, log, labels=("regular", "robust")) -> None:
-    """Train the regular and the PGD-trained Madry CNN and save both (state dict + history)."""
+    """Train the regular and the robust Madry CNN and save both (state dict + history + optimizer and
+    sampler state, every epoch). A checkpoint of an unfinished run of the same recipe is resumed; the
+    robust run also keeps ``*_robust_best.ckpt``, its epoch of highest validation PGD accuracy (early
+    stopping against catastrophic overfitting, Wong et al. 2020 sec. 5.3)."""
     spec = SETTINGS[setting]
+    recipe = {k: v for k, v in spec.items() if k not in ("sal", "fig6", "examples", "test_pgd", "verify")}
     data = load_mnist(mnist_root, spec["val_size"])
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tx, ty = data["test"]
     for label in labels:
         robust = label == "robust"
+        path = checkpoint_path(ckpt_dir, setting, label)
+        resume = None
+        if path.exists():
+            saved = torch.load(path, map_location="cpu")
+            if saved.get("spec") == recipe and not saved["history"].get("complete") and "optimizer" in saved:
+                resume = saved
+            elif saved.get("spec") == recipe:
+                log(f"{path} is complete: skipping {label}")
+                continue
 
-        def save(net, history):
+        def save(net, history, state):
             history["test_acc"] = accuracy(net, tx, ty)
-            torch.save({"state_dict": net.state_dict(), "width": spec["width"], "history": history, "setting": setting,
-                        "spec": {k: v for k, v in spec.items() if k not in ("sal", "fig6")}},
-                       checkpoint_path(ckpt_dir, setting, label))
+            ckpt = {"state_dict": net.state_dict(), "width": spec["width"], "history": history, "setting": setting,
+                    "spec": recipe, **state}
+            torch.save(ckpt, path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").replace(path)  # atomic: a kill mid-save never leaves a broken checkpoint
+            path.with_suffix(".json").write_text(json.dumps(history, indent=2))
+            if robust:
+                best = checkpoint_path(ckpt_dir, setting, "robust_best")
+                score = history["epochs"][-1]["val_pgd_acc"]
+                if not best.exists() or score >= torch.load(best, map_location="cpu")["history"]["epochs"][-1]["val_pgd_acc"]:
+                    torch.save(ckpt, best)
 
-        init = None
-        if robust and spec.get("robust_init") == "regular":
-            init = torch.load(checkpoint_path(ckpt_dir, setting, "regular"), map_location="cpu")["state_dict"]
-            log("robust: fine-tuning the saved regular model")
-        net, history = train_mnist(data, spec, robust, log, save, init)
+        init, source = None, spec.get("robust_init")
+        if robust and source and resume is None:
+            # "regular": fine-tune this setting's regular model; "setting:<name>": that setting's robust model
+            src = checkpoint_path(ckpt_dir, setting, "regular") if source == "regular" else \
+                checkpoint_path(ckpt_dir, source.removeprefix("setting:"), "robust")
+            init = torch.load(src, map_location="cpu")["state_dict"]
+            log(f"robust: training on from {src}")
+        net, history = train_mnist(data, spec, robust, log, save, init, resume)
         log(f"saved {label}: test acc {accuracy(net, tx, ty):.4f}, {history['train_seconds']:.0f}s")
+
+
+def verify_pair(setting: str, mnist_root: Path, ckpt_dir: Path, out: Path, log) -> dict:
+    """The robust model's accuracy under the strong attack suite of ``spec["verify"]`` on the first
+    ``examples`` test images, each attack a per-example worst case over its restarts, combined into
+    one worst case; the accuracy-vs-eps curve and the gradient-masking checks (``ift.saliency.verify``);
+    the regular model under the same PGD. Written to saliency_verify_mnist_<setting>.json after every step."""
+    from ift.saliency.verify import accuracy_curve, masking_checks, pgd_robust, square_robust
+
+    spec, v = SETTINGS[setting], SETTINGS[setting]["verify"]
+    tx, ty = load_mnist(mnist_root, spec["val_size"])["test"]
+    x, y = tx[:v["examples"]], ty[:v["examples"]]
+    path = out / f"saliency_verify_mnist_{setting}.json"
+    res = json.loads(path.read_text()) if path.exists() else {}
+    res["settings"] = v
+    kept: dict[str, torch.Tensor] = {k: torch.tensor(r["robust"]) for k, r in res.get("attacks", {}).items()}
+
+    def net_of(label):
+        saved = torch.load(checkpoint_path(ckpt_dir, setting, label), map_location="cpu")
+        while not saved["history"].get("complete"):  # the pair may still be training in the background
+            log(f"verify: waiting for the {label} training to finish")
+            time.sleep(60)
+            saved = torch.load(checkpoint_path(ckpt_dir, setting, label), map_location="cpu")
+        net = build_network("madry_cnn", (1, 28, 28), 10, width=saved["width"])
+        net.load_state_dict(saved["state_dict"])
+        return net.eval()
+
+    robust_net = net_of("robust")
+
+    def attack(name, fn):
+        if name not in kept:
+            t0 = time.perf_counter()
+            kept[name] = fn()
+            res.setdefault("attacks", {})[name] = {"accuracy": float(kept[name].float().mean()),
+                                                   "robust": kept[name].tolist(), "seconds": time.perf_counter() - t0}
+            log(f"verify {name}: accuracy {res['attacks'][name]['accuracy']:.4f}")
+        worst = torch.stack(list(kept.values())).all(0)
+        res["worst_case"] = {"accuracy": float(worst.float().mean()), "attacks": list(kept), "examples": len(x)}
+        path.write_text(json.dumps(res, indent=2))
+        return kept[name]
+
+    eps, steps, restarts = v["eps"], v["steps"], v["restarts"]
+    for step in v["step_sizes"]:
+        attack(f"pgd{steps}_step{step}_x{restarts}",
+               lambda: pgd_robust(robust_net, x, y, eps, step, steps, restarts, seed=1))
+    if "curve" not in res:
+        c = v["curve"]
+        res["curve"] = accuracy_curve(lambda e: pgd_robust(robust_net, x[:c["examples"]], y[:c["examples"]], e,
+                                                           max(e, 1e-3) * 2.5 / c["steps"], c["steps"], 1, seed=2),
+                                      c["radii"])
+        log(f"verify curve: {res['curve']}")
+    if v.get("square_queries"):
+        try:
+            attack(f"square{v['square_queries']}", lambda: square_robust(robust_net, x, y, eps, v["square_queries"]))
+        except ImportError as err:
+            log(f"verify: no Square Attack ({err})")
+    regular_net = net_of("regular")
+    attack(f"transfer_from_regular_pgd{steps}", lambda: pgd_robust(robust_net, x, y, eps, 0.01, steps, 1, seed=3,
+                                                                    source=regular_net))
+    if "regular" not in res:
+        ok = pgd_robust(regular_net, x, y, eps, 0.01, steps, 1, seed=1)
+        res["regular"] = {"pgd_accuracy": float(ok.float().mean()), "attack": f"pgd{steps}_step0.01_x1"}
+    white = kept[f"pgd{steps}_step{v['step_sizes'][0]}_x{restarts}"]
+    others = {k: t for k, t in kept.items() if t is not white}
+    res["checks"] = masking_checks(res["curve"], white, others)
+    path.write_text(json.dumps(res, indent=2))
+    log(f"verify worst case {res['worst_case']}, checks {res['checks']}")
+    return res
 
 
 def load_pair(setting: str, ckpt_dir: Path) -> dict[str, tuple[nn.Module, dict]]:
@@ -655,7 +798,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", choices=("digits", "cpu", "paper", "quick"), default="digits",
                         help="digits: toy, Prop. A.1 and the 8x8 digits study; cpu / paper: full MNIST (SETTINGS)")
-    parser.add_argument("--phase", choices=("train", "explain", "all"), default="all",
+    parser.add_argument("--phase", choices=("train", "verify", "explain", "all"), default="all",
                         help="MNIST settings: train and save the pair, explain from the saved pair, or both")
     parser.add_argument("--mnist-root", default="/work/shared/data/mnist")
     parser.add_argument("--checkpoints", default=str(Path(__file__).parent / "checkpoints"),
@@ -690,6 +833,8 @@ def main() -> None:
         if args.phase in ("train", "all"):
             labels = (args.train_only,) if args.train_only else ("regular", "robust")
             train_pair(args.setting, Path(args.mnist_root), ckpt_dir, log, labels)
+        if args.phase in ("verify", "all"):
+            verify_pair(args.setting, Path(args.mnist_root), ckpt_dir, out, log)
         if args.phase in ("explain", "all"):
             explain_pair(args.setting, Path(args.mnist_root), ckpt_dir, out, log, args.resume)
     log(f"total {time.perf_counter() - t0:.0f}s")

@@ -252,6 +252,7 @@ def uniform_linf_noise(shape: Sequence[int], radius: float, like: torch.Tensor,
 def max_sensitivity(explain: Callable, x: torch.Tensor, radius: float = 0.1, n_samples: int = 50,
                     target: int | torch.Tensor | None = None, *, normalize: str = "input",
                     max_batch: int = 4096, noise: torch.Tensor | None = None,
+                    clip: tuple[float, float] | None = None,
                     generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-example SENS_max, shape (B,), by Monte Carlo over ``y = x + delta``, delta ~ U(L-inf ball).
 
@@ -265,14 +266,18 @@ def max_sensitivity(explain: Callable, x: torch.Tensor, radius: float = 0.1, n_s
         (``m <- max(m, d_k) / ||Phi(x)||``, so it depends on the sample order): for comparing with the
         paper's numbers only.
     noise: optional fixed perturbations (n, *x.shape) instead of fresh samples (for common samples).
+    clip: ``(lo, hi)`` scores ``y = clip(x + delta, lo, hi)``, i.e. only points of the valid pixel
+        range (on MNIST's zero background half of every unclipped delta leaves [0, 1]); None: unclipped,
+        the paper's definition.
     """
     return max_sensitivities(explain, x, radius, n_samples, target, normalizations=(normalize,),
-                             max_batch=max_batch, noise=noise, generator=generator)[normalize]
+                             max_batch=max_batch, noise=noise, clip=clip, generator=generator)[normalize]
 
 
 def max_sensitivities(explain: Callable, x: torch.Tensor, radius: float = 0.1, n_samples: int = 50,
                       target: int | torch.Tensor | None = None, *, normalizations: Sequence[str] = ("input",),
                       max_batch: int = 4096, noise: torch.Tensor | None = None,
+                      clip: tuple[float, float] | None = None,
                       generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """``max_sensitivity`` under several normalisations from the same samples (one explanation call
     per sample): ``{normalisation: (B,) tensor}``."""
@@ -297,7 +302,10 @@ def max_sensitivities(explain: Callable, x: torch.Tensor, radius: float = 0.1, n
     for k in chunk_sizes(n_samples, batch, max_batch):
         delta = noise[start:start + k] if noise is not None else uniform_linf_noise((k, *x.shape), radius, x, generator)
         start += k
-        expl = call_explain(explain, (x.unsqueeze(0) + delta).flatten(0, 1), repeat_target(target, k))
+        y = x.unsqueeze(0) + delta
+        if clip is not None:
+            y = y.clamp(clip[0], clip[1])
+        expl = call_explain(explain, y.flatten(0, 1), repeat_target(target, k))
         expl = expl.view(k, batch, -1).double()
         raw = (expl - base.unsqueeze(0)).norm(dim=2)  # (k, B)
         for name in normalizations:

@@ -40,3 +40,20 @@ def pgd_attack(
         x_adv = x_adv.detach() + step_size * grad.sign()
         x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(lo, hi)
     return x_adv.detach()
+
+
+def fgsm_rs_attack(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    step_size: float,
+    clamp: tuple[float, float] = (0.0, 1.0),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """FGSM from a uniform random start (Wong, Rice & Kolter 2020, "Fast is better than free"):
+    ``delta ~ U[-eps, eps]``, one step of ``step_size * sign(grad)`` (they use 1.25 eps), projected
+    back onto the eps-ball and the pixel range. The training attack of the from-scratch robust model."""
+    if eps < 0 or step_size < 0:
+        raise ValueError(f"fgsm_rs_attack: eps and step_size must be >= 0, got {eps}, {step_size}")
+    return pgd_attack(model, x, y, eps, step_size, steps=1, random_start=True, clamp=clamp, generator=generator)

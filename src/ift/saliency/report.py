@@ -25,6 +25,9 @@ from ift.saliency.measures import (PERTURBATIONS, SENS_NORMALISATIONS, infidelit
                                    square_drops, square_infidelity, square_masks)
 
 LOCAL_METHODS = ("Grad", "Grad-SG", "IG", "IG-SG", "GBP", "GBP-SG", "NB")
+# extra SENS_max variants from the same perturbations: the explanation compared (global x * Phi or
+# local Phi) and whether y = x + delta is clipped to [0, 1]
+SENS_VARIANTS = ("global", "global_clipped", "local", "local_clipped")
 
 
 @dataclass
@@ -35,8 +38,15 @@ class SaliencyConfig:
         one is also reported as ``sens_max_<name>`` (all from the same samples).
     sg_global: the global SmoothGrad, ``"x_times_mean"`` (``x * mean Phi(x + d)``) or the authors'
         ``"mean_of_products"`` (``mean[(x + d) * Phi(x + d)]``).
-    method_sens: per-method limits for costly explanations, ``{method: {"examples": m, "samples": k}}``:
-        SENS on the first m examples with k draws (INFD still uses every example).
+    method_sens: per-method limits for costly explanations, ``{method: {"examples": m, "samples": k,
+        "variants": [...]}}``: SENS on the first m examples with k draws (INFD still uses every example),
+        only these ``sens_variants``.
+    clip: SENS_max scores ``y = clip(x + delta, 0, 1)`` (valid pixels only) instead of ``x + delta``.
+    sens_variants: also report SENS_max as ``sens_max_<variant>_<normalisation>`` for each of
+        ``SENS_VARIANTS`` listed, from the same deltas (gradient-type methods only; SHAP, Square and
+        NB have one form). ``local`` is SENS of Phi itself: the global x * Phi changes by delta * Phi
+        even where Phi does not change, a floor that a linear model (constant Phi) exposes.
+    per_example: keep the per-example values (``metrics["per_example"]``) for paired comparisons.
     """
 
     methods: Sequence[str] = METHODS
@@ -56,6 +66,9 @@ class SaliencyConfig:
     max_batch: int = 4096
     seed: int = 0
     method_sens: dict = field(default_factory=dict)
+    clip: bool = False
+    sens_variants: Sequence[str] = ()
+    per_example: bool = False
 
     def __post_init__(self):
         norms = self.normalizations
@@ -65,10 +78,16 @@ class SaliencyConfig:
                              f"or a list of them")
         if self.sg_global not in SG_GLOBAL_VARIANTS:
             raise ValueError(f"saliency_sg_global={self.sg_global!r}: use one of {SG_GLOBAL_VARIANTS}")
+        bad = [v for v in self.sens_variants if v not in SENS_VARIANTS]
+        if bad:
+            raise ValueError(f"saliency_sens_variants={list(self.sens_variants)!r}: use a list of {SENS_VARIANTS}")
         for method, lim in self.method_sens.items():
-            if method not in METHODS or not set(lim) <= {"examples", "samples"} or any(int(v) < 1 for v in lim.values()):
+            counts = {k: v for k, v in lim.items() if k != "variants"}
+            if (method not in METHODS or not set(lim) <= {"examples", "samples", "variants"}
+                    or any(int(v) < 1 for v in counts.values())
+                    or any(v not in SENS_VARIANTS for v in lim.get("variants", ()))):
                 raise ValueError(f"saliency_method_sens[{method!r}]={lim!r}: keys must be methods of {METHODS} "
-                                 f"with {{examples: m >= 1, samples: k >= 1}}")
+                                 f"with {{examples: m >= 1, samples: k >= 1, variants: subset of {SENS_VARIANTS}}}")
 
     @property
     def normalizations(self) -> tuple[str, ...]:
@@ -86,6 +105,8 @@ class SaliencyConfig:
                              f"{['saliency_' + k for k in cls.__dataclass_fields__] + ['saliency_examples']}")
         if "method_sens" in own:
             own["method_sens"] = {m: dict(v) for m, v in dict(own["method_sens"]).items()}
+        if "sens_variants" in own:
+            own["sens_variants"] = list(own["sens_variants"])
         if "sens_normalize" in own and not isinstance(own["sens_normalize"], str):
             own["sens_normalize"] = list(own["sens_normalize"])
         out = cls(**own)
@@ -128,11 +149,15 @@ def evaluate_method(model: nn.Module, name: str, x: torch.Tensor, y: torch.Tenso
     pert = "noisy_baseline" if use_local else "square"
     if cache is None or pert not in cache:
         cache = {**(cache or {}), **infidelity_cache(model, x, y, cfg, (pert,))}
-    gen = torch.Generator(device=x.device).manual_seed(cfg.seed)
     variant = None if use_local or not name.endswith("-SG") else (sg_global or cfg.sg_global)
-    expl = make_explanation(name, model, sg_radius=cfg.sg_radius, sg_samples=cfg.sg_samples, ig_steps=cfg.ig_steps,
-                            shap_samples=cfg.shap_samples, nb_samples=cfg.nb_samples, nb_sigma=cfg.nb_sigma,
-                            square_sizes=cfg.square_sizes, max_batch=cfg.max_batch, generator=gen, sg_global=variant)
+
+    def build(sg_form):  # a fresh generator each time: every form sees the same SmoothGrad draws
+        return make_explanation(name, model, sg_radius=cfg.sg_radius, sg_samples=cfg.sg_samples,
+                                ig_steps=cfg.ig_steps, shap_samples=cfg.shap_samples, nb_samples=cfg.nb_samples,
+                                nb_sigma=cfg.nb_sigma, square_sizes=cfg.square_sizes, max_batch=cfg.max_batch,
+                                generator=torch.Generator(device=x.device).manual_seed(cfg.seed), sg_global=sg_form)
+
+    expl = build(variant)
     if not use_local:
         expl = to_global(expl)
     drops = cache[pert]
@@ -148,18 +173,31 @@ def evaluate_method(model: nn.Module, name: str, x: torch.Tensor, y: torch.Tenso
         infd = square_infidelity(model, x, phi, masks, y, drops=drops)
     lim = cfg.method_sens.get(name, {})
     m, k = int(lim.get("examples", len(x))), int(lim.get("samples", cfg.sens_samples))
-    gen_s = torch.Generator(device=x.device).manual_seed(cfg.seed + 2)
-    sens = max_sensitivities(expl, x[:m], cfg.sens_radius, k, y[:m], normalizations=cfg.normalizations,
-                             max_batch=cfg.max_batch, generator=gen_s)
+
+    def sens_of(explanation, clip: bool) -> dict[str, torch.Tensor]:
+        gen_s = torch.Generator(device=x.device).manual_seed(cfg.seed + 2)  # the same deltas for every variant
+        return max_sensitivities(explanation, x[:m], cfg.sens_radius, k, y[:m], normalizations=cfg.normalizations,
+                                 max_batch=cfg.max_batch, clip=(0.0, 1.0) if clip else None, generator=gen_s)
+
+    sens = sens_of(expl, cfg.clip)
     ref = (drops * drops).mean(0)  # INFD of the zero explanation
+    rel = infd / ref.clamp_min(1e-30)
     head = sens[cfg.normalizations[0]]
     metrics = {"sens_max": float(head.mean()), "sens_max_sem": sem(head), "infd": float(infd.mean()),
-               "infd_sem": sem(infd), "perturbation": pert,
-               "infd_rel": float((infd / ref.clamp_min(1e-30)).mean()), "infd_zero": float(ref.mean()),
-               "sens_examples": len(head), "sens_samples": k, "seconds": time.perf_counter() - t0}
-    for norm, v in sens.items():
-        metrics[f"sens_max_{norm}"] = float(v.mean())
-        metrics[f"sens_max_{norm}_sem"] = sem(v)
+               "infd_sem": sem(infd), "perturbation": pert, "infd_rel": float(rel.mean()), "infd_rel_sem": sem(rel),
+               "infd_zero": float(ref.mean()), "sens_examples": len(head), "sens_samples": k, "clip": cfg.clip,
+               "seconds": time.perf_counter() - t0}
+    per_example = {"infd": infd, "infd_rel": rel, "infd_zero": ref}
+    values = {f"sens_max_{norm}": v for norm, v in sens.items()}
+    if name in LOCAL_METHODS and name != "NB":
+        for v_name in lim.get("variants", cfg.sens_variants):
+            form = build(None) if v_name.startswith("local") else to_global(build(None))
+            for norm, v in sens_of(form, v_name.endswith("clipped")).items():
+                values[f"sens_max_{v_name}_{norm}"] = v
+    for key, v in values.items():
+        metrics[key], metrics[key + "_sem"] = float(v.mean()), sem(v)
+    if cfg.per_example:
+        metrics["per_example"] = {key: v.tolist() for key, v in {**per_example, **values}.items()}
     if variant is not None:
         metrics["sg_global"] = variant
     return metrics, phi

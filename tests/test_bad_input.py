@@ -24,6 +24,8 @@ BAD_CONFIGS = [
     (["+model.ift.solver=cg"], "model.ift.solver was renamed model.ift.linear_solver"),
     (["model.gamma.init=0"], "gamma"),
     (["model.mode=savi"], "model.mode"),
+    (["model=savi_reversible", "model.inner.optimizer=newton"], "model.mode=savi_reversible supports"),
+    (["model=savi_reversible", "model.inner.tol=1e-5"], "model.mode=savi_reversible supports"),
     (["model=classifier_pgd", "model.eps=-0.1"], "eps"),
     (["callbacks.nonfinite_guard.policy=ignore"], "policy"),
 ]

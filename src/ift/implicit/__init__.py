@@ -4,7 +4,9 @@
 any solver to the autograd graph; backward solves one linear system with a batched matrix-free
 solver (``cg``, ``bicgstab``, ``neumann``, ``direct``) and reports a :class:`LinearSolveInfo`.
 The forward side: ``minimize`` is a batched per-problem optimiser (damped Newton, SGD, Adam) with
-per-problem stopping at a relative stationarity tolerance. Worked examples (softmax, sparsemax, ridge hypergradient, cubic roots) live in
+per-problem stopping at a relative stationarity tolerance; ``reversible_sgd`` runs SGD with momentum
+in exact fixed-point arithmetic and differentiates it by reversing the trajectory (Maclaurin et al.
+2015), keeping a few bits per step instead of the iterations. Worked examples (softmax, sparsemax, ridge hypergradient, cubic roots) live in
 ``ift.implicit.examples``.
 """
 
@@ -37,6 +39,7 @@ from ift.implicit.minimize import (
     stationarity,
 )
 from ift.implicit.operators import hvp, power_iteration
+from ift.implicit.reversible import ReversalError, ReversibleResult, buffer_bits_per_step, reversible_sgd
 
 __all__ = [
     "implicit_root",
@@ -66,4 +69,8 @@ __all__ = [
     "batched_hessian",
     "relative_stationarity",
     "stationarity",
+    "reversible_sgd",
+    "ReversibleResult",
+    "ReversalError",
+    "buffer_bits_per_step",
 ]

@@ -9,6 +9,8 @@ stops at its own relative stationarity tolerance and reports whether it got ther
 `create_graph=True` keeps the whole trajectory in the autograd graph (unrolled SAVI; with
 `checkpoint_segments` it is recomputed segment by segment in backward); `False` runs without a
 graph (SVI, and the forward solve of implicit SAVI, whose gradient comes from the IFT instead).
+`refine_reversible` runs the same SGD loop with the core's `reversible_sgd` (reversible SAVI): the
+backward reverses the trajectory exactly instead of storing it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 from ift.implicit.fixed_point import proximal_penalty
 from ift.implicit.minimize import METHODS, MinimizeResult, minimize
+from ift.implicit.reversible import reversible_sgd
 
 CURVATURES = ("exact", "gauss_newton", "autodiff")
 
@@ -35,6 +38,7 @@ class InnerConfig:
     generic Hessian-vector products, the slow reference). damping: initial Levenberg-Marquardt
     damping. lr / momentum / betas / clip: first-order settings (Kim et al. 2018: SGD lr 1,
     momentum 0.5, clip 5). checkpoint_segments: unrolled modes only, null for plain unrolling.
+    frac_bits: savi_reversible only, fractional bits of its fixed-point lambda and velocity.
     """
 
     optimizer: str = "newton"
@@ -49,6 +53,7 @@ class InnerConfig:
     eta: float | None = 1.0    # proximal step: - ||lam - lam_0||^2 / (2 eta); None or inf: no term
     max_abs: float = 20.0      # |lambda| beyond this counts as divergence (exp(2 log_sigma) overflows)
     checkpoint_segments: int | None = None
+    frac_bits: int = 40
 
     def __post_init__(self) -> None:
         if self.optimizer not in METHODS:
@@ -69,6 +74,8 @@ class InnerConfig:
             raise ValueError(f"model.inner.clip must be > 0 or null, got {self.clip}")
         if self.checkpoint_segments is not None and self.checkpoint_segments < 1:
             raise ValueError(f"model.inner.checkpoint_segments must be >= 1 or null, got {self.checkpoint_segments}")
+        if not 8 <= self.frac_bits <= 52:
+            raise ValueError(f"model.inner.frac_bits must be in [8, 52], got {self.frac_bits}")
 
     @property
     def proximal(self) -> bool:
@@ -110,3 +117,17 @@ def refine(vae, x: torch.Tensor, lam0: torch.Tensor, eps: torch.Tensor, params: 
         checkpoint_segments=cfg.checkpoint_segments if create_graph else None,
         args=(lam0, x, eps.transpose(0, 1)), compact=True,
     )
+
+
+def refine_reversible(vae, x: torch.Tensor, lam0: torch.Tensor, eps: torch.Tensor,
+                      params: dict[str, torch.Tensor], cfg: InnerConfig) -> MinimizeResult:
+    """`refine`'s SGD loop (cfg.steps steps, no tolerance) by `reversible_sgd`: differentiable w.r.t.
+    lam0 (start and proximal centre) and the generative params, passed explicitly for its backward."""
+    names = list(params)
+
+    def neg_objective(lam, center, x_, eps_, *theta):
+        elbo = lambda l: vae.elbo(x_, l, eps_, dict(zip(names, theta)))  # noqa: E731
+        return -proximal_objective(elbo, center, cfg.eta)(lam)
+
+    return reversible_sgd(neg_objective, lam0, lam0, x, eps, *params.values(), steps=cfg.steps, lr=cfg.lr,
+                          momentum=cfg.momentum, clip=cfg.clip, max_abs=cfg.max_abs, frac_bits=cfg.frac_bits)

@@ -145,11 +145,12 @@ def test_check_flags_uncommitted_sources_quick_runs_and_unclaimed_files(repo):
     produce(repo, sources=["src/pkg/solver.py"])
     produce(repo, sources=["src/pkg/other.py"], quick=True, name="q")
     (repo / "benchmarks" / "results" / "old.json").write_text('{"rows": []}')
+    (repo / "benchmarks" / "results" / "old.md").write_text("| a |")
     (repo / "benchmarks" / "results" / "orphan.png").write_bytes(b"")
     problems = dict(bench.check(bench.RESULTS))
     assert problems["demo.json"] == "produced from uncommitted sources: src/pkg/solver.py"
     assert problems["q.json"] == "a --quick smoke run"
-    assert problems["old.json"] == "no provenance"
+    assert problems["old.{.json,.md}"] == "no provenance"
     assert problems["orphan.png"].startswith("no provenance")
     assert "demo.md" not in problems  # claimed by demo.json
 

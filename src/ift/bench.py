@@ -414,11 +414,15 @@ def check(results: Path = RESULTS) -> list[tuple[str, str]]:
             claimed.update((base / f).as_posix() for f in document["provenance"].get("files", []))
             claimed.add(rel)
             problems += [(rel, reason) for reason in stale_reasons(document)]
+    unclaimed: dict[str, list[str]] = {}  # x.json, x.md, x.png of an old result: one line
     for path in sorted(p for p in results.rglob("*") if p.is_file()):
         rel = path.relative_to(results).as_posix()
         if rel not in claimed:
-            problems.append((rel, "no provenance" if path.suffix == ".json" else
-                             "no provenance (no result JSON with provenance claims this file)"))
+            unclaimed.setdefault(rel.removesuffix(path.suffix), []).append(path.suffix)
+    for stem, suffixes in unclaimed.items():
+        name = stem + (suffixes[0] if len(suffixes) == 1 else "{" + ",".join(sorted(suffixes)) + "}")
+        problems.append((name, "no provenance" if ".json" in suffixes else
+                         "no provenance (no result JSON with provenance claims this file)"))
     return problems
 
 
@@ -435,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for result, reason in problems:
         print(f"STALE {_relative(opts.results / result)}: {reason}")
     n = len({r for r, _ in problems})
-    print(f"results-check: {n} stale result file(s)" if problems else "results-check: every result is fresh")
+    print(f"results-check: {n} stale result(s)" if problems else "results-check: every result is fresh")
     return 1 if problems else 0
 
 

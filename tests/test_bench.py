@@ -147,11 +147,13 @@ def test_check_flags_uncommitted_sources_quick_runs_and_unclaimed_files(repo):
     (repo / "benchmarks" / "results" / "old.json").write_text('{"rows": []}')
     (repo / "benchmarks" / "results" / "old.md").write_text("| a |")
     (repo / "benchmarks" / "results" / "orphan.png").write_bytes(b"")
+    (repo / "benchmarks" / "results" / "abs.json").write_text(json.dumps({"data": str(repo / "data" / "x")}))
     problems = dict(bench.check(bench.RESULTS))
     assert problems["demo.json"] == "produced from uncommitted sources: src/pkg/solver.py"
     assert problems["q.json"] == "a --quick smoke run"
     assert problems["old.{.json,.md}"] == "no provenance"
     assert problems["orphan.png"].startswith("no provenance")
+    assert ("abs.json", f"holds absolute paths: {repo}/data/x") in bench.check(bench.RESULTS)
     assert "demo.md" not in problems  # claimed by demo.json
 
 

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -399,16 +400,26 @@ def stale_reasons(document: Mapping) -> list[str]:
     return reasons
 
 
+def absolute_paths(text: str) -> list[str]:
+    """Absolute paths of this machine in ``text`` (the repository's folder, its parent, home, /tmp)."""
+    roots = {str(REPO.parent), str(Path.home()), tempfile.gettempdir()} - {"/"}
+    return sorted({m.group(0) for root in roots for m in re.finditer(re.escape(root) + r"/[^\s\"'`)]*", text)})
+
+
 def check(results: Path = RESULTS) -> list[tuple[str, str]]:
     """(result, reason) for every stale result under ``results`` and every file no result claims."""
     problems, claimed = [], set()
     for path in sorted(results.rglob("*.json")):
         rel = path.relative_to(results).as_posix()
         try:
-            document = json.loads(path.read_text())
+            text = path.read_text()
+            document = json.loads(text)
         except (OSError, ValueError) as err:
             problems.append((rel, f"unreadable JSON ({err})"))
             continue
+        found = absolute_paths(text)
+        if found:
+            problems.append((rel, "holds absolute paths: " + ", ".join(found[:3])))
         if isinstance(document, Mapping) and isinstance(document.get("provenance"), Mapping):
             base = path.parent.relative_to(results)
             claimed.update((base / f).as_posix() for f in document["provenance"].get("files", []))

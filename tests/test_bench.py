@@ -165,6 +165,11 @@ def test_sources_edited_during_the_run_count_as_uncommitted(repo):
     assert doc["provenance"]["dirty_sources"] == ["src/pkg/other.py"]
 
 
+def test_a_declared_source_that_does_not_exist_is_an_error(repo):
+    with pytest.raises(ValueError, match=r"\['src/pkg/typo.py'\] do not exist"):
+        bench.Run("demo", ["src/pkg/typo.py"], argparse.Namespace(out=repo / "r", quick=False))
+
+
 def test_reserved_payload_keys(repo):
     run = bench.Run("demo", [], argparse.Namespace(out=repo / "r", quick=False))
     with pytest.raises(ValueError, match="reserved"):

@@ -130,6 +130,9 @@ def provenance(script: str, sources: Sequence[str], quick: bool = False) -> dict
     """Git commit, dirty flags, command line and the content hash of the script and each measured file."""
     declared = [script, *sources]
     files = expand_sources(declared)
+    missing = [f for f in files if file_hash(f) is None]
+    if missing:
+        raise ValueError(f"measured sources {missing} do not exist; fix the script's SOURCES (paths from the repository root)")
     commit = _git("rev-parse", "HEAD")
     return {
         "commit": commit.strip() if commit else None,

@@ -258,10 +258,16 @@ SETTINGS = {
                 verify=dict(examples=500, eps=0.3, steps=100, restarts=10, step_sizes=[0.01, 0.05],
                             square_queries=1000, curve=dict(examples=500, steps=50,
                                                             radii=[0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5])),
-                sal=dict(sens_samples=50, sens_normalize=SENS_REPORTED, infd_samples=1000, sg_samples=50,
-                         shap_samples=1000, nb_samples=5000, ig_steps=10, square_sizes=(1, 10),
-                         method_sens={"IG-SG": {"examples": 5}, "SHAP": {"examples": 3, "samples": 10},
-                                      "Square": {"examples": 2, "samples": 10}, "NB": {"examples": 2, "samples": 5}}),
+                # SmoothGrad at the paper's 200 samples; its SENS max is over 5 draws (each is 200 gradients)
+                sal=dict(sens_samples=50, sens_normalize=SENS_REPORTED, infd_samples=1000, sg_samples=200,
+                         shap_samples=1000, nb_samples=5000, ig_steps=10, square_sizes=(1, 10), per_example=True,
+                         sens_variants=("local", "global_clipped", "local_clipped"),
+                         method_sens={"IG": {"variants": ["local", "global_clipped"]},
+                                      "Grad-SG": {"samples": 5, "variants": ["local"]},
+                                      "GBP-SG": {"samples": 5, "variants": []},
+                                      "IG-SG": {"examples": 10, "samples": 3, "variants": []},
+                                      "SHAP": {"examples": 5, "samples": 10}, "Square": {"examples": 5, "samples": 5},
+                                      "NB": {"examples": 3, "samples": 5}}),
                 fig6=dict(examples=20, sens_samples=50, sg_samples=50, radii=[0.1, 0.25, 0.5, 1.0, 1.5, 2.0])),
     # the paper's sizes (Madry et al.: 100k iterations of batch 50 = 83 epochs of PGD-40, Adam 1e-4);
     # defined for a GPU, not run on the 2-core CPU machine
@@ -280,8 +286,10 @@ SETTINGS = {
                   verify=dict(examples=40, eps=0.3, steps=3, restarts=2, step_sizes=[0.1, 0.2], square_queries=20,
                               curve=dict(examples=40, steps=3, radii=[0.0, 0.3, 0.5])),
                   sal=dict(sens_samples=2, sens_normalize=SENS_REPORTED, infd_samples=50, sg_samples=2,
-                           shap_samples=50, nb_samples=200, ig_steps=3, square_sizes=(1, 3),
-                           method_sens={"Square": {"examples": 1, "samples": 3}}),
+                           shap_samples=50, nb_samples=200, ig_steps=3, square_sizes=(1, 3), per_example=True,
+                           sens_variants=("local", "global_clipped", "local_clipped"),
+                           method_sens={"Square": {"examples": 2, "samples": 3},
+                                        "Grad-SG": {"samples": 2, "variants": ["local"]}}),
                   fig6=dict(examples=2, sens_samples=2, sg_samples=2, radii=[0.1, 1.0])),
 }
 
@@ -528,9 +536,9 @@ def verify_pair(setting: str, mnist_root: Path, ckpt_dir: Path, out: Path, log) 
     return res
 
 
-def load_pair(setting: str, ckpt_dir: Path) -> dict[str, tuple[nn.Module, dict]]:
+def load_pair(setting: str, ckpt_dir: Path, labels=("regular", "robust")) -> dict[str, tuple[nn.Module, dict]]:
     out = {}
-    for label in ("regular", "robust"):
+    for label in labels:
         path = checkpoint_path(ckpt_dir, setting, label)
         if not path.exists():
             raise FileNotFoundError(f"{path} missing: run --setting {setting} --phase train first")
@@ -544,52 +552,100 @@ def load_pair(setting: str, ckpt_dir: Path) -> dict[str, tuple[nn.Module, dict]]
 CHEAP_METHODS = ("Grad", "GBP", "IG", "Grad-SG", "GBP-SG")
 COSTLY_METHODS = ("IG-SG", "Square", "SHAP", "NB")  # cheapest first
 AUTHORS_SG = "Grad-SG, authors' global SG"
+SENS_FORMS = ("", "global_clipped_", "local_", "local_clipped_")  # "" = global x * Phi at unclipped y
 
 
-def explain_pair(setting: str, mnist_root: Path, ckpt_dir: Path, out: Path, log, resume: bool = False) -> None:
-    """Accuracies, probes, Table 4 (every SENS normalisation side by side), Figure 6 and the maps
-    for the saved pair; the JSON / markdown are rewritten after every step, cheap methods first.
-    ``resume``: keep the steps already in the saved JSON (same pair) and run only the missing ones."""
+def train_linear(data: dict, epochs: int = 2, seed: int = 0) -> nn.Module:
+    """The SENS-floor control: multinomial logistic regression on the training images (Adam 1e-3,
+    batch 100). Its gradient is constant, so every change of its explanation is the x * Phi floor."""
+    torch.manual_seed(seed)
+    x, y = data["train"]
+    net = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x)).split(100):
+            loss = F.cross_entropy(net(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return net.eval()
+
+
+def quantus_rows(net, x, y, grad_row: dict, radius: float, samples: int) -> dict:
+    """Quantus MaxSensitivity (global Grad, its own draws) and Infidelity (Grad, its black 4x4 square
+    removal) beside ours: per-image differences, mean and standard error."""
+    from ift.saliency.crosscheck import quantus_infidelity, quantus_max_sensitivity
+
+    expl = to_global(gradient(net))
+    q_sens, s_settings = quantus_max_sensitivity(net, expl, x, y, radius, samples)
+    ours_sens = torch.tensor(grad_row["per_example"]["sens_max_input"]).numpy()
+    q_infd, ours_infd, i_settings = quantus_infidelity(net, gradient(net)(x, y), x, y, patch=4)
+
+    def compare(ours, theirs, settings):
+        d = ours - theirs
+        se = float(d.std(ddof=1) / len(d) ** 0.5)
+        return {"ours": float(ours.mean()), "quantus": float(theirs.mean()), "se": se,
+                "ours_se": float(ours.std(ddof=1) / len(ours) ** 0.5),
+                "quantus_se": float(theirs.std(ddof=1) / len(theirs) ** 0.5),
+                "agree_3se": bool(abs(d.mean()) <= 3 * se + 1e-12), "examples": len(d), "settings": settings}
+
+    return {"sens_max": compare(ours_sens, q_sens, {**s_settings, "ours": "sens_max_input of the Grad row "
+                                                    "(global x * Phi, unclipped, same radius and samples)"}),
+            "infidelity": compare(ours_infd, q_infd, {**i_settings, "ours": "infidelity_from_perturbations("
+                                                      "optimal_scaling=False) on the perturbations Quantus applied"})}
+
+
+def explain_pair(setting: str, mnist_root: Path, ckpt_dir: Path, out: Path, log, resume: bool = False,
+                 labels=("regular", "robust"), fig6: bool = False) -> None:
+    """Accuracies, probes, the linear-model control, Table 4 (every SENS normalisation and form side
+    by side, per-example values kept for paired standard errors), the Quantus cross-check and the maps
+    for the saved models ``labels``; the JSON / markdown are rewritten after every step, cheap methods
+    first. ``resume``: keep the steps already in the saved JSON and run only the missing ones (so the
+    regular and the robust half can run one after the other). ``fig6``: also Figure 6 (regular)."""
     spec = SETTINGS[setting]
     data = load_mnist(mnist_root, spec["val_size"])
-    pair = load_pair(setting, ckpt_dir)
+    pair = load_pair(setting, ckpt_dir, labels)
     tx, ty = data["test"]
     x, y = tx[:spec["examples"]], ty[:spec["examples"]]
     cfg = SaliencyConfig(**spec["sal"])
     name = f"mnist_{setting}"
-    results = {label: {"training": saved["history"], "spec": saved["spec"], "tables": {"global": {}}}
-               for label, (_, saved) in pair.items()}
+    results = {}
     sizes = {k: v for k, v in spec.items() if k != "sal"} | {"sal": asdict(cfg)}
-
-    def write():
-        payload = {"setting": setting, "sizes": sizes, "results": results}
-        (out / f"saliency_table4_{name}.json").write_text(json.dumps(payload, indent=2, default=list))
-        (out / f"saliency_table4_{name}.md").write_text(table4_mnist_markdown(name, results, sizes))
-
     saved_path = out / f"saliency_table4_{name}.json"
     if resume and saved_path.exists():
-        for label, old in json.loads(saved_path.read_text())["results"].items():
-            results[label].update({k: v for k, v in old.items() if k not in ("training", "spec")})
+        results = json.loads(saved_path.read_text())["results"]
         log(f"resuming from {saved_path}")
-    tp = spec["test_pgd"]
+    for label, (_, saved) in pair.items():
+        results.setdefault(label, {"tables": {"global": {}}})
+        results[label].update(training=saved["history"], spec=saved["spec"])
+
+    def write():
+        payload = {"setting": setting, "sizes": sizes, "protocol": protocol(results, spec, out, setting),
+                   "results": results}
+        saved_path.write_text(json.dumps(payload, indent=2, default=list))
+        (out / f"saliency_table4_{name}.md").write_text(table4_mnist_markdown(name, results, sizes, payload["protocol"]))
+
     for label, (net, _) in pair.items():
         r = results[label]
         if "test_acc" in r:
             continue
         r["test_acc"] = accuracy(net, tx, ty)
-        r["test_pgd"] = {"eps": spec["eps"], **tp,
-                         "acc": pgd_accuracy(net, tx[:tp["examples"]], ty[:tp["examples"]], spec["eps"], tp["steps"],
-                                             tp["step_size"])}
         r["probes"] = probes(net, x, y)
         r["probes"]["gbp_vs_grad"] = gbp_vs_grad(net, x, y)
         with torch.no_grad():
             r["predictions"] = net(x).argmax(1).tolist()
-        log(f"{label}: test acc {r['test_acc']:.4f}, PGD acc {r['test_pgd']['acc']:.4f}, probes {r['probes']}")
+        log(f"{label}: test acc {r['test_acc']:.4f}, probes {r['probes']}")
+        write()
+    if "linear" not in results:
+        lin = train_linear(data)
+        metrics, _ = evaluate_method(lin, "Grad", x, y, cfg, local=False)
+        results["linear"] = {"test_acc": accuracy(lin, tx, ty), "tables": {"global": {"Grad": metrics}}}
+        log(f"linear control: test acc {results['linear']['test_acc']:.4f}, " + short(metrics))
         write()
     caches = {label: infidelity_cache(net, x, y, cfg, ("square", "noisy_baseline")) for label, (net, _) in pair.items()}
     maps = {label: {} for label in pair}
 
-    def run(method, sg_global=None, row=None):
+    def run(method, sg_global=None, row=None, run_cfg=cfg):
         for label, (net, _) in pair.items():
             if (row or method) in results[label]["tables"]["global"]:
                 if row is None and method in CHEAP_METHODS:  # recompute the map only (cheap)
@@ -598,12 +654,13 @@ def explain_pair(setting: str, mnist_root: Path, ckpt_dir: Path, out: Path, log,
                                             sg_global=cfg.sg_global if method.endswith("-SG") else None)
                     maps[label][method] = to_global(expl)(x, y)
                 continue
-            metrics, phi = evaluate_method(net, method, x, y, cfg, local=False, cache=caches[label], sg_global=sg_global)
+            metrics, phi = evaluate_method(net, method, x, y, run_cfg, local=False, cache=caches[label],
+                                           sg_global=sg_global)
             results[label]["tables"]["global"][row or method] = metrics
             if row is None:
                 maps[label][method] = phi
             log(f"{label} {row or method}: " + short(metrics))
-        write()
+            write()
 
     def save_maps():
         for label, (net, _) in pair.items():
@@ -611,28 +668,95 @@ def explain_pair(setting: str, mnist_root: Path, ckpt_dir: Path, out: Path, log,
                           preds=torch.tensor(results[label]["predictions"]),
                           title=f"{label} Madry CNN, global explanations (x * Phi), {setting} setting")
 
-    def floor(method, examples, samples):
-        for label, (net, _) in pair.items():
-            if method in results[label].get("noise_floor", {}):
-                continue
-            results[label].setdefault("noise_floor", {})[method] = noise_floor(net, method, x[:examples], y[:examples],
-                                                                               cfg, samples)
-            log(f"{label} {method} noise floor: {results[label]['noise_floor'][method]}")
-        write()
-
-    for method in CHEAP_METHODS:
+    for method in ("Grad", "GBP", "IG"):
         run(method)
-    run("Grad-SG", sg_global="mean_of_products", row=AUTHORS_SG)
+    for label, (net, _) in pair.items():
+        if "quantus" not in results[label]:
+            try:
+                results[label]["quantus"] = quantus_rows(net, x, y, results[label]["tables"]["global"]["Grad"],
+                                                         cfg.sens_radius, cfg.sens_samples)
+                log(f"{label} quantus: {results[label]['quantus']}")
+            except ImportError as err:
+                log(f"no Quantus cross-check: {err}")
+            write()
+    for method in ("Grad-SG", "GBP-SG"):
+        run(method)
+    plain = {**cfg.method_sens, "Grad-SG": {**cfg.method_sens.get("Grad-SG", {}), "variants": []}}
+    run("Grad-SG", sg_global="mean_of_products", row=AUTHORS_SG, run_cfg=replace(cfg, method_sens=plain))
     save_maps()
-    floor("Grad-SG", 20, 10)
-    fig6_path = out / f"saliency_fig6_{name}.json"
-    if not (resume and fig6_path.exists() and len(json.loads(fig6_path.read_text())["rows"]) == 1 + len(spec["fig6"]["radii"])):
-        figure6_mnist(pair["regular"][0], x, y, spec["fig6"], cfg, out, name, log)
+    for label, (net, _) in pair.items():
+        if "Grad-SG" not in results[label].get("noise_floor", {}):
+            results[label].setdefault("noise_floor", {})["Grad-SG"] = noise_floor(net, "Grad-SG", x[:5], y[:5],
+                                                                                   cfg, 5)
+            log(f"{label} Grad-SG noise floor: {results[label]['noise_floor']['Grad-SG']}")
+            write()
     for method in COSTLY_METHODS:
         run(method)
         save_maps()
-        if method == "SHAP":
-            floor("SHAP", 3, 5)
+    fig6_path = out / f"saliency_fig6_{name}.json"
+    if fig6 and "regular" in pair and not (resume and fig6_path.exists() and len(
+            json.loads(fig6_path.read_text())["rows"]) == 1 + len(spec["fig6"]["radii"])):
+        figure6_mnist(pair["regular"][0], x, y, spec["fig6"], cfg, out, name, log)
+
+
+def paired(reg: dict | None, rob: dict | None, key: str) -> dict | None:
+    """Robust minus regular on the same images: mean and standard error of the per-image differences."""
+    if not reg or not rob or key not in reg.get("per_example", {}) or key not in rob.get("per_example", {}):
+        return None
+    d = torch.tensor(rob["per_example"][key], dtype=torch.float64) - torch.tensor(reg["per_example"][key],
+                                                                                  dtype=torch.float64)
+    se = float(d.std() / len(d) ** 0.5) if len(d) > 1 else float("nan")
+    return {"diff": float(d.mean()), "se": se, "n": len(d)}
+
+
+def verdict(p: dict | None) -> str:
+    if p is None:
+        return "-"
+    if not p["se"] > 0 or abs(p["diff"]) <= 2 * p["se"]:
+        return f"{p['diff']:+.3g} ± {p['se']:.2g} (tie)"
+    return f"{p['diff']:+.3g} ± {p['se']:.2g} (robust {'lower' if p['diff'] < 0 else 'higher'})"
+
+
+def protocol(results: dict, spec: dict, out: Path, setting: str) -> dict:
+    """The top-level ``protocol`` section: models, attack, counts, controls and the cross-check."""
+    reg, rob, lin = (results.get(k, {}) for k in ("regular", "robust", "linear"))
+    verify_path = out / f"saliency_verify_mnist_{setting}.json"
+    ver = json.loads(verify_path.read_text()) if verify_path.exists() else {}
+    v = spec.get("verify", {})
+    lin_grad = lin.get("tables", {}).get("global", {}).get("Grad", {})
+    controls = {}
+    for norm in SENS_REPORTED:
+        for form in SENS_FORMS:
+            key = f"sens_max_{form}{norm}"
+            if key in lin_grad:
+                controls[f"linear_{(form or 'global_')}sens".replace("__", "_") + f"_{norm}"] = lin_grad[key]
+    controls["linear_global_sens"] = lin_grad.get("sens_max_input")
+    controls["linear_test_acc"] = lin.get("test_acc")
+    tables = {k: r.get("tables", {}).get("global", {}) for k, r in (("regular", reg), ("robust", rob))}
+    quantus = {}
+    for part in ("sens_max", "infidelity"):
+        if "quantus" in rob:
+            quantus[part] = {**{k: rob["quantus"][part][k] for k in ("ours", "quantus", "se", "agree_3se")},
+                             "model": "robust", "regular": reg.get("quantus", {}).get(part)}
+    return {
+        "regular": {"test_acc": reg.get("test_acc"), "pgd_accuracy": ver.get("regular", {}).get("pgd_accuracy")},
+        "robust": {"from_scratch": True, "test_acc": rob.get("test_acc"),
+                   "recipe": "8 epochs FGSM with random start (eps 0.3, step 0.375, cyclic lr to 5e-3) from random "
+                             "initialisation, then 3 epochs PGD-10 x 0.075 (Adam 5e-4, last epoch 5e-5); never "
+                             "trained on natural images",
+                   "attack": {"eps": v.get("eps"), "steps": v.get("steps"), "restarts": v.get("restarts"),
+                              "step_sizes": v.get("step_sizes"), "examples": v.get("examples"),
+                              "accuracy": ver.get("worst_case", {}).get("accuracy"),
+                              "per_attack": {k: a["accuracy"] for k, a in ver.get("attacks", {}).items()},
+                              "curve": ver.get("curve"), "masking_checks": ver.get("checks")}},
+        "examples": spec["examples"],
+        "counts": {m: {"infd_examples": spec["examples"], "sens_examples": t.get("sens_examples"),
+                       "sens_samples": t.get("sens_samples")} for m, t in tables["robust"].items()},
+        "sg_samples": spec["sal"].get("sg_samples"),
+        "paired_se": True,
+        "controls": controls,
+        "quantus": quantus,
+    }
 
 
 def noise_floor(net, method: str, x, y, cfg: SaliencyConfig, samples: int) -> dict:
@@ -710,80 +834,110 @@ def cell(m: dict | None, key: str) -> str:
     return "-" if m is None or key not in m else f"{m[key]:.3g} ± {m[key + '_sem']:.2g}"
 
 
-def ordering(reg: dict | None, rob: dict | None, key: str) -> str:
-    """Does robust < regular reproduce (the paper's finding for every method)? With > 2 SE when so."""
-    if reg is None or rob is None or key not in reg or key not in rob:
-        return "-"
-    diff, se = reg[key] - rob[key], math.hypot(reg[key + "_sem"], rob[key + "_sem"])
-    if diff > 0:
-        return "yes" + (" (> 2 SE)" if diff > 2 * se else " (< 2 SE)")
-    return "no" + (" (> 2 SE)" if -diff > 2 * se else " (< 2 SE)")
-
-
 def label_of(method: str) -> str:
     return method + " (real GBP; the paper's row is Grad)" if method.startswith("GBP") else method
 
 
-def table4_mnist_markdown(name: str, results: dict, sizes: dict) -> str:
+FORM_TITLES = {"": "global x*Phi", "global_clipped_": "global, y clipped to [0,1]", "local_": "local Phi",
+               "local_clipped_": "local, clipped"}
+
+
+def table4_mnist_markdown(name: str, results: dict, sizes: dict, proto: dict) -> str:
     sal = sizes["sal"]
-    reg, rob = results["regular"], results["robust"]
-    md = [f"### {name}: Table 4 on full MNIST (Madry CNN width {sizes['width']}, PGD training eps {sizes['eps']}, "
-          f"{sizes['steps']} steps of {sizes['step_size']})", "",
-          "| model | training | test acc (10k) | PGD acc, eps 0.3 | mean grad norm (logit) | mean Hessian norm (log-prob) "
-          "| GBP vs Grad, mean relative L2 difference |", "|---|---|---|---|---|---|---|"]
-    for label, r in results.items():
+    reg, rob = results.get("regular", {}), results.get("robust", {})
+    t_reg, t_rob = reg.get("tables", {}).get("global", {}), rob.get("tables", {}).get("global", {})
+    lin = results.get("linear", {}).get("tables", {}).get("global", {}).get("Grad")
+    att = proto["robust"]["attack"]
+    md = [f"### {name}: Table 4 on full MNIST (Madry CNN), regular vs robust trained from scratch", "",
+          "| model | training | test acc (10k) | robust acc, eps 0.3 (worst case of the attack suite) | "
+          "mean grad norm (logit) | mean Hessian norm (log-prob) | GBP vs Grad, mean relative L2 difference |",
+          "|---|---|---|---|---|---|---|"]
+    for label, r in (("regular", reg), ("robust", rob)):
         if "test_acc" not in r:
             continue
         h = r["training"]
-        tr = f"{len(h['epochs'])} epochs, {h['train_seconds'] / 60:.0f} min" + ("" if h.get("complete", True) else " (cut)")
+        tr = f"{len(h['epochs'])} epochs, {h['train_seconds'] / 60:.0f} min"
         if label == "robust":
-            tr += f", PGD-{r['spec']['steps']} x {r['spec']['step_size']}" + (
-                ", fine-tuned from the regular model" if r["spec"].get("robust_init") == "regular" else "")
-        p = r["test_pgd"]
-        md.append(f"| {label} | {tr} | {r['test_acc']:.4f} | {p['acc']:.3f} ({p['steps']} x {p['step_size']}, "
-                  f"{p['examples']} images) | {r['probes']['grad_norm_logit']:.3g} | {r['probes']['hessian_norm_logprob']:.3g} "
-                  f"| {r['probes'].get('gbp_vs_grad', float('nan')):.3g} |")
-    t_reg, t_rob = reg["tables"]["global"], rob["tables"]["global"]
+            tr = proto["robust"]["recipe"] + f" (stage 2: {tr})"
+            acc = "-" if att["accuracy"] is None else f"{att['accuracy']:.3f} ({att['examples']} images)"
+        else:
+            acc = "-" if proto["regular"]["pgd_accuracy"] is None else f"{proto['regular']['pgd_accuracy']:.3f}"
+        md.append(f"| {label} | {tr} | {r['test_acc']:.4f} | {acc} | {r['probes']['grad_norm_logit']:.3g} | "
+                  f"{r['probes']['hessian_norm_logprob']:.3g} | {r['probes'].get('gbp_vs_grad', float('nan')):.3g} |")
+    if "linear" in results:
+        md.append(f"| linear (control) | logistic regression, 2 epochs | {results['linear']['test_acc']:.4f} | - | - | 0 | - |")
+    if att.get("per_attack"):
+        md += ["", "Attack suite (robust model, per-example worst case over restarts): "
+               + ", ".join(f"{k} {v:.3f}" for k, v in att["per_attack"].items()) + "."]
+    if att.get("curve"):
+        md.append("Accuracy vs eps (PGD-50, step 2.5 eps / 50, 1 restart): "
+                  + ", ".join(f"{c['eps']}: {c['accuracy']:.3f}" for c in att["curve"]) + ".")
+    if att.get("masking_checks"):
+        md.append(f"Gradient-masking checks: {att['masking_checks']}.")
     methods = list(dict.fromkeys([*t_reg, *t_rob]))
-    norms = [n for n in ("input", "unit", "none", "input_2019") if any(f"sens_max_{n}" in t_reg.get(m, {}) for m in methods)]
-    md += ["", f"Counts: {sizes['examples']} test examples (the first of the test set), SENS radius {sal['sens_radius']} "
-           f"with {sal['sens_samples']} samples, SmoothGrad radius {sal['sg_radius']} with {sal['sg_samples']} samples, "
-           f"IG {sal['ig_steps']} steps, SHAP {sal['shap_samples']} samples, NB {sal['nb_samples']} samples, INFD over "
-           f"every square of side {sal['square_sizes'][0]}..{sal['square_sizes'][1]} (NB: {sal['infd_samples']} "
-           "noisy-baseline draws). Mean ± standard error over examples. Paper: Table 4 of Yeh et al. 2019 "
-           "(GBP there equals Grad, see docs/saliency.md).", "",
-           "**SENS_max** (robust < regular is the paper's finding for every method)", "",
-           "| Method | SENS examples x samples | paper regular | paper robust | "
-           + " | ".join(f"ours regular ({n}) | ours robust ({n}) | robust < regular? ({n})" for n in norms) + " |",
-           "|---" * (4 + 3 * len(norms)) + "|"]
-    for m in methods:
-        a, b = t_reg.get(m), t_rob.get(m)
-        paper = PAPER_TABLE4.get(m)
-        cnt = f"{(a or b)['sens_examples']} x {(a or b)['sens_samples']}"
-        row = [label_of(m), cnt, *(("-", "-") if paper is None else (str(paper[0][0]), str(paper[1][0])))]
-        for n in norms:
-            key = f"sens_max_{n}"
-            row += [cell(a, key), cell(b, key), ordering(a, b, key)]
-        md.append("| " + " | ".join(row) + " |")
-    md += ["", "**INFD** (square removal; NB: noisy baseline)", "",
-           "| Method | paper regular | paper robust | ours regular | ours robust | robust < regular? | "
-           "ours INFD/INFD(0) regular | robust |", "|---" * 8 + "|"]
+    md += ["", f"Counts: {sizes['examples']} test examples (the first of the test set) for every INFD and for "
+           f"the SENS of every method unless the table says fewer; SENS radius {sal['sens_radius']}; SmoothGrad "
+           f"radius {sal['sg_radius']} with {sal['sg_samples']} samples; IG {sal['ig_steps']} steps; SHAP "
+           f"{sal['shap_samples']} samples; NB {sal['nb_samples']} samples; INFD over every square of side "
+           f"{sal['square_sizes'][0]}..{sal['square_sizes'][1]} (NB: {sal['infd_samples']} noisy-baseline draws). "
+           "Cells: mean ± standard error over images; 'robust - regular' is the mean ± standard error of the "
+           "per-image differences (the same images and the same perturbation draws for both models); outside "
+           "2 SE it is called lower / higher, else a tie. Paper: Table 4 of Yeh et al. 2019 "
+           "(GBP there equals Grad, see docs/saliency.md)."]
+    norms = [n for n in SENS_REPORTED if any(f"sens_max_{n}" in t_reg.get(m, {}) for m in methods)]
+    for n in norms:
+        forms = [f for f in SENS_FORMS if any(f"sens_max_{f}{n}" in t_reg.get(m, {}) for m in methods)]
+        md += ["", f"**SENS_max, {n} normalisation** (the paper: robust < regular for every method)", "",
+               "| Method | SENS examples x samples | paper regular | paper robust | "
+               + " | ".join(f"{FORM_TITLES[f]}: regular | robust | robust - regular" for f in forms) + " |",
+               "|---" * (4 + 3 * len(forms)) + "|"]
+        for m in methods:
+            a, b = t_reg.get(m), t_rob.get(m)
+            paper = PAPER_TABLE4.get(m) if n == "input_2019" else None
+            row = [label_of(m), f"{(a or b)['sens_examples']} x {(a or b)['sens_samples']}",
+                   *(("-", "-") if paper is None else (str(paper[0][0]), str(paper[1][0])))]
+            for f in forms:
+                key = f"sens_max_{f}{n}"
+                row += [cell(a, key), cell(b, key), verdict(paired(a, b, key))]
+            md.append("| " + " | ".join(row) + " |")
+        if lin is not None:
+            row = ["linear model Grad (control: Phi constant)", f"{lin['sens_examples']} x {lin['sens_samples']}", "-", "-"]
+            for f in forms:
+                row += [cell(lin, f"sens_max_{f}{n}"), "-", "-"]
+            md.append("| " + " | ".join(row) + " |")
+    md += ["", "(paper columns are shown beside the input_2019 replay of the authors' normalisation only)", "",
+           "**INFD** (square removal; NB: noisy baseline), absolute and relative to the zero explanation", "",
+           "| Method | paper regular | paper robust | INFD regular | INFD robust | robust - regular | "
+           "INFD/INFD(0) regular | robust | robust - regular |", "|---" * 9 + "|"]
     for m in methods:
         a, b = t_reg.get(m), t_rob.get(m)
         paper = PAPER_TABLE4.get(m)
         row = [label_of(m), *(("-", "-") if paper is None else (str(paper[0][1]), str(paper[1][1]))),
-               cell(a, "infd"), cell(b, "infd"), ordering(a, b, "infd"),
-               "-" if a is None else f"{a['infd_rel']:.3g}", "-" if b is None else f"{b['infd_rel']:.3g}"]
+               cell(a, "infd"), cell(b, "infd"), verdict(paired(a, b, "infd")),
+               cell(a, "infd_rel"), cell(b, "infd_rel"), verdict(paired(a, b, "infd_rel"))]
         md.append("| " + " | ".join(row) + " |")
-    zero = [f"{r['tables']['global'][next(iter(r['tables']['global']))]['infd_zero']:.3g}"
-            for r in (reg, rob) if r["tables"]["global"]]
-    if len(zero) == 2:
-        md.append(f"| zero explanation (E[df^2], square) | - | - | {zero[0]} | {zero[1]} | - | 1 | 1 |")
-    for label, r in results.items():
+    zero = [cell(t.get("Grad"), "infd_zero") if t.get("Grad") and "infd_zero_sem" in t["Grad"] else
+            (f"{t['Grad']['infd_zero']:.3g}" if t.get("Grad") else "-") for t in (t_reg, t_rob)]
+    md.append(f"| zero explanation (E[df^2], square) | - | - | {zero[0]} | {zero[1]} | "
+              f"{verdict(paired(t_reg.get('Grad'), t_rob.get('Grad'), 'infd_zero'))} | 1 | 1 | - |")
+    for label, r in (("regular", reg), ("robust", rob)):
         for m, f in r.get("noise_floor", {}).items():
             md.append(f"\nNoise floor, {label} {m}: SENS_max at radius 0 (the explanation recomputed at the same x with "
                       f"fresh draws; {f['examples']} examples x {f['samples']} samples): "
                       + ", ".join(f"{n} {f[n]:.3g} ± {f[n + '_sem']:.2g}" for n in norms if n in f) + ".")
+    q = proto.get("quantus")
+    if q:
+        md += ["", "**Cross-check with Quantus 0.6** (Grad; agreement = |ours - Quantus| within 3 SE of the "
+               "per-image difference)", "", "| model | metric | ours | Quantus | ours - Quantus | agree |",
+               "|---|---|---|---|---|---|"]
+        for label, r in (("regular", reg), ("robust", rob)):
+            for part, title in (("sens_max", "MaxSensitivity (input norm., r 0.1, global Grad, own draws)"),
+                                ("infidelity", "Infidelity (black 4x4 squares, no scaling, its perturbations)")):
+                c = r.get("quantus", {}).get(part)
+                if c:
+                    md.append(f"| {label} | {title} | {c['ours']:.4g} ± {c['ours_se']:.2g} | {c['quantus']:.4g} ± "
+                              f"{c['quantus_se']:.2g} | {c['ours'] - c['quantus']:+.2g} ± {c['se']:.2g} | "
+                              f"{'yes' if c['agree_3se'] else 'no'} |")
     missing = [m for m in METHODS if m not in methods]
     if missing:
         md += ["", f"Not finished: {', '.join(missing)}."]
@@ -806,6 +960,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--train-only", choices=("regular", "robust"), help="train one model of the pair")
     parser.add_argument("--resume", action="store_true", help="explain: run only the steps missing from the saved JSON")
+    parser.add_argument("--labels", default="regular,robust",
+                        help="explain these saved models (e.g. regular now, robust later with --resume)")
+    parser.add_argument("--fig6", action="store_true", help="explain: also Figure 6 on the regular model")
     parser.add_argument("--markdown-only", action="store_true",
                         help="rebuild the Table 4 markdown from the saved JSON (no training)")
     args = parser.parse_args()
@@ -818,8 +975,9 @@ def main() -> None:
         for path in sorted(out.glob("saliency_table4_*.json")):
             name = path.stem.removeprefix("saliency_table4_")
             saved = json.loads(path.read_text())
-            writer = table4_markdown if name == "digits" else table4_mnist_markdown
-            (out / f"saliency_table4_{name}.md").write_text(writer(name, saved["results"], saved["sizes"]))
+            md = (table4_markdown(name, saved["results"], saved["sizes"]) if name == "digits" else
+                  table4_mnist_markdown(name, saved["results"], saved["sizes"], saved["protocol"]))
+            (out / f"saliency_table4_{name}.md").write_text(md)
         return
     t0 = time.perf_counter()
     if args.setting == "digits":
@@ -836,7 +994,8 @@ def main() -> None:
         if args.phase in ("verify", "all"):
             verify_pair(args.setting, Path(args.mnist_root), ckpt_dir, out, log)
         if args.phase in ("explain", "all"):
-            explain_pair(args.setting, Path(args.mnist_root), ckpt_dir, out, log, args.resume)
+            explain_pair(args.setting, Path(args.mnist_root), ckpt_dir, out, log, args.resume,
+                         labels=tuple(args.labels.split(",")), fig6=args.fig6)
     log(f"total {time.perf_counter() - t0:.0f}s")
 
 

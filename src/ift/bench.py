@@ -20,8 +20,8 @@ to a temporary folder, so a smoke run never overwrites a committed result.
 
 ``python -m ift.bench check`` (``make results-check``) lists every result in ``benchmarks/results``
 that is stale: its measured sources (or the script) changed since it was produced, it was produced
-from uncommitted measured sources or by a ``--quick`` run, it has no provenance, or a file there is
-claimed by no result; it exits 1 if any is.
+from uncommitted measured sources or by a ``--quick`` run, it has no provenance, a file there is
+claimed by no result, or it holds an absolute path of this machine; it exits 1 if any is.
 """
 
 from __future__ import annotations
@@ -56,8 +56,7 @@ THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 def parser(doc: str | None) -> argparse.ArgumentParser:
     """An ArgumentParser with the shared flags: ``--out DIR`` and ``--quick``."""
     text = (doc or "").strip()
-    p = argparse.ArgumentParser(description=text.split("\n\n")[0], epilog=None,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=text.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=None,
                    help=f"folder for the results (default benchmarks/results; with --quick {QUICK_OUT})")
     p.add_argument("--quick", action="store_true", help="a small smoke run (numbers meaningless)")

@@ -1,27 +1,31 @@
-"""Memory and speed of one SAVI training step: unrolled, checkpointed unrolled and implicit (IFT),
-against K inner steps.
+"""Memory and speed of one SAVI training step against K inner steps: unrolled, checkpointed,
+reversible and implicit (IFT).
 
 For each K and each mode (`savi_unrolled`, `savi_checkpointed` with round(sqrt(K)) segments,
-`savi_ift`, and `vae` as the K = 0 reference), one training step (forward with the inner loop +
-backward) of the Dai et al. VAE at a fixed batch, measured side by side in one run (modes
-interleaved for every K):
+`savi_reversible`, `savi_ift`, and `vae` as the K = 0 reference), one training step (forward with
+the inner loop + backward) of the Dai et al. VAE on MNIST-sized inputs (784 pixels, latent 8,
+hidden 128-128, 4 inner noise draws) at a fixed batch:
 
-- saved_tensor_bytes: bytes of tensors autograd holds for backward when backward starts (the
-  reading of `ift.telemetry.SavedTensorCounter.live_bytes`, here from the counter below);
-- peak_saved_bytes: the most bytes held for backward at any moment of forward AND backward
-  (saved_tensors_hooks stay on during backward, each saved storage counted until freed): for the
-  checkpointed mode this includes the segment recomputed in backward;
-- peak_mem_bytes: on CUDA, `torch.cuda.max_memory_allocated` during the step; on CPU, the growth of
-  the process's peak RSS during the first step (each record runs in a fresh interpreter, so one
-  record's peak does not hide the next);
-- step_time_s: median wall time over --repeats steps (after one warm-up step).
+- saved_bytes: bytes of tensors autograd holds for backward when backward starts
+  (`saved_tensors_hooks`, each storage counted once);
+- peak_saved_bytes: the most bytes held for backward at any moment of forward AND backward (the
+  hooks stay on during backward, each saved storage counted until freed): for the checkpointed
+  mode this includes the segment recomputed in backward, for the reversible one the step graph it
+  rebuilds;
+- backward_peak_bytes: memory in use at the peak of backward above what the process held before
+  the step: on CUDA from `torch.cuda.max_memory_allocated` (reset when backward starts), on CPU
+  from the kernel's peak RSS (VmHWM, reset through /proc/self/clear_refs when backward starts);
+  each record runs in a fresh interpreter;
+- step_time_s: wall time of one step without the hooks, the modes of one K interleaved in one
+  process (`ift.bench.interleaved`), with the per-round ratio to the unrolled step.
 
-All refinement modes run exactly K inner steps (tol = 0) with the same first-order inner optimiser
-(SGD, momentum 0.5, lr 0.1, clip 5; K up to 500 is a first-order regime: Newton stops after ~5
-iterations at tolerance, see --optimizer newton for its own rows).
+The byte counts are deterministic (not timings) and `--memory-only` produces them alone. All modes
+run exactly K steps (tol = 0) of the same first-order loop (SGD, momentum 0.5, lr 0.1, clip 5,
+per-example backtracking; the reversible mode needs it, and K up to 200 is a first-order regime).
 
-    python benchmarks/savi_memory_speed.py                      # K in 5..500, batch 128, ~3 min on CPU
-    python benchmarks/savi_memory_speed.py --steps 5 50 --batch-size 32 --out /tmp/s.json
+    python benchmarks/savi_memory_speed.py                 # K 5..200, batch 128: ~25 min on 1 CPU thread
+    python benchmarks/savi_memory_speed.py --memory-only   # the byte counts alone, ~12 min
+    python benchmarks/savi_memory_speed.py --quick         # smoke run, to a temporary folder
 """
 
 from __future__ import annotations
@@ -30,28 +34,34 @@ import argparse
 import json
 import subprocess
 import sys
-import platform
-import resource
-import statistics
-import time
 import weakref
-from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from ift import bench
 from ift.savi.module import SAVIModule
 
-RESULTS = Path(__file__).parent / "results"
+SOURCES = ["src/ift/savi", "src/ift/implicit/minimize.py", "src/ift/implicit/reversible.py",
+           "src/ift/implicit/core.py", "src/ift/implicit/linear_solvers.py"]
+MODES = ("savi_unrolled", "savi_checkpointed", "savi_reversible", "savi_ift")
+SHORT = {"savi_unrolled": "unrolled", "savi_checkpointed": "checkpointed", "savi_reversible": "reversible",
+         "savi_ift": "IFT", "vae": "vae"}
+MIB = 2**20
 
 
-def make_module(mode: str, steps: int, device: torch.device, optimizer: str) -> SAVIModule:
+def make_module(mode: str, steps: int, device: torch.device, side: int) -> SAVIModule:
     torch.manual_seed(0)
-    module = SAVIModule(input_shape=[1, 8, 8], mode=mode, latent_dim=8, hidden=[128, 128],
+    module = SAVIModule(input_shape=[1, side, side], mode=mode, latent_dim=8, hidden=[128, 128],
                         gamma={"init": 0.02, "learn": True},
-                        inner={"optimizer": optimizer, "lr": 0.1, "momentum": 0.5, "clip": 5.0, "eta": 1.0,
+                        inner={"optimizer": "sgd", "lr": 0.1, "momentum": 0.5, "clip": 5.0, "eta": 1.0,
                                "steps": steps, "tol": 0.0},
                         ift={"nonstationary": "ift"})  # a fixed budget, no stationarity test
     return module.to(device)
+
+
+def data(batch: int, side: int, device: torch.device) -> torch.Tensor:
+    return torch.rand(batch, 1, side, side, generator=torch.Generator().manual_seed(1)).to(device)
 
 
 class PeakSavedBytes:
@@ -82,145 +92,253 @@ class PeakSavedBytes:
         return tensor
 
 
-def one_step(module: SAVIModule, x: torch.Tensor) -> tuple[int, int]:
-    """Forward + backward of one training step; returns (bytes held when backward starts, peak)."""
-    module.zero_grad(set_to_none=True)
-    peak = PeakSavedBytes()
-    # (only the innermost saved_tensors_hooks run, so this one counter does both readings)
-    with torch.autograd.graph.saved_tensors_hooks(peak.pack, lambda t: t):
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of all tensor storages alive, forward and backward, from every op's outputs (a
+    deterministic CPU analogue of CUDA's allocated bytes, which saved_tensors_hooks cannot give:
+    non-reentrant checkpointing stores its segment inputs and recomputed tensors behind hooks of its
+    own). Storages alive before the step (weights, data) are not counted. `mark()` starts a new
+    peak (the backward's) from the current level."""
+
+    def __init__(self, existing: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.skip = {t.untyped_storage().data_ptr() for t in existing}
+        self.live: dict[int, list[int]] = {}
+        self.current = self.peak = self.marked_peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key == 0 or key in self.skip:
+            return
+        if key in self.live:
+            self.live[key][0] += 1
+        else:
+            self.live[key] = [1, storage.nbytes()]
+            self.current += storage.nbytes()
+            self.peak = max(self.peak, self.current)
+            self.marked_peak = max(self.marked_peak, self.current)
+        weakref.finalize(tensor, self._release, key)
+
+    def _release(self, key: int) -> None:
+        entry = self.live.get(key)
+        if entry is not None:
+            entry[0] -= 1
+            if entry[0] == 0:
+                self.current -= entry[1]
+                del self.live[key]
+
+    def mark(self) -> None:
+        self.marked_peak = self.current
+
+
+def _proc_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+class BackwardPeak:
+    """Memory in use at the peak of backward, above the level `start()` recorded before the step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def start(self) -> None:
+        self.base = torch.cuda.memory_allocated() if self.cuda else _proc_kb("VmRSS")
+
+    def backward_begins(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:  # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+
+    def peak(self) -> int:
+        top = torch.cuda.max_memory_allocated() if self.cuda else _proc_kb("VmHWM")
+        return max(top - self.base, 0)
+
+
+def measure_memory(mode: str, steps: int, batch: int, side: int, device: torch.device) -> dict:
+    """One training step in this (fresh) process with the hooks on: the byte counts."""
+    module = make_module(mode, steps, device, side)
+    x = data(batch, side, device)
+    peak_mem = BackwardPeak(device)
+    peak_mem.start()
+    counter = PeakSavedBytes()
+    tensors = LiveTensorBytes([x, *module.parameters(), *module.buffers()])
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t), tensors:
         loss = module.training_step((x, None), 0)
-        held = peak.current
+        held, alive = counter.current, tensors.current
+        peak_mem.backward_begins()
+        tensors.mark()
         loss.backward()
-    return held, peak.peak
+    bench.synchronize(str(device))
+    info = module.solves.pop().get("inner")
+    return {"mode": mode, "steps": steps, "batch_size": batch, "saved_bytes": held,
+            "peak_saved_bytes": counter.peak, "tensor_bytes_at_backward": alive, "tensor_peak_bytes": tensors.peak,
+            "backward_tensor_peak_bytes": tensors.marked_peak, "backward_peak_bytes": peak_mem.peak(),
+            "segments": module.inner_cfg.checkpoint_segments,
+            "inner_steps_taken": None if info is None else float(info.iterations.float().mean())}
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def measure_time(steps: int, batch: int, side: int, repeats: int, device: torch.device) -> dict:
+    """Step times of all modes at one K, interleaved in this process (no hooks)."""
+    x = data(batch, side, device)
+    modules = {mode: make_module(mode, steps, device, side) for mode in MODES}
+
+    def step(module):
+        def run():
+            module.zero_grad(set_to_none=True)
+            module.training_step((x, None), 0).backward()
+        return run
+
+    times = bench.interleaved({m: step(mod) for m, mod in modules.items()}, repeats=repeats, device=str(device))
+    return {m: {**times[m].to_dict(), "vs_unrolled": bench.ratio(times[m], times["savi_unrolled"]).to_dict()}
+            for m in MODES}
 
 
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def in_subprocess(args, *single: str) -> dict:
+    cmd = [sys.executable, __file__, "--single", *single, "--batch-size", str(args.batch_size),
+           "--side", str(args.side), "--repeats", str(args.repeats), "--device", args.device,
+           "--threads", str(args.threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(single)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure(mode: str, steps: int, batch_size: int, repeats: int, device: torch.device, optimizer: str) -> dict:
-    module = make_module(mode, steps, device, optimizer)
-    x = torch.rand(batch_size, 1, 8, 8, generator=torch.Generator().manual_seed(1)).to(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else current_rss_bytes()
-    one_step(module, x)  # also the warm-up
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        saved, peak_saved = one_step(module, x)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return {"mode": mode, "steps": steps, "batch_size": batch_size, "saved_tensor_bytes": saved,
-            "peak_saved_bytes": peak_saved, "peak_mem_bytes": max(int(peak), 0),
-            "step_time_s": statistics.median(times), "device": str(device), "optimizer": optimizer,
-            "segments": module.inner_cfg.checkpoint_segments}
-
-
-def measure_in_subprocess(mode: str, steps: int, args) -> dict:
-    cmd = [sys.executable, __file__, "--single", mode, str(steps), "--batch-size", str(args.batch_size),
-           "--repeats", str(args.repeats), "--device", args.device, "--threads", str(args.threads),
-           "--optimizer", args.optimizer]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
-MODES = ("savi_unrolled", "savi_checkpointed", "savi_ift")
-SHORT = {"savi_unrolled": "unrolled", "savi_checkpointed": "checkpointed", "savi_ift": "IFT"}
-
-
-def markdown(records: list[dict]) -> str:
+def markdown(records: list[dict], times: dict, args) -> str:
     by = {(r["mode"], r["steps"]): r for r in records}
     ks = sorted({r["steps"] for r in records if r["mode"] != "vae"})
+    modes = [m for m in MODES if any((m, k) in by for k in ks)]
+    head = ["K"] + [f"{SHORT[m]} saved MiB" for m in modes] + [f"{SHORT[m]} peak saved MiB" for m in modes]
+    rows = [[k] + [f"{by[(m, k)]['saved_bytes'] / MIB:.2f}" for m in modes]
+            + [f"{by[(m, k)]['peak_saved_bytes'] / MIB:.2f}" for m in modes] for k in ks]
+    text = ["## Bytes held for backward (saved_tensors_hooks; deterministic)\n", bench.table(head, rows)]
     vae = by.get(("vae", 0))
-    mib = 2**20
-    head = ["K"] + [f"{SHORT[m]} saved MiB" for m in MODES] + [f"{SHORT[m]} peak saved MiB" for m in MODES] \
-        + [f"{SHORT[m]} RSS peak MiB" for m in MODES] + [f"{SHORT[m]} step s" for m in MODES]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
-    for k in ks:
-        rows = [by[(m, k)] for m in MODES]
-        cells = [str(k)] + [f"{r['saved_tensor_bytes'] / mib:.2f}" for r in rows] \
-            + [f"{r['peak_saved_bytes'] / mib:.2f}" for r in rows] + [f"{r['peak_mem_bytes'] / mib:.1f}" for r in rows] \
-            + [f"{r['step_time_s']:.3f}" for r in rows]
-        lines.append("| " + " | ".join(cells) + " |")
     if vae:
-        lines.append(f"\nReference `vae` (K = 0): saved {vae['saved_tensor_bytes'] / mib:.2f} MiB, "
-                     f"peak {vae['peak_mem_bytes'] / mib:.1f} MiB, step {vae['step_time_s']:.4f} s.")
-    return "\n".join(lines) + "\n"
+        text.append(f"\nReference `vae` (K = 0): saved {vae['saved_bytes'] / MIB:.2f} MiB, peak saved "
+                    f"{vae['peak_saved_bytes'] / MIB:.2f} MiB.\n")
+    k_top = max(ks)
+    if all((m, k_top) in by for m in ("savi_unrolled", "savi_checkpointed", "savi_reversible")):
+        rev, unr, ckp = (by[(m, k_top)] for m in ("savi_reversible", "savi_unrolled", "savi_checkpointed"))
+        lines = [f"\nReversible against unrolled and checkpointed at K = {k_top}:"]
+        for key, name in (("saved_bytes", "held when backward starts"), ("peak_saved_bytes", "peak held")):
+            lines.append(f"- {name}: {rev[key] / unr[key]:.4f} of unrolled's, {rev[key] / ckp[key]:.3f} of "
+                         f"checkpointed's")
+        if vae:  # the outer ELBO's graph is common to all modes; what the inner loop adds:
+            key = "saved_bytes"
+            added = {m: by[(m, k_top)][key] - vae[key] for m in ("savi_reversible", "savi_unrolled", "savi_checkpointed")}
+            lines.append(f"- held when backward starts, beyond the `vae` step's: {added['savi_reversible'] / MIB:.2f} MiB, "
+                         f"{added['savi_reversible'] / added['savi_unrolled']:.4f} of unrolled's, "
+                         f"{added['savi_reversible'] / added['savi_checkpointed']:.3f} of checkpointed's")
+        text.append("\n".join(lines) + "\n")
+    if times:
+        head = ["K"] + [f"{SHORT[m]} step s" for m in MODES] + [f"{SHORT[m]} / unrolled" for m in MODES[1:]] \
+            + [f"{SHORT[m]} backward peak MiB" for m in MODES]
+        rows = []
+        for k in ks:
+            t = times[str(k)]
+            rows.append([k] + [f"{t[m]['median_s']:.3f}" for m in MODES]
+                        + [bench.Spread(**t[m]["vs_unrolled"]).fmt() for m in MODES[1:]]
+                        + [f"{by[(m, k)]['backward_peak_bytes'] / MIB:.1f}" for m in MODES])
+        text += [f"\n## Step time (median of {args.repeats}, interleaved; ratio: median [min, max] of the "
+                 "per-round ratios) and memory at the peak of backward (above the process before the step, "
+                 f"{'CUDA allocated' if args.device.startswith('cuda') else 'peak RSS'})\n",
+                 bench.table(head, rows)]
+    else:
+        text.append("\nTimings and backward peaks not measured in this run (`--memory-only`).\n")
+    return "\n".join(text)
 
 
-def plot(records: list[dict], path: Path) -> None:
+def figure(records: list[dict], times: dict, args):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for mode, color in zip(MODES, ("C0", "C1", "C2")):
+    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, mode in enumerate(MODES):
         rows = sorted((r for r in records if r["mode"] == mode), key=lambda r: r["steps"])
         ks = [r["steps"] for r in rows]
-        ax.loglog(ks, [r["peak_saved_bytes"] / 2**20 for r in rows], "o-", color=color,
-                  label=f"{SHORT[mode]}: peak held for backward")
-        if mode == "savi_checkpointed":
-            ax.loglog(ks, [r["saved_tensor_bytes"] / 2**20 for r in rows], "s--", color=color,
+        ax_mem.loglog(ks, [r["peak_saved_bytes"] / MIB for r in rows], "o-", color=f"C{i}",
+                      label=f"{SHORT[mode]}: peak held")
+        ax_mem.loglog(ks, [r["saved_bytes"] / MIB for r in rows], "s--", color=f"C{i}", alpha=0.6,
                       label=f"{SHORT[mode]}: held when backward starts")
-    ax.set_xlabel("inner steps K")
-    ax.set_ylabel("MiB saved for backward")
-    ax.set_title("SAVI training step: memory against K (CPU, batch 128)")
-    ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
+        if times:
+            ax_time.loglog(ks, [times[str(k)][mode]["median_s"] for k in ks], "o-", color=f"C{i}", label=SHORT[mode])
+    ax_mem.set_xlabel("inner steps K")
+    ax_mem.set_ylabel("MiB saved for backward (saved_tensors_hooks)")
+    ax_mem.set_title(f"memory of one training step (batch {args.batch_size}, {args.side}x{args.side} inputs)", fontsize=9)
+    ax_mem.legend(fontsize=7)
+    ax_time.set_xlabel("inner steps K")
+    ax_time.set_ylabel("seconds per training step (forward + backward)")
+    ax_time.set_title(f"step time ({args.device}, {args.threads} thread(s))", fontsize=9)
+    if times:
+        ax_time.legend(fontsize=8)
+    else:
+        ax_time.text(0.5, 0.5, "not measured in this run\n(--memory-only)", ha="center", va="center",
+                     transform=ax_time.transAxes)
+    for ax in (ax_mem, ax_time):
+        ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20, 50, 100, 200, 500])
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = bench.parser(__doc__)
+    parser.add_argument("--steps", type=int, nargs="+", default=None, help="K values (default 5 10 20 50 100 200)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 128 (--quick: 16)")
+    parser.add_argument("--side", type=int, default=28, help="image side (28: MNIST size)")
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=RESULTS / "savi_memory_speed.json")
-    parser.add_argument("--single", nargs=2, metavar=("MODE", "K"), help=argparse.SUPPRESS)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: stable timings on a shared machine)")
-    parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "newton"])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared machine)")
+    parser.add_argument("--memory-only", action="store_true", help="the byte counts only, no timings")
+    parser.add_argument("--single", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.steps = args.steps or ([5, 20] if args.quick else [5, 10, 20, 50, 100, 200])
+    args.batch_size = args.batch_size or (16 if args.quick else 128)
+    if args.quick:
+        args.repeats = min(args.repeats, 2)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if args.single:  # one record in this fresh process, printed as JSON for the parent
-        print(json.dumps(measure(args.single[0], int(args.single[1]), args.batch_size, args.repeats, device,
-                                 args.optimizer)))
+    if args.single:  # one measurement in this fresh process, printed as JSON for the parent
+        kind, *rest = args.single
+        if kind == "memory":
+            out = measure_memory(rest[0], int(rest[1]), args.batch_size, args.side, device)
+        else:
+            out = measure_time(int(rest[0]), args.batch_size, args.side, args.repeats, device)
+        print(json.dumps(out))
         return
-    records = [measure_in_subprocess("vae", 0, args)]
+    run = bench.Run("savi_memory_speed", SOURCES, args, device=args.device)
+    records = [in_subprocess(args, "memory", "vae", "0")]
+    times: dict[str, dict] = {}
     for k in args.steps:
         for mode in MODES:
-            records.append(measure_in_subprocess(mode, k, args))
+            records.append(in_subprocess(args, "memory", mode, str(k)))
             r = records[-1]
-            print(f"{mode:18s} K={k:4d} saved={r['saved_tensor_bytes'] / 2**20:8.2f} MiB "
-                  f"peak saved={r['peak_saved_bytes'] / 2**20:8.2f} MiB "
-                  f"peak={r['peak_mem_bytes'] / 2**20:8.1f} MiB time={r['step_time_s']:.3f} s", flush=True)
-    meta = {"torch": torch.__version__, "device": str(device), "platform": platform.platform(),
-            "threads": torch.get_num_threads(), "batch_size": args.batch_size, "optimizer": args.optimizer}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "records": records}, indent=2))
-    table = markdown(records)
-    args.out.with_suffix(".md").write_text(
-        f"Command: `python benchmarks/savi_memory_speed.py` ({meta['device']}, torch {meta['torch']}, "
-        f"batch {args.batch_size}, {meta['threads']} threads, inner optimiser {args.optimizer}; "
-        f"checkpointed: round(sqrt(K)) segments)\n\n{table}")
-    plot(records, args.out.with_suffix(".png"))
-    print(table)
+            print(f"{mode:18s} K={k:4d} saved={r['saved_bytes'] / MIB:9.2f} MiB peak saved="
+                  f"{r['peak_saved_bytes'] / MIB:9.2f} MiB backward peak={r['backward_peak_bytes'] / MIB:8.1f} MiB",
+                  flush=True)
+        if not args.memory_only:
+            times[str(k)] = in_subprocess(args, "time", str(k))
+            print("   step s: " + ", ".join(f"{SHORT[m]} {times[str(k)][m]['median_s']:.3f}" for m in MODES), flush=True)
+    text = markdown(records, times, args)
+    title = (f"# SAVI: memory and speed of one training step against K\n\n{args.device}, batch {args.batch_size}, "
+             f"{args.side}x{args.side} inputs, latent 8, hidden 128-128, 4 inner draws, {args.threads} thread(s); "
+             "inner loop SGD lr 0.1, momentum 0.5, clip 5, K fixed steps; checkpointed: round(sqrt(K)) segments.\n\n")
+    run.write({"records": records, "times": times, "memory_only": args.memory_only}, title + text,
+              figures={"savi_memory_speed.png": figure(records, times, args)})
+    print(text)
 
 
 if __name__ == "__main__":

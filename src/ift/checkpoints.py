@@ -10,14 +10,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ift.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
 RESOLVED_CONFIG = "config_resolved.yaml"
+INTERRUPTED = "interrupted.ckpt"  # written at Ctrl-C / SIGTERM by InterruptCheckpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -124,9 +128,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def find_last_checkpoint(log_dir: str | Path) -> Path:
-    """Newest `last.ckpt` under `log_dir` that loads (the `ckpt_path=last` shortcut); unreadable
-    newer ones are skipped with a warning naming them."""
-    candidates = sorted(Path(log_dir).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    """Newest `last.ckpt` (or `interrupted.ckpt`, written at Ctrl-C / SIGTERM) under `log_dir` that
+    loads (the `ckpt_path=last` shortcut); unreadable newer ones are skipped with a warning naming them."""
+    found = [*Path(log_dir).glob("**/checkpoints/last.ckpt"), *Path(log_dir).glob(f"**/checkpoints/{INTERRUPTED}")]
+    candidates = sorted(found, key=lambda p: p.stat().st_mtime)
     if not candidates:
         raise CheckpointError(
             f"ckpt_path=last: no checkpoints/last.ckpt under {log_dir}; pass ckpt_path=<run>/checkpoints/last.ckpt")
@@ -180,3 +185,38 @@ def check_matches(model: torch.nn.Module, state: dict[str, Any], ckpt: Path, fix
         if items:
             parts.append(f"{len(items)} {name}: {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}")
     raise CheckpointError(f"{ckpt} holds weights of a different model ({'; '.join(parts)}); {fix}")
+
+
+
+def resume_command(ckpt: Path) -> str:
+    """The command line that continues this run from `ckpt`: the run's own overrides (Hydra's record
+    of them), any earlier ckpt_path replaced."""
+    import shlex
+
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except Exception:  # composed without Hydra's runtime record (tests, notebooks)
+        overrides = []
+    kept = [o for o in overrides if not o.lstrip("+~").startswith("ckpt_path=")]
+    return " ".join(["python", "train.py", *map(shlex.quote, kept), shlex.quote(f"ckpt_path={ckpt}")])
+
+
+class InterruptCheckpoint(pl.Callback):
+    """Ctrl-C or SIGTERM during training: save `<run>/checkpoints/interrupted.ckpt` (weights, optimizer
+    and loop state where the run stopped; the epoch-end checkpoints may be an epoch old) and log the
+    command that resumes from it. Lightning stops a SIGTERMed run at the end of the current batch."""
+
+    def __init__(self, dirpath: str | Path) -> None:
+        self.dirpath = Path(dirpath)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or trainer.state.fn != TrainerFn.FITTING:
+            return
+        what = "Ctrl-C" if isinstance(exception, KeyboardInterrupt) else "SIGTERM"
+        path = self.dirpath / INTERRUPTED
+        trainer.save_checkpoint(path)
+        if trainer.is_global_zero:
+            log.warning("%s at epoch %d, step %d: saved %s. Resume with: %s", what, trainer.current_epoch,
+                        trainer.global_step, path, resume_command(path))

@@ -13,8 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from ift.checkpoints import RESOLVED_CONFIG, check_matches, load_checkpoint, resolve_checkpoint, run_dir_of
 from ift.data import DatasetNotFoundError
 from ift.errors import CheckpointError, ConfigError
-from ift.training import instantiate_checked
-from ift.validation import check_data_root
+from ift.training import apply_threads, instantiate_checked
+from ift.validation import check_data_root, check_threads
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ def print_table(metrics: dict[str, float], title: str) -> None:
 
 
 def run_evaluation(cfg: DictConfig) -> dict[str, float]:
+    check_threads(cfg.get("threads", "auto"))
+    apply_threads(cfg.get("threads", "auto"))
     ckpt = resolve_checkpoint(cfg.ckpt_path, Path(cfg.paths.log_dir) / "train")
     state = load_checkpoint(ckpt)
     run_cfg = load_run_config(ckpt)

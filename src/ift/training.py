@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,11 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from ift.checkpoints import (RESOLVED_CONFIG, AtomicCheckpointIO, check_matches, load_checkpoint,
-                             resolve_checkpoint, run_dir_of)
+from ift.checkpoints import (RESOLVED_CONFIG, AtomicCheckpointIO, InterruptCheckpoint, check_matches,
+                             load_checkpoint, resolve_checkpoint, run_dir_of)
 from ift.data import DatasetNotFoundError
 from ift.errors import ConfigError, IFTError
 from ift.validation import validate_config
@@ -72,24 +74,39 @@ def to_floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
-def run_training(cfg: DictConfig) -> dict[str, float]:
-    validate_config(cfg)
-    pl.seed_everything(cfg.seed, workers=True)
-    out_dir = Path(cfg.paths.output_dir)
-    ckpt = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.log_dir) / cfg.task_name)
-    prepare_wandb(cfg, resumed_run_dir=run_dir_of(ckpt) if ckpt else None)
+def processes_per_node(trainer_cfg: DictConfig) -> int:
+    devices = trainer_cfg.get("devices")
+    return devices if "ddp" in str(trainer_cfg.get("strategy", "")) and isinstance(devices, int) else 1
 
-    # Model first: its hyperparameter checks fail before any data is read.
-    model = instantiate_checked(cfg.model, "model", _convert_="all")
-    if ckpt is not None:
-        check_matches(model, load_checkpoint(ckpt), ckpt,
-                      fix=f"resume with the model config it was trained with (see {run_dir_of(ckpt) / RESOLVED_CONFIG})")
-    datamodule = instantiate_checked(cfg.data, "data")
-    callbacks = [*instantiate_group(cfg.get("callbacks"), "callbacks"), PerRankSeed(cfg.seed)]
+
+def auto_threads(processes: int = 1) -> int:
+    """The CPUs not already busy (usable CPUs minus the 1-minute load average), shared among this
+    node's processes, and never more than torch's own default (or OMP_NUM_THREADS): on a shared
+    machine a second thread per process only waits for a core another program holds."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    free = cpus - round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else cpus
+    return max(1, min(torch.get_num_threads(), free // max(1, processes)))
+
+
+def apply_threads(setting: int | str, processes: int = 1) -> int:
+    threads = auto_threads(processes) if setting == "auto" else int(setting)
+    torch.set_num_threads(threads)
+    log.info("torch CPU threads: %d (threads=%s; set threads=N to choose)", threads, setting)
+    return threads
+
+
+def build_trainer(cfg: DictConfig) -> tuple[pl.Trainer, list[Logger]]:
+    callbacks = [*instantiate_group(cfg.get("callbacks"), "callbacks"), PerRankSeed(cfg.seed),
+                 InterruptCheckpoint(Path(cfg.paths.output_dir) / "checkpoints")]
     loggers: list[Logger] = instantiate_group(cfg.get("logger"), "logger")
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                       plugins=[AtomicCheckpointIO()])
+    return trainer, loggers
 
+
+def record_run(cfg: DictConfig, trainer: pl.Trainer, loggers: list[Logger], ckpt: Path | None) -> None:
+    """The resolved config (and what the run resumed from) in the run folder; hyperparameters to the loggers."""
+    out_dir = Path(cfg.paths.output_dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -101,29 +118,51 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         if isinstance(logger, WandbLogger) and trainer.is_global_zero:
             (out_dir / "wandb_id.txt").write_text(f"{logger.version}\n")
 
+
+def fit_and_test(cfg: DictConfig, trainer: pl.Trainer, model, datamodule, ckpt: Path | None) -> dict[str, float]:
     metrics: dict[str, float] = {}
+    if cfg.get("train", True):
+        log.info("Training %s on %s", cfg.model._target_, cfg.data._target_)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+        metrics.update(to_floats(trainer.callback_metrics))
+    if cfg.get("test", True):
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+        if best is None:
+            log.warning("No best checkpoint (checkpointing off or no validation): testing the current weights")
+        results = trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
+        test_metrics = to_floats(results[0]) if results else {}
+        metrics.update(test_metrics)
+        if trainer.is_global_zero:
+            (Path(cfg.paths.output_dir) / "test_metrics.json").write_text(json.dumps(
+                {"ckpt_path": best, "metrics": test_metrics}, indent=2))
+    return metrics
+
+
+def run_training(cfg: DictConfig) -> dict[str, float]:
+    validate_config(cfg)
+    apply_threads(cfg.get("threads", "auto"), processes_per_node(cfg.trainer))
+    pl.seed_everything(cfg.seed, workers=True)
+    ckpt = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.log_dir) / cfg.task_name)
+    prepare_wandb(cfg, resumed_run_dir=run_dir_of(ckpt) if ckpt else None)
+
+    # Model first: its hyperparameter checks fail before any data is read.
+    model = instantiate_checked(cfg.model, "model", _convert_="all")
+    if ckpt is not None:
+        check_matches(model, load_checkpoint(ckpt), ckpt,
+                      fix=f"resume with the model config it was trained with (see {run_dir_of(ckpt) / RESOLVED_CONFIG})")
+    datamodule = instantiate_checked(cfg.data, "data")
+    trainer, loggers = build_trainer(cfg)
+    record_run(cfg, trainer, loggers, ckpt)
     try:
-        if cfg.get("train", True):
-            log.info("Training %s on %s", cfg.model._target_, cfg.data._target_)
-            trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
-            metrics.update(to_floats(trainer.callback_metrics))
-        if cfg.get("test", True):
-            best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
-            if best is None:
-                log.warning("No best checkpoint (checkpointing off or no validation): testing the current weights")
-            results = trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
-            test_metrics = to_floats(results[0]) if results else {}
-            metrics.update(test_metrics)
-            if trainer.is_global_zero:
-                (out_dir / "test_metrics.json").write_text(json.dumps(
-                    {"ckpt_path": best, "metrics": test_metrics}, indent=2))
+        return fit_and_test(cfg, trainer, model, datamodule, ckpt)
     except DatasetNotFoundError as err:
         raise ConfigError(str(err)) from None
+    except SIGTERMException:  # a SystemExit with code 0: say it was killed (128 + SIGTERM, as the shell does)
+        raise SystemExit(143) from None
     except IFTError:
         raise
     except Exception:
-        log.exception("Run failed; checkpoints and logs so far are in %s", out_dir)
+        log.exception("Run failed; checkpoints and logs so far are in %s", cfg.paths.output_dir)
         raise
     finally:
         finish_wandb(loggers)
-    return metrics

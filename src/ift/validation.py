@@ -22,9 +22,76 @@ def validate_config(cfg: DictConfig) -> None:
     lr = cfg.model.get("lr")
     if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
         raise ConfigError(f"model.lr must be > 0, got {lr!r}")
+    check_threads(cfg.get("threads", "auto"))
+    check_trainer_values(cfg.trainer)
     check_devices(cfg.trainer)
+    check_model_fits_data(cfg.model, cfg.data)
     check_data_root(cfg.data)
     check_ckpt_file(cfg.get("ckpt_path"))
+
+
+# Trainer integers: the smallest value Lightning accepts, and whether null (Lightning's default) is allowed.
+TRAINER_INTS = {"max_epochs": (-1, True), "min_epochs": (0, True), "max_steps": (-1, False),
+                "check_val_every_n_epoch": (1, True), "log_every_n_steps": (1, True),
+                "accumulate_grad_batches": (1, False), "num_sanity_val_steps": (-1, True)}
+# Batch counts: an int (that many), a float in [0, 1] (that fraction) or null (all).
+TRAINER_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches",
+                  "overfit_batches", "val_check_interval")
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_trainer_values(trainer: DictConfig) -> None:
+    """The Trainer's numeric options, checked by name (Lightning answers `max_epochs=abc` with a bare
+    AssertionError from deep inside its fit loop)."""
+    for key, (low, nullable) in TRAINER_INTS.items():
+        value = trainer.get(key)
+        if (value is None and not nullable) or (value is not None and not (is_int(value) and value >= low)):
+            null = " (or null)" if nullable else ""
+            raise ConfigError(f"trainer.{key} must be an integer >= {low}{null}, got {value!r}")
+    for key in TRAINER_LIMITS:
+        value = trainer.get(key)
+        ok = value is None or (is_int(value) and value >= 0) or (isinstance(value, float) and 0.0 <= value <= 1.0)
+        if not ok:
+            raise ConfigError(f"trainer.{key} must be a batch count (int >= 0), a fraction in [0, 1] or null, "
+                              f"got {value!r}")
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0):
+        raise ConfigError(f"trainer.gradient_clip_val must be a number >= 0 or null, got {clip!r}")
+
+
+def check_threads(threads) -> None:
+    if threads != "auto" and not (is_int(threads) and threads >= 1):
+        raise ConfigError(f"threads must be `auto` or an integer >= 1 (torch CPU threads), got {threads!r}")
+
+
+# Models that learn from few-shot tasks (x_support, y_support, x_query, y_query), and the data modules
+# that yield them; every other pair is an image/label model on (x, y) batches.
+TASK_MODELS = ("ift.imaml.module.MetaRegression",)
+TASK_DATA = ("ift.data.sinusoid.SinusoidDataModule",)
+
+
+def check_model_fits_data(model: DictConfig, data: DictConfig) -> None:
+    model_target, data_target = str(model._target_), str(data._target_)
+    if model_target in TASK_MODELS and data_target not in TASK_DATA:
+        raise ConfigError(f"{chosen('model', model_target)} meta-learns from few-shot regression tasks: it needs "
+                          f"data=sinusoid, got {chosen('data', data_target)}")
+    if data_target in TASK_DATA and model_target not in TASK_MODELS:
+        raise ConfigError(f"data=sinusoid yields few-shot regression tasks, not images: use model=imaml or "
+                          f"model=maml, got {chosen('model', model_target)}")
+
+
+def chosen(group: str, target: str) -> str:
+    """`model=imaml (ift.imaml.module.MetaRegression)`: the option picked on the command line where
+    Hydra recorded it, and the class."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return f"{group}={HydraConfig.get().runtime.choices[group]} ({target})"
+    except Exception:  # composed without Hydra's runtime record
+        return f"{group} {target}"
 
 
 def check_devices(trainer: DictConfig) -> None:

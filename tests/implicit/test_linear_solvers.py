@@ -172,3 +172,33 @@ def test_bad_shapes_and_limits_raise():
         Neumann(alpha=0.0)
     with pytest.raises(ValueError, match="restart"):
         GMRES(restart=0)
+
+
+def test_preconditioned_cg_with_the_exact_matrix_takes_one_iteration():
+    from ift.implicit.linear_solvers import dense_preconditioner
+
+    A = spd_batch(5, 16, cond=1e4)
+    b = torch.randn(5, 16, dtype=DT)
+    u, info = CG(tol=1e-10, preconditioner=dense_preconditioner(A)).solve(as_matvec(A), b)
+    torch.testing.assert_close(u, torch.linalg.solve(A, b), rtol=1e-9, atol=1e-10)
+    assert info.all_converged and (info.iterations == 1).all()
+    plain = CG(tol=1e-10).solve(as_matvec(A), b)[1]
+    assert (plain.iterations > 10).all()
+
+
+def test_preconditioned_cg_with_an_approximate_or_unusable_matrix_still_converges():
+    from ift.implicit.linear_solvers import dense_preconditioner
+
+    A = spd_batch(4, 12, cond=1e3, seed=2)
+    b = torch.randn(4, 12, dtype=DT)
+    M = A * (1 + 1e-4 * torch.randn(A.shape, dtype=DT, generator=torch.Generator().manual_seed(3)))
+    M = 0.5 * (M + M.transpose(1, 2))
+    M[1] = float("nan")          # not built: identity, plain CG on that row
+    M[2] = -torch.eye(12, dtype=DT)  # not positive definite: identity too
+    u, info = CG(tol=1e-10, preconditioner=dense_preconditioner(M)).solve(as_matvec(A), b)
+    torch.testing.assert_close(u, torch.linalg.solve(A, b), rtol=1e-8, atol=1e-9)
+    assert info.all_converged and info.iterations[0] < info.iterations[1]
+    with pytest.raises(TypeError, match="preconditioner must be a callable"):
+        CG(preconditioner=A)
+    with pytest.raises(ValueError, match=r"shape \(B, n, n\)"):
+        dense_preconditioner(A[0])

@@ -276,3 +276,17 @@ def test_newton_trusts_its_model_below_the_objectives_rounding_noise():
     result = minimize(f, torch.zeros(64, 6, dtype=torch.float32), method="newton", rtol=1e-5, max_iter=30)
     assert result.converged.all(), result.stationarity.max()
     torch.testing.assert_close(result.x, torch.linalg.solve(a, c), rtol=1e-3, atol=1e-4)
+
+
+def test_newton_returns_the_hessian_it_built_at_the_returned_point():
+    """Converged problems (compacted or not) carry the exact Hessian at x; budget-stopped ones NaN."""
+    gen = torch.Generator().manual_seed(3)
+    c = 0.3 * torch.randn(6, 3, generator=gen)
+    f = lambda x: double_well(x, c)  # noqa: E731
+    x0 = torch.full((6, 3), 0.4)
+    x0[0] = 5.0  # far out: stops on the budget below
+    result = minimize(f, x0, method="newton", rtol=1e-10, max_iter=6)
+    assert not result.converged[0] and result.converged[1:].all()
+    assert torch.isnan(result.hessian[0]).all()
+    torch.testing.assert_close(result.hessian[1:], batched_hessian(f, result.x[1:])[2])
+    assert minimize(f, x0, method="sgd").hessian is None

@@ -142,17 +142,33 @@ class LinearSolver:
 
 class CG(LinearSolver):
     """Conjugate gradient for symmetric definite operators (a Hessian at a minimum, or minus one
-    at a maximum: CG's iterates do not change when both ``A`` and ``b`` flip sign)."""
+    at a maximum: CG's iterates do not change when both ``A`` and ``b`` flip sign).
+
+    ``preconditioner``: a row-wise map ``r -> M^{-1} r`` with ``M`` symmetric positive definite
+    (e.g. :func:`dense_preconditioner` of a Hessian the forward solver already built). With ``M``
+    equal to ``A`` the solve ends after one iteration; stopping still tests the unpreconditioned
+    residual ``||b - A u|| <= tol ||b||``.
+    """
 
     name = "cg"
+
+    def __init__(self, tol=None, maxiter=None, ridge=0.0, check_every=None,
+                 preconditioner: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        super().__init__(tol, maxiter, ridge, check_every)
+        if preconditioner is not None and not callable(preconditioner):
+            raise TypeError(f"CG: preconditioner must be a callable r -> M^-1 r, got {type(preconditioner).__name__}")
+        self.preconditioner = preconditioner
 
     def _iterate(self, matvec, b, x, r, threshold, maxiter):
         # Lean loop (the IFT backward's hot path): a stopped row never restarts within this call, so
         # only x and r need freezing (alpha = 0); p is reset to 0 so x stays finite whatever p was.
         # x is updated in place: it is the solver's own buffer (zeros or a previous call's result).
+        precondition = self.preconditioner
         r = r.clone()
-        p = r.clone()
+        z = r if precondition is None else precondition(r)
+        p = z.clone()
         rs = _dot(r, r)
+        rz = rs if precondition is None else _dot(r, z)
         threshold_sq = threshold.square()
         active = rs > threshold_sq
         iterations = torch.zeros_like(rs, dtype=torch.long)
@@ -171,15 +187,35 @@ class CG(LinearSolver):
             curvature = pAp.abs() / _dot(p, p)
             max_curvature = torch.fmax(max_curvature, curvature)
             ok = active & (curvature > eps * max_curvature)
-            alpha = torch.where(ok, rs / pAp, zero)
+            alpha = torch.where(ok, rz / pAp, zero)
             x.addcmul_(alpha, p)
             r.addcmul_(alpha, Ap, value=-1.0)
             rs_new = _dot(r, r)
-            p = torch.where(ok, torch.addcmul(r, rs_new / rs, p), zero)
-            rs = rs_new
+            if precondition is None:
+                z, rz_new = r, rs_new
+            else:
+                z = precondition(r)
+                rz_new = _dot(r, z)
+            p = torch.where(ok, torch.addcmul(z, rz_new / rz, p), zero)
+            rz = rz_new
             iterations += ok
             active = ok & (rs_new > threshold_sq)
         return x, iterations.squeeze(-1)
+
+
+def dense_preconditioner(matrices: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``r -> M^{-1} r`` row-wise for (B, n, n) symmetric matrices ``M``, by one Cholesky factorisation.
+
+    Rows whose matrix is not finite or not positive definite get the identity (plain CG there).
+    """
+    if matrices.dim() != 3 or matrices.shape[1] != matrices.shape[2]:
+        raise ValueError(f"dense_preconditioner: matrices must have shape (B, n, n), got {tuple(matrices.shape)}")
+    matrices = matrices.detach()
+    eye = torch.eye(matrices.shape[1], dtype=matrices.dtype, device=matrices.device)
+    finite = torch.isfinite(matrices).flatten(1).all(-1)[:, None, None]
+    factor, info = torch.linalg.cholesky_ex(torch.where(finite, matrices, eye))
+    factor = torch.where(finite & (info == 0)[:, None, None], factor, eye)
+    return lambda r: torch.cholesky_solve(r.unsqueeze(-1), factor).squeeze(-1)
 
 
 class BiCGStab(LinearSolver):

@@ -67,6 +67,9 @@ class MinimizeResult:
     iterations: accepted updates per problem.
     converged: ``stationarity <= rtol``.
     diverged: NaN/Inf or ``|x| > max_abs`` was met; ``x`` is ``x0`` there.
+    hessian: newton only, the (B, n, n) Hessian (or ``curvature``) the last iteration built at the
+       returned ``x`` (detached; NaN where it was not built there: the budget ended after a step, or
+       the problem diverged). The IFT's backward system at a converged ``x``: a preconditioner.
     """
 
     x: torch.Tensor
@@ -77,6 +80,7 @@ class MinimizeResult:
     converged: torch.Tensor
     diverged: torch.Tensor
     rtol: float
+    hessian: torch.Tensor | None = None
 
     @property
     def nonstationary(self) -> torch.Tensor:
@@ -284,6 +288,7 @@ def _initial_state(x: torch.Tensor, method: str, lr: float, damping: float) -> d
     state = {"x": x, "active": ~flags, "diverged": flags, "iterations": torch.zeros_like(flags, dtype=torch.long)}
     if method == "newton":
         state["nu"] = torch.full((batch,), damping, dtype=x.dtype, device=x.device)
+        state["hess"] = torch.full((batch, x.shape[1], x.shape[1]), math.nan, dtype=x.dtype, device=x.device)
     else:
         state["step_size"] = torch.full((batch,), lr, dtype=x.dtype, device=x.device)
         state["m1"] = torch.zeros_like(x)
@@ -314,7 +319,7 @@ def _newton_iteration(state, k, *, objective, rtol, curvature, max_abs, create_g
     diverged = state["diverged"] | (state["active"] & ~finite)
     active = state["active"] & finite & (relative_stationarity(value, grad) > rtol)
     if check and not bool(active.any()):
-        return {**state, "active": active, "diverged": diverged}
+        return {**state, "active": active, "diverged": diverged, "hess": hess.detach()}
 
     # Damping is a per-problem constant for the unrolled graph (like a step size): computed detached.
     eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
@@ -353,7 +358,9 @@ def _newton_iteration(state, k, *, objective, rtol, curvature, max_abs, create_g
         if check and not bool(pending.any()):  # without a host read: all trials, masked
             break
     accepted = active & ~pending
-    return {**state, "x": new_x, "nu": nu, "active": active, "diverged": diverged,
+    # The Hessian stays valid where x did not move (stopped, or all trials rejected).
+    hess_at_x = torch.where(accepted[:, None, None], torch.full_like(hess_d, math.nan), hess.detach())
+    return {**state, "x": new_x, "nu": nu, "active": active, "diverged": diverged, "hess": hess_at_x,
             "iterations": state["iterations"] + accepted.long()}
 
 
@@ -421,6 +428,9 @@ def _finish(state, x0, objective, rtol, max_abs) -> MinimizeResult:
         x = torch.where(diverged[:, None], x0, x)
         value, grad = _value_and_grad(objective, x, create_graph=False)
     stat = relative_stationarity(value, grad)
+    hessian = state.get("hess")
+    if hessian is not None:
+        hessian = torch.where(diverged[:, None, None], torch.full_like(hessian, math.nan), hessian)
     return MinimizeResult(x=x, value=value, grad_norm=grad.norm(dim=-1), stationarity=stat,
                           iterations=iterations, converged=(stat <= rtol) & ~diverged,
-                          diverged=diverged, rtol=rtol)
+                          diverged=diverged, rtol=rtol, hessian=hessian)

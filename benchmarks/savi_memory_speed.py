@@ -7,11 +7,13 @@ the inner loop + backward) of the Dai et al. VAE on MNIST-sized inputs (784 pixe
 hidden 128-128, 4 inner noise draws) at a fixed batch:
 
 - saved_bytes: bytes of tensors autograd holds for backward when backward starts
-  (`saved_tensors_hooks`, each storage counted once);
-- peak_saved_bytes: the most bytes held for backward at any moment of forward AND backward (the
-  hooks stay on during backward, each saved storage counted until freed): for the checkpointed
-  mode this includes the segment recomputed in backward, for the reversible one the step graph it
-  rebuilds;
+  (`saved_tensors_hooks`, each storage counted once); peak_saved_bytes: the most held at any moment
+  of forward and backward (the hooks stay on during backward). Hooks do not see what non-reentrant
+  checkpointing keeps (it saves behind hooks of its own), hence:
+- tensor_bytes_at_backward / tensor_peak_bytes: bytes of all tensors created in the step (not the
+  weights or the data) alive when backward starts / at the peak of forward and backward, counted
+  from every op's outputs by a `TorchDispatchMode` (deterministic; on CPU the analogue of CUDA's
+  allocated bytes);
 - backward_peak_bytes: memory in use at the peak of backward above what the process held before
   the step: on CUDA from `torch.cuda.max_memory_allocated` (reset when backward starts), on CPU
   from the kernel's peak RSS (VmHWM, reset through /proc/self/clear_refs when backward starts);
@@ -216,31 +218,39 @@ def in_subprocess(args, *single: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+METRICS = (("saved_bytes", "held for backward (hooks)"), ("tensor_bytes_at_backward", "alive at backward (tensors)"),
+           ("tensor_peak_bytes", "peak alive (tensors)"))
+
+
 def markdown(records: list[dict], times: dict, args) -> str:
     by = {(r["mode"], r["steps"]): r for r in records}
     ks = sorted({r["steps"] for r in records if r["mode"] != "vae"})
-    modes = [m for m in MODES if any((m, k) in by for k in ks)]
-    head = ["K"] + [f"{SHORT[m]} saved MiB" for m in modes] + [f"{SHORT[m]} peak saved MiB" for m in modes]
-    rows = [[k] + [f"{by[(m, k)]['saved_bytes'] / MIB:.2f}" for m in modes]
-            + [f"{by[(m, k)]['peak_saved_bytes'] / MIB:.2f}" for m in modes] for k in ks]
-    text = ["## Bytes held for backward (saved_tensors_hooks; deterministic)\n", bench.table(head, rows)]
+    head = ["K"] + [f"{SHORT[m]} {name} MiB" for key, name in METRICS for m in MODES]
+    rows = [[k] + [f"{by[(m, k)][key] / MIB:.2f}" for key, _ in METRICS for m in MODES] for k in ks]
+    text = ["## Memory of one step (deterministic byte counts)\n",
+            "held for backward (hooks): bytes saved for backward when backward starts, from "
+            "saved_tensors_hooks (blind to non-reentrant checkpointing, which saves behind hooks of its own); "
+            "alive at backward / peak alive (tensors): bytes of all tensors created in the step and alive "
+            "when backward starts / at the peak of forward and backward (a dispatch-mode count).\n",
+            bench.table(head, rows)]
     vae = by.get(("vae", 0))
     if vae:
-        text.append(f"\nReference `vae` (K = 0): saved {vae['saved_bytes'] / MIB:.2f} MiB, peak saved "
-                    f"{vae['peak_saved_bytes'] / MIB:.2f} MiB.\n")
+        text.append("\nReference `vae` (K = 0): " + ", ".join(f"{name} {vae[key] / MIB:.2f} MiB" for key, name in METRICS)
+                    + ".\n")
     k_top = max(ks)
-    if all((m, k_top) in by for m in ("savi_unrolled", "savi_checkpointed", "savi_reversible")):
-        rev, unr, ckp = (by[(m, k_top)] for m in ("savi_reversible", "savi_unrolled", "savi_checkpointed"))
+    names = ("savi_reversible", "savi_unrolled", "savi_checkpointed")
+    if all((m, k_top) in by for m in names):
+        rev, unr, ckp = (by[(m, k_top)] for m in names)
         lines = [f"\nReversible against unrolled and checkpointed at K = {k_top}:"]
-        for key, name in (("saved_bytes", "held when backward starts"), ("peak_saved_bytes", "peak held")):
-            lines.append(f"- {name}: {rev[key] / unr[key]:.4f} of unrolled's, {rev[key] / ckp[key]:.3f} of "
+        for key, name in METRICS:
+            lines.append(f"- {name}: {rev[key] / unr[key]:.4f} of unrolled's, {rev[key] / ckp[key]:.4f} of "
                          f"checkpointed's")
-        if vae:  # the outer ELBO's graph is common to all modes; what the inner loop adds:
+        if vae:  # the outer ELBO's graph is common to all modes: what the inner loop adds
             key = "saved_bytes"
-            added = {m: by[(m, k_top)][key] - vae[key] for m in ("savi_reversible", "savi_unrolled", "savi_checkpointed")}
-            lines.append(f"- held when backward starts, beyond the `vae` step's: {added['savi_reversible'] / MIB:.2f} MiB, "
-                         f"{added['savi_reversible'] / added['savi_unrolled']:.4f} of unrolled's, "
-                         f"{added['savi_reversible'] / added['savi_checkpointed']:.3f} of checkpointed's")
+            added = {m: by[(m, k_top)][key] - vae[key] for m in names}
+            lines.append(f"- held for backward (hooks) beyond the `vae` step's: reversible "
+                         f"{added['savi_reversible'] / MIB:.3f} MiB, unrolled {added['savi_unrolled'] / MIB:.2f} MiB, "
+                         f"checkpointed {added['savi_checkpointed'] / MIB:.3f} MiB (hooks see none of its storage)")
         text.append("\n".join(lines) + "\n")
     if times:
         head = ["K"] + [f"{SHORT[m]} step s" for m in MODES] + [f"{SHORT[m]} / unrolled" for m in MODES[1:]] \
@@ -270,14 +280,14 @@ def figure(records: list[dict], times: dict, args):
     for i, mode in enumerate(MODES):
         rows = sorted((r for r in records if r["mode"] == mode), key=lambda r: r["steps"])
         ks = [r["steps"] for r in rows]
-        ax_mem.loglog(ks, [r["peak_saved_bytes"] / MIB for r in rows], "o-", color=f"C{i}",
-                      label=f"{SHORT[mode]}: peak held")
-        ax_mem.loglog(ks, [r["saved_bytes"] / MIB for r in rows], "s--", color=f"C{i}", alpha=0.6,
-                      label=f"{SHORT[mode]}: held when backward starts")
+        ax_mem.loglog(ks, [r["tensor_peak_bytes"] / MIB for r in rows], "o-", color=f"C{i}",
+                      label=f"{SHORT[mode]}: peak")
+        ax_mem.loglog(ks, [r["tensor_bytes_at_backward"] / MIB for r in rows], "s--", color=f"C{i}", alpha=0.6,
+                      label=f"{SHORT[mode]}: when backward starts")
         if times:
             ax_time.loglog(ks, [times[str(k)][mode]["median_s"] for k in ks], "o-", color=f"C{i}", label=SHORT[mode])
     ax_mem.set_xlabel("inner steps K")
-    ax_mem.set_ylabel("MiB saved for backward (saved_tensors_hooks)")
+    ax_mem.set_ylabel("MiB of tensors alive (created in the step)")
     ax_mem.set_title(f"memory of one training step (batch {args.batch_size}, {args.side}x{args.side} inputs)", fontsize=9)
     ax_mem.legend(fontsize=7)
     ax_time.set_xlabel("inner steps K")
@@ -326,8 +336,8 @@ def main() -> None:
         for mode in MODES:
             records.append(in_subprocess(args, "memory", mode, str(k)))
             r = records[-1]
-            print(f"{mode:18s} K={k:4d} saved={r['saved_bytes'] / MIB:9.2f} MiB peak saved="
-                  f"{r['peak_saved_bytes'] / MIB:9.2f} MiB backward peak={r['backward_peak_bytes'] / MIB:8.1f} MiB",
+            print(f"{mode:18s} K={k:4d} saved={r['saved_bytes'] / MIB:9.2f} MiB alive at backward="
+                  f"{r['tensor_bytes_at_backward'] / MIB:9.2f} MiB peak={r['tensor_peak_bytes'] / MIB:9.2f} MiB",
                   flush=True)
         if not args.memory_only:
             times[str(k)] = in_subprocess(args, "time", str(k))

@@ -303,12 +303,12 @@ def bench_settings(name: str, args, out_json: Path) -> list[str]:
         sizes = ["5"] if args.quick else ["10", "50"]
         return ["--sizes", *sizes, "--batch", "4" if args.quick else "128", "--repeats", "1" if args.quick else "3",
                 "--cvxpylayers-max-n", "0", *dev]
-    if name == "savi_memory_speed":
-        steps = ["2"] if args.quick else ["5", "50"]
-        return ["--steps", *steps, "--batch-size", "8" if args.quick else "128", "--repeats",
-                "1" if args.quick else "3", "--out", str(out_json), *dev]
     # scripts on ift.bench: --out is the folder, --quick their own smoke settings
     results = ["--out", str(out_json.parent)]
+    if name == "savi_memory_speed":
+        if args.quick:
+            return [*results, "--quick", "--steps", "2", "--batch-size", "8", "--repeats", "1", *dev]
+        return [*results, "--steps", "5", "50", "--batch-size", "128", "--repeats", "3", *dev]
     if name == "host_checks":
         return [*results, *(["--quick"] if args.quick else ["--repeats", "5"]), *dev]
     if args.quick:
@@ -363,11 +363,12 @@ def summarize_qp(payload: dict, args) -> dict:
 
 
 def summarize_savi(payload: dict, args) -> dict:
-    records = payload["records"]
-    numbers = {f"{r['mode']}_K{r['steps']}_peak_MiB": round(r["peak_mem_bytes"] / 2**20, 2) for r in records}
-    numbers.update({f"{r['mode']}_K{r['steps']}_step_ms": ms(r["step_time_s"]) for r in records})
+    records = [r for r in payload["records"] if r["mode"] != "vae"]
+    numbers = {f"{r['mode']}_K{r['steps']}_backward_peak_MiB": round(r["backward_peak_bytes"] / 2**20, 2) for r in records}
+    numbers.update({f"{mode}_K{k}_step_ms": ms(t["median_s"]) for k, modes in payload.get("times", {}).items()
+                    for mode, t in modes.items()})
     k = max(r["steps"] for r in records)
-    peak = {r["mode"]: r["peak_mem_bytes"] for r in records if r["steps"] == k}
+    peak = {r["mode"]: r["backward_peak_bytes"] for r in records if r["steps"] == k}
     if args.device == "cuda" and {"savi_ift", "savi_unrolled"} <= peak.keys() and k >= 50:
         ratio = peak["savi_ift"] / max(peak["savi_unrolled"], 1)
         numbers[f"ift_over_unrolled_peak_K{k}"] = round(ratio, 3)

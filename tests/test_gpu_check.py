@@ -68,6 +68,19 @@ def test_an_ift_bench_script_gets_out_and_quick_and_its_summary_reads_its_json(g
     assert gpu_check.summarize_host_checks(payload, None) == {"minimize sgd: time every 8 / every 1": 1.01}
 
 
+def test_savi_memory_summary_reads_the_harness_json_and_fails_when_ift_is_not_below_unrolled(gpu_check):
+    records = [{"mode": "vae", "steps": 0, "backward_peak_bytes": 2**20}]
+    records += [{"mode": m, "steps": 50, "backward_peak_bytes": b * 2**20} for m, b in (("savi_unrolled", 40), ("savi_ift", 8))]
+    payload = {"records": records, "times": {"50": {"savi_ift": {"median_s": 0.5}}}}
+    args = gpu_check.parse_args(["--device", "cpu", "--quick"])
+    args.device = "cuda"
+    numbers = gpu_check.summarize_savi(payload, args)
+    assert numbers["savi_ift_K50_backward_peak_MiB"] == 8 and numbers["savi_ift_K50_step_ms"] == 500
+    assert numbers["ift_over_unrolled_peak_K50"] == 0.2 and "FAIL" not in numbers
+    records[-1]["backward_peak_bytes"] = 50 * 2**20
+    assert "not below" in gpu_check.summarize_savi(payload, args)["FAIL"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA visible: the no-CUDA message does not apply")
 def test_without_cuda_it_says_so_in_one_line_and_fails():
     result = run()

@@ -87,3 +87,19 @@ def test_optnet_layer_bad_hyperparameters(kwargs, match):
 def test_optnet_layer_bad_input_shape():
     with pytest.raises(ValueError, match=r"shape \(batch, 4\)"):
         OptNetLayer(4, 3)(torch.randn(2, 5))
+
+
+def test_two_sided_layer_is_feasible_and_trains_its_lower_bounds():
+    torch.manual_seed(0)
+    layer = OptNetLayer(n=6, n_ineq=5, two_sided=True).double()
+    with torch.no_grad():
+        layer.s0_raw.fill_(-3.0)  # tight bounds on both sides: some rows active at each
+        layer.s1_raw.fill_(-3.0)
+    q = torch.randn(16, 6, dtype=torch.float64) * 3
+    z = layer(q)
+    Gz, h, lower = z @ layer.G.T, layer.qp_parameters()[2], layer.lower_bounds()
+    assert (Gz <= h + 1e-9).all() and (Gz >= lower - 1e-9).all()
+    lam = layer.solves.last["qp"].lam
+    assert (lam > 0).any() and (lam < 0).any()
+    z.square().sum().backward()
+    assert layer.s1_raw.grad.abs().sum() > 0 and torch.isfinite(layer.s1_raw.grad).all()

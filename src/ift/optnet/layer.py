@@ -14,13 +14,14 @@ class OptNetLayer(nn.Module):
     """z*(q) = argmin 1/2 z^T Q z + q^T z  s.t.  G z <= h, A z = b, with learnable Q, G, h, A, b.
 
     As in the OptNet paper: Q = L L^T + eps I (positive definite), h = G z0 + s0 with s0 >= 0 and
-    b = A z0, so z0 is feasible for every parameter value. The input is the linear term q
+    b = A z0, so z0 is feasible for every parameter value. With `two_sided=True` every row also
+    gets a lower bound l = G z0 - s1 (s1 >= 0): l <= G z <= h, solved natively (`solve_qp(lower=)`). The input is the linear term q
     (batch, n). Each call records its `QPSolution` (status, iterations) in `solves` as kind "qp".
     `precision` is the solver's dtype policy (`solve_qp`: "mixed", "float64" or "input").
     """
 
     def __init__(self, n: int, n_ineq: int, n_eq: int = 0, eps: float = 1e-4, max_iter: int = 50,
-                 precision: str = "mixed"):
+                 precision: str = "mixed", two_sided: bool = False):
         super().__init__()
         for name, value, low in (("n", n, 1), ("n_ineq", n_ineq, 1), ("n_eq", n_eq, 0)):
             if not isinstance(value, int) or value < low:
@@ -36,6 +37,7 @@ class OptNetLayer(nn.Module):
         self.G = nn.Parameter(torch.randn(n_ineq, n) / n**0.5)
         self.z0 = nn.Parameter(torch.zeros(n))
         self.s0_raw = nn.Parameter(torch.zeros(n_ineq))  # s0 = softplus(s0_raw) > 0
+        self.s1_raw = nn.Parameter(torch.zeros(n_ineq)) if two_sided else None  # lower bound's margin
         self.A = nn.Parameter(torch.randn(n_eq, n) / n**0.5) if n_eq else None
         self.solves = SolveRecorder()
         self.solve_kwargs: dict = {"max_iter": max_iter, "precision": precision}
@@ -48,11 +50,15 @@ class OptNetLayer(nn.Module):
             return Q, self.G, h, None, None
         return Q, self.G, h, self.A, self.A @ self.z0
 
+    def lower_bounds(self) -> torch.Tensor | None:
+        """l = G z0 - softplus(s1_raw) with `two_sided`, else None."""
+        return None if self.s1_raw is None else self.G @ self.z0 - F.softplus(self.s1_raw)
+
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         if q.dim() != 2 or q.shape[1] != self.n:
             raise ValueError(f"OptNetLayer: input q must have shape (batch, {self.n}), got {tuple(q.shape)}")
         Q, G, h, A, b = self.qp_parameters()
-        sol = solve_qp_with_info(Q, q, G, h, A, b, strict=True, **self.solve_kwargs)
+        sol = solve_qp_with_info(Q, q, G, h, A, b, strict=True, lower=self.lower_bounds(), **self.solve_kwargs)
         self.solves.record(sol, "qp")
         return sol.z
 

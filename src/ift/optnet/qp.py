@@ -44,6 +44,7 @@ class QPStatus(enum.IntEnum):
     DEGENERATE = 5  # solved (z verified to tol) but strict complementarity fails: some inequality
     # has slack and multiplier both below DEGENERATE_FACTOR * tol (relative, after scaling), so
     # the active set is ambiguous and the gradient is one of the one-sided derivatives
+    RELAXED = 6  # infeasible; z solves the l2-penalised elastic relaxation (`relax`, see `_relaxed`)
 
 
 # Q must be positive definite (checked), so the objective is bounded below on any nonempty
@@ -59,14 +60,15 @@ class QPSolution:
     """Primal-dual solution and diagnostics; only `z` is differentiable."""
 
     z: torch.Tensor  # (B, n) primal solution
-    lam: torch.Tensor  # (B, m) inequality duals, >= 0
+    lam: torch.Tensor  # (B, m) row multipliers: >= 0 at the upper bound h, <= 0 at the lower bound
     nu: torch.Tensor  # (B, p) equality duals
-    slack: torch.Tensor  # (B, m) s = h - G z, > 0
+    slack: torch.Tensor  # (B, m) s = h - G z >= 0 (inf where h = +inf)
     status: torch.Tensor  # (B,) int64, values of QPStatus
     iterations: torch.Tensor  # (B,) int64, interior point steps taken
     primal_residual: torch.Tensor  # (B,) max(|Gz + s - h|, |Az - b|) / (1 + max(|Gz|, |s|, |h|, |Az|, |b|))
     dual_residual: torch.Tensor  # (B,) |Qz + q + G^T lam + A^T nu| / (1 + max(|Qz|, |q|, |G^T lam|, |A^T nu|))
     gap: torch.Tensor  # (B,) s^T lam / (1 + |objective|)
+    slack_lower: torch.Tensor  # (B, m) G z - l (inf where l = -inf, e.g. without `lower`)
 
     @property
     def converged(self) -> torch.Tensor:
@@ -95,6 +97,7 @@ _SPECS = {  # name -> (unbatched rank, symbolic shape)
     "h": (1, ("m",)),
     "A": (2, ("p", "n")),
     "b": (1, ("p",)),
+    "lower": (1, ("m",)),
 }
 
 
@@ -139,11 +142,30 @@ def _check_inputs(args: dict[str, torch.Tensor]) -> tuple[int | None, dict[str, 
             "solve_qp: needs n >= 1 variables and m >= 1 inequalities (an equality-only QP is one "
             "linear solve: use torch.linalg.solve on its KKT matrix)"
         )
+    two_sided = "lower" in args
     for name, t in args.items():
+        if two_sided and name in ("h", "lower"):
+            continue
         # max and min propagate NaN and see +-inf: two reductions instead of a full-size mask
         if t.numel() and not bool(torch.isfinite(torch.stack([t.amax(), t.amin()])).all()):
             raise ValueError(f"solve_qp: {name} contains NaN or infinite entries")
+    if two_sided:
+        _check_bounds(args["lower"], args["h"])
     return batch, dims
+
+
+def _check_bounds(lower: torch.Tensor, upper: torch.Tensor) -> None:
+    """lower <= G z <= upper: no NaN, -inf allowed below and +inf above, never both in one row."""
+    problems = {
+        "a bound is NaN": torch.isnan(lower).any() | torch.isnan(upper).any(),
+        "lower = +inf or h = -inf": (lower == float("inf")).any() | (upper == -float("inf")).any(),
+        "lower > h (an empty interval)": (lower > upper).any(),
+        "a row has lower = -inf and h = +inf (it constrains nothing: drop it)":
+            (torch.isinf(lower) & torch.isinf(upper)).any(),
+    }
+    for what, bad in zip(problems, torch.stack(list(problems.values())).tolist()):
+        if bad:
+            raise ValueError(f"solve_qp: two-sided constraints lower <= G z <= h: {what}")
 
 
 def _cholesky_of_Q(Qs: torch.Tensor) -> torch.Tensor:
@@ -163,147 +185,220 @@ def _batched(t: torch.Tensor, rank: int, batch: int) -> torch.Tensor:
 
 
 def _inf_norm(v: torch.Tensor) -> torch.Tensor:
+    """Max abs entry per batch element over all other dimensions (0 for empty ones)."""
+    v = v.flatten(1)
     return v.abs().amax(-1) if v.shape[-1] > 0 else v.new_zeros(v.shape[:-1])
 
 
 # --------------------------------------------------------------------------------------------
 # forward: primal-dual interior point, then an exact solve on the identified active set
+#
+# Each row of G has two sides, k = 0: G_i z <= u_i and k = 1: G_i z >= l_i (sign SIDE[k] = +1,
+# -1), each with a slack s_k = SIDE[k] (bound_k - G z) >= 0 and a multiplier lam_k >= 0, stored
+# as (B, 2, m). An infinite bound's side is switched off by the mask f (0): its s and lam stay 1
+# and enter nothing. The row's multiplier in the stationarity is y = lam_0 - lam_1.
+
+
+def _side(t: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([1.0, -1.0], dtype=t.dtype, device=t.device).view(1, 2, 1)
 
 
 def _max_step(v: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
     """Largest alpha in [0, 1] keeping v + alpha dv >= 0, per batch element."""
     ratio = torch.where(dv < 0, -v / dv, torch.full_like(v, float("inf")))
-    return ratio.amin(-1).clamp(max=1.0)
+    return ratio.flatten(1).amin(-1).clamp(max=1.0)
 
 
-def _shift_positive(v: torch.Tensor) -> torch.Tensor:
-    return v + (1.0 - v.amin(-1, keepdim=True)).clamp_min(0.0)
+def _shift_positive(v: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """v shifted so that its smallest live entry is >= 1; switched-off entries 1."""
+    low = torch.where(f > 0, v, torch.full_like(v, float("inf"))).flatten(1).amin(-1)
+    shifted = v + (1.0 - low).clamp_min(0.0).view(-1, 1, 1)
+    return torch.where(f > 0, shifted, torch.ones_like(v))
 
 
 @dataclass
 class _Problem:
-    """Batched problem data with its constraint-space factors; `take` selects examples."""
+    """Batched problem data with its constraint-space factors; `take` selects examples.
+
+    bounds (B, 2, m): u and l with infinite entries set to 0, f (B, 2, m): 1 where finite.
+    """
 
     cs: ConstraintSpace
     q: torch.Tensor
-    h: torch.Tensor
+    bounds: torch.Tensor
+    f: torch.Tensor
     b: torch.Tensor
 
-    def take(self, index: torch.Tensor) -> "_Problem":
-        return _Problem(self.cs.take(index), self.q[index], self.h[index], self.b[index])
+    def take(self, index: torch.Tensor, data: bool = True) -> "_Problem":
+        return _Problem(self.cs.take(index, data), self.q[index], self.bounds[index], self.f[index], self.b[index])
+
+    def rhs(self, lower: torch.Tensor) -> torch.Tensor:
+        """The bound each row is held at when active: l where `lower`, else u."""
+        return torch.where(lower, self.bounds[:, 1], self.bounds[:, 0])
+
+    def slacks(self, Gz: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.f > 0, _side(Gz) * (self.bounds - Gz.unsqueeze(1)), torch.ones_like(self.bounds))
+
+
+def _multiplier(P: _Problem, lam: torch.Tensor) -> torch.Tensor:
+    """The row multiplier y = lam_upper - lam_lower of the live sides."""
+    flam = P.f * lam
+    return flam[:, 0] - flam[:, 1]
 
 
 def _measure(P: _Problem, z, s, lam, nu):
-    """Residuals, relative residuals (primal, dual, gap) and G^T lam + A^T nu of a point.
+    """Residuals, relative residuals (primal, dual, gap) and G^T y + A^T nu of a point.
 
     s need not be positive nor lam nonnegative (a polished point): negative parts count as
     primal / dual infeasibility.
     """
-    cs, p = P.cs, nu.shape[-1]
+    cs, p, f = P.cs, nu.shape[-1], P.f
     Qz, Az, Gz = cs.products(z)
-    Gt_lam, At_nu = bmtv(cs.G, lam), bmtv(cs.A, nu) if p else torch.zeros_like(z)
-    rd = Qz + P.q + Gt_lam + At_nu
-    rp = Gz + s - P.h
+    flam = f * lam
+    Gt_y, At_nu = bmtv(cs.G, _multiplier(P, lam)), bmtv(cs.A, nu) if p else torch.zeros_like(z)
+    rd = Qz + P.q + Gt_y + At_nu
+    rp = f * (Gz.unsqueeze(1) + _side(z) * s - P.bounds)
     re = Az - P.b
     objective = 0.5 * (z * Qz).sum(-1) + (P.q * z).sum(-1)
+    fs = f * s
     # Residuals relative to the size of the terms they are made of (as OSQP does).
-    scale_p = 1 + torch.stack([_inf_norm(t) for t in (Gz, s, P.h, Az, P.b)]).amax(0)
-    scale_d = 1 + torch.stack([_inf_norm(t) for t in (Qz, P.q, Gt_lam, At_nu)]).amax(0)
-    pri = torch.stack([_inf_norm(rp), _inf_norm(re), _inf_norm(s.clamp(max=0))]).amax(0) / scale_p
-    dual = torch.maximum(_inf_norm(rd), _inf_norm(lam.clamp(max=0))) / scale_d
-    gap = (s * lam).abs().sum(-1) / (1 + objective.abs())
-    return rd, rp, re, pri, dual, gap, Gt_lam + At_nu
+    scale_p = 1 + torch.stack([_inf_norm(t) for t in (Gz, fs, P.bounds, Az, P.b)]).amax(0)
+    scale_d = 1 + torch.stack([_inf_norm(t) for t in (Qz, P.q, Gt_y, At_nu)]).amax(0)
+    pri = torch.stack([_inf_norm(rp), _inf_norm(re), _inf_norm(fs.clamp(max=0))]).amax(0) / scale_p
+    dual = torch.maximum(_inf_norm(rd), _inf_norm(flam.clamp(max=0))) / scale_d
+    gap = (fs * lam).abs().flatten(1).sum(-1) / (1 + objective.abs())
+    return rd, rp, re, pri, dual, gap, Gt_y + At_nu
 
 
 def _farkas(P: _Problem, z, lam, nu, pri, y_res, tol):
-    """The duals approach a certificate y = (lam >= 0, nu): G^T lam + A^T nu = 0, h^T lam + b^T nu < 0.
+    """The duals approach a certificate (lam >= 0, nu): G^T y + A^T nu = 0 and
+    u^T lam_0 - l^T lam_1 + b^T nu < 0.
 
-    Any feasible z0 has h^T lam + b^T nu >= -|z0|_1 |G^T lam + A^T nu|_inf, so the test proves
-    there is no feasible point within 1000 times the size of the current iterate.
+    Any feasible z0 has that value >= -|z0|_1 |G^T y + A^T nu|_inf, so the test proves there is
+    no feasible point within 1000 times the size of the current iterate.
     """
-    y_norm = lam.abs().sum(-1) + nu.abs().sum(-1)
+    flam = P.f * lam
+    y_norm = flam.flatten(1).sum(-1) + nu.abs().sum(-1)
     cert_res = _inf_norm(y_res) / y_norm
-    cert_obj = ((P.h * lam).sum(-1) + (P.b * nu).sum(-1)) / y_norm
+    cert_obj = ((_side(z) * P.bounds * flam).flatten(1).sum(-1) + (P.b * nu).sum(-1)) / y_norm
     return (
         (pri > tol)
-        & (cert_obj < -1e-6 * (1 + torch.maximum(_inf_norm(P.h), _inf_norm(P.b))))
+        & (cert_obj < -1e-6 * (1 + torch.maximum(_inf_norm(P.bounds), _inf_norm(P.b))))
         & (1e3 * (1 + z.abs().sum(-1)) * cert_res < -cert_obj)
     )
 
 
-def _newton_direction(F: ReducedFactor, part, s, lam, rp, rc):
-    """Solve the linearised KKT system for (dz, ds, dlam, dnu) given the residuals.
+def _barrier_weights(P: _Problem, s, lam) -> torch.Tensor:
+    """D (B, m) of the Newton system: 1 / (sum over live sides of lam / s)."""
+    return 1.0 / (P.f * lam / s).sum(1)
 
-    rd = Qz + q + G^T lam + A^T nu, rp = Gz + s - h, re = Az - b, rc = s*lam - target.
-    Eliminating ds = -(rc + s dlam) / lam leaves the system of `ift.optnet.kkt` with D = s / lam;
-    `part` is its projection of (-rd, -re), shared by predictor and corrector. dz and dnu
-    (`F.lift`) are only needed for the corrector.
+
+def _newton_direction(F: ReducedFactor, P: _Problem, part, s, lam, rp, rc):
+    """Solve the linearised KKT system for (ds, dlam, dy) given the residuals.
+
+    rd = Qz + q + G^T y + A^T nu, rp_k = G z + SIDE_k s_k - bound_k, re = Az - b,
+    rc_k = s_k lam_k - target. Eliminating ds_k = -(rc_k + s_k dlam_k) / lam_k gives
+    dlam_k = SIDE_k w_k (G dz + rp_k - SIDE_k rc_k / lam_k) with w_k = lam_k / s_k, so
+    dy = sum_k SIDE_k dlam_k = W G dz + r (W = w_0 + w_1, r = sum_k w_k (rp_k - SIDE_k rc_k / lam_k)): the system of `ift.optnet.kkt` with D = 1 / W and
+    right-hand side -r / W. `part` is its projection of (-rd, -re), shared by predictor and
+    corrector; dz and dnu (`F.lift` of dy) are only needed for the corrector.
     """
-    dlam = F.solve_g(part, rc / lam - rp)
-    ds = -(rc + s * dlam) / lam
-    return ds, dlam
+    side, w = _side(s), P.f * lam / s
+    shifted = rp - side * rc / lam
+    r = (w * shifted).sum(1)
+    D = 1.0 / w.sum(1)
+    dy = F.solve_g(part, -D * r)
+    Gdz = D * (dy - r)
+    dlam = side * w * (Gdz.unsqueeze(1) + shifted)
+    ds = P.f * (-rc - s * dlam) / lam
+    return ds, dlam, dy
 
 
-def _equality_solve(P: _Problem, active: torch.Tensor, refine: bool = True, start=None):
-    """Solve the KKT system with the constraints in `active` as equalities, the others dropped.
+def _point(P: _Problem, z, y, Gz, active, lower):
+    """(z, s, lam, nu)-style slacks and multipliers of an active-set solution with row multipliers y."""
+    upper = active & ~lower
+    lam = torch.stack([torch.where(upper, y, 0.0), torch.where(lower, -y, 0.0)], 1)
+    return P.slacks(Gz), torch.where(P.f > 0, lam, torch.ones_like(lam))
 
-    Returns the factor and the point (z, s = h - Gz, lam, nu); it is the QP's exact solution iff
-    the dropped constraints hold and the kept multipliers are >= 0 (`_measure` checks both).
-    `start` = (factor, point) refines an unrefined solve of the same active set.
+
+def _equality_solve(P: _Problem, active: torch.Tensor, lower: torch.Tensor, refine: bool = True, start=None):
+    """Solve the KKT system with the constraints in `active` as equalities (at l where `lower`,
+    else at u), the others dropped.
+
+    Returns the factor and the point (z, s, lam, nu); it is the QP's exact solution iff the
+    dropped constraints hold and the kept multipliers have the sign of their side (`_measure`
+    checks both). `start` = (factor, point) refines an unrefined solve of the same active set.
     """
     F = ReducedFactor.active_set(P.cs, active) if start is None else start[0]
+    active = F.active()
+    d = F.to_slots(P.rhs(lower))
     if not refine:
-        z, nu, y, Gz = F.solve_and_Gx(-P.q, P.b, F.to_slots(P.h))
-        return F, (z, P.h - Gz, F.from_slots(y), nu)
-    z0 = None if start is None else (start[1][0], start[1][3], F.to_slots(start[1][2]))
-    z, nu, y = F.solve(-P.q, P.b, F.to_slots(P.h), refine=True, start=z0)
-    return F, (z, P.h - bmv(F.cs.G, z), F.from_slots(y), nu)
+        z, nu, y, Gz = F.solve_and_Gx(-P.q, P.b, d)
+    else:
+        z0 = None if start is None else (start[1][0], start[1][3], F.to_slots(_multiplier(P, start[1][2])))
+        z, nu, y = F.solve(-P.q, P.b, d, refine=True, start=z0)
+        Gz = bmv(F.cs.G, z)
+    s, lam = _point(P, z, F.from_slots(y), Gz, active, lower)
+    return F, (z, s, lam, nu)
+
+
+def _guess(P: _Problem, score: torch.Tensor):
+    """Active rows and which of them sit at their lower bound, from per-side scores (> 0: active)."""
+    live = (score > 0) & (P.f > 0)
+    up, lo = live[:, 0], live[:, 1]
+    lower = lo & (~up | (score[:, 1] > score[:, 0]))
+    return up | lo, lower
+
+
+def _point_guess(P: _Problem, point):
+    """Primal-dual active-set step: keep rows whose multiplier has its side's sign, add violated ones."""
+    _, s, lam, _ = point
+    return _guess(P, _side(s) * _multiplier(P, lam).unsqueeze(1) - s)
 
 
 def _kkt_ok(res, tol):
     return (res[0] <= tol) & (res[1] <= tol) & (res[2] <= tol)
 
 
-def _polish(P: _Problem, active: torch.Tensor, tol: float, corrections: int = 3):
+def _polish(P: _Problem, active: torch.Tensor, lower: torch.Tensor, tol: float, corrections: int = 3):
     """Exact solve on the active set guessed from an interior point iterate, verified.
 
-    The guess is corrected by primal-dual active-set steps: keep the constraints with lam > 0,
-    add the violated ones, until the set stops changing (at most `corrections` times); these
-    steps only need signs, so they use unrefined solves. The last set of each example is then
-    solved to full precision and verified. Returns the factors and points per example, their
-    relative residuals, and whether each satisfies the KKT conditions to `tol`.
+    The guess is corrected by primal-dual active-set steps (`_point_guess`) until the set stops
+    changing (at most `corrections` times); these steps only need signs, so they use unrefined
+    solves. The last set of each example is then solved to full precision and verified. Returns
+    the factors, lower-side masks and points per example, their relative residuals, and whether
+    each satisfies the KKT conditions to `tol`.
     """
-    F, point = _equality_solve(P, active, refine=False)
+    F, point = _equality_solve(P, active, lower, refine=False)
     for _ in range(corrections):
-        _, s, lam, _ = point
-        guess = lam - s > 0
-        bad = (guess != F.active()).any(-1).nonzero().squeeze(-1)
+        guess, guess_lower = _point_guess(P, point)
+        bad = ((guess != F.active()) | (guess_lower != lower)).any(-1).nonzero().squeeze(-1)
         if not bad.numel():
             break
-        Pb = _Problem(P.cs.take(bad, data=False), P.q[bad], P.h[bad], P.b[bad])
-        Fb, point_b = _equality_solve(Pb, guess[bad], refine=False)
-        F = F.replace(bad, Fb)
+        Fb, point_b = _equality_solve(P.take(bad, data=False), guess[bad], guess_lower[bad], refine=False)
+        F, lower = F.replace(bad, Fb), lower.index_copy(0, bad, guess_lower[bad])
         point = tuple(t.index_copy(0, bad, tb) for t, tb in zip(point, point_b))
-    F, point = _equality_solve(P, None, start=(F, point))
+    F, point = _equality_solve(P, None, lower, start=(F, point))
     res = _measure(P, *point)[3:6]
     ok = _kkt_ok(res, tol)
     # Unrefined signs can be off for a nearly weakly active row: one more step from the refined
     # point where it fails the check or asks for another set (a kept multiplier slightly below 0
     # can pass a loose tol), kept where it is better.
-    _, s, lam, _ = point
-    bad = (~ok | ((lam - s > 0) != F.active()).any(-1)).nonzero().squeeze(-1)
+    guess, guess_lower = _point_guess(P, point)
+    bad = (~ok | ((guess != F.active()) | (guess_lower != lower)).any(-1)).nonzero().squeeze(-1)
     if bad.numel():
         Pb = P.take(bad)
-        Fb, point_b = _equality_solve(Pb, lam[bad] - s[bad] > 0)
+        Fb, point_b = _equality_solve(Pb, guess[bad], guess_lower[bad])
         res_b = _measure(Pb, *point_b)[3:6]
         ok_b = _kkt_ok(res_b, tol)
         better = ok_b | ~ok[bad]
+        lower_b = guess_lower[bad][better]
         bad, Fb = bad[better], Fb.take(better)
         point = tuple(t.index_copy(0, bad, tb[better]) for t, tb in zip(point, point_b))
         res = tuple(t.index_copy(0, bad, tb[better]) for t, tb in zip(res, res_b))
         ok = ok.index_copy(0, bad, ok_b[better])
-        F = F.replace(bad, Fb)
-    return F, point, res, ok
+        F, lower = F.replace(bad, Fb), lower.index_copy(0, bad, lower_b)
+    return F, lower, point, res, ok
 
 
 # The first polish is tried once the interior point's relative residuals and gap are below
@@ -320,9 +415,11 @@ class _Result:
     """Per-example outputs of `_solve`, filled as examples finish, and their active-set factors."""
 
     def __init__(self, P: _Problem):
-        B, m, n, p = *P.h.shape, P.q.shape[1], P.b.shape[1]
+        B, _, m = P.bounds.shape
+        n, p = P.q.shape[1], P.b.shape[1]
         new = lambda *shape, dtype=P.q.dtype: torch.zeros(*shape, dtype=dtype, device=P.q.device)  # noqa: E731
-        self.z, self.lam, self.nu, self.s = new(B, n), new(B, m), new(B, p), new(B, m)
+        self.z, self.lam, self.nu, self.s = new(B, n), new(B, 2, m), new(B, p), new(B, 2, m)
+        self.lower = new(B, m, dtype=torch.bool)  # active rows held at their lower bound
         self.status = new(B, dtype=torch.long)
         self.iterations = new(B, dtype=torch.long)
         self.pri, self.dual, self.gap = new(B), new(B), new(B)
@@ -330,6 +427,7 @@ class _Result:
         self.L = torch.eye(m, dtype=P.cs.T.dtype, device=P.q.device).repeat(B, 1, 1)  # padding: identity
 
     def store(self, rows, F: ReducedFactor, sel, **values):
+        """values: z, lam and s (B, 2, m), nu, lower, status, ... of `rows`."""
         for name, v in values.items():
             getattr(self, name)[rows] = v
         k = F.idx.shape[1]
@@ -374,26 +472,29 @@ class _Predictor:
 
 def _initial_iterate(P: _Problem, max_iter: int, near_tol: float, start, left) -> _Iterate:
     """The starting point; examples with steps in `start` continue from their iterate there."""
-    # Start from the solution of the problem with unit barrier weights, then shift s, lam > 0.
-    z, nu, _ = ReducedFactor.barrier(P.cs, torch.ones_like(P.h)).solve(-P.q, P.b, P.h)
-    Gz_h = bmv(P.cs.G, z) - P.h
-    s, lam = _shift_positive(-Gz_h), _shift_positive(Gz_h)
-    iters = torch.zeros(P.h.shape[0], dtype=torch.long, device=P.h.device)
+    # Start from the solution of the problem with unit barrier weights pulling G z to its bound
+    # (the middle of two finite ones), then shift s, lam > 0.
+    target = (P.f * P.bounds).sum(1) / P.f.sum(1)
+    ones = torch.ones_like(target)
+    z, nu, _ = ReducedFactor.barrier(P.cs, ones).solve(-P.q, P.b, target)
+    s = P.slacks(bmv(P.cs.G, z))
+    s, lam = _shift_positive(s, P.f), _shift_positive(-s, P.f)
+    iters = torch.zeros(ones.shape[0], dtype=torch.long, device=ones.device)
     if start is not None:
         warm = start[-1] > 0
         z, s, lam, nu, iters = (torch.where(warm.view(-1, *[1] * (t.dim() - 1)), t0, t)
                                 for t0, t in zip(start, (z, s, lam, nu, iters)))
     left = max_iter - iters if left is None else torch.minimum(left, max_iter - iters)
-    live = torch.arange(P.h.shape[0], device=P.h.device)
+    live = torch.arange(ones.shape[0], device=ones.device)
     broken = torch.zeros_like(live, dtype=torch.bool)
-    return _Iterate(z, s, lam, nu, iters, left, live, next_try=torch.full_like(P.h[:, 0], near_tol),
-                    broken=broken, gone=torch.zeros_like(broken), step=torch.ones_like(P.h[:, 0]))
+    return _Iterate(z, s, lam, nu, iters, left, live, next_try=torch.full_like(ones[:, 0], near_tol),
+                    broken=broken, gone=torch.zeros_like(broken), step=torch.ones_like(ones[:, 0]))
 
 
-def _predictor(F: ReducedFactor, x: _Iterate, rd, rp, re) -> _Predictor:
+def _predictor(F: ReducedFactor, P: _Problem, x: _Iterate, rd, rp, re) -> _Predictor:
     """The affine scaling direction (it aims at s * lam = 0)."""
     part = F.project(-rd, -re)
-    ds, dlam = _newton_direction(F, part, x.s, x.lam, rp, x.s * x.lam)
+    ds, dlam, _ = _newton_direction(F, P, part, x.s, x.lam, rp, P.f * x.s * x.lam)
     return _Predictor(F, part, rp, ds, dlam)
 
 
@@ -408,9 +509,11 @@ def _status_codes(ok: torch.Tensor, stops: dict) -> torch.Tensor:
 
 
 def _polish_and_store(out: _Result, exact: _Problem, x: _Iterate, a, guess, done, stops: dict, measured, tol):
-    """Polish the attempted examples `a`; those verified, or done anyway, are stored in `out` (the
-    polished point where it was verified, else the iterate) and marked gone."""
-    Fa, (zp, sp, lamp, nup), (ppri, pdual, pgap), ok = _polish(exact.take(x.live[a]), guess[a], tol)
+    """Polish the attempted examples `a` (guess: active and lower masks); those verified, or done
+    anyway, are stored in `out` (the polished point where it was verified, else the iterate) and
+    marked gone."""
+    Pa = exact.take(x.live[a])
+    Fa, lower, (zp, sp, lamp, nup), (ppri, pdual, pgap), ok = _polish(Pa, guess[0][a], guess[1][a], tol)
     ok &= ~stops[QPStatus.INFEASIBLE][a]
     fin = ok | done[a]
     code = _status_codes(ok, {status: flag[a] for status, flag in stops.items()})
@@ -422,33 +525,35 @@ def _polish_and_store(out: _Result, exact: _Problem, x: _Iterate, a, guess, done
     pri, dual, gap = measured
     out.store(
         x.live[a[fin]], Fa, fin,
-        z=pick(zp, x.z[a]), lam=pick(lamp.clamp_min(0), x.lam[a]), nu=pick(nup, x.nu[a]),
-        s=pick(sp.clamp_min(0), x.s[a]), status=code[fin], iterations=x.iters[a[fin]],
+        z=pick(zp, x.z[a]), lam=pick(lamp.clamp_min(0), x.lam[a]), nu=pick(nup, x.nu[a]), s=pick(sp.clamp_min(0), x.s[a]), lower=lower[fin],
+        status=code[fin], iterations=x.iters[a[fin]],
         pri=pick(ppri, pri[a]), dual=pick(pdual, dual[a]), gap=pick(pgap, gap[a]),
     )
     x.gone[a[fin]] = True
 
 
-def _corrector_step(x: _Iterate, d: _Predictor) -> None:
+def _corrector_step(x: _Iterate, d: _Predictor, P: _Problem) -> None:
     """Mehrotra's centred corrector (same factor as the predictor), then 0.99 of the longest step
     keeping s, lam >= 0; finished examples and non-finite directions take no step."""
-    s, lam, m = x.s, x.lam, x.s.shape[1]
-    mu = (s * lam).sum(-1, keepdim=True) / m
-    alpha = torch.minimum(_max_step(s, d.ds), _max_step(lam, d.dlam)).unsqueeze(-1)
-    mu_aff = ((s + alpha * d.ds) * (lam + alpha * d.dlam)).sum(-1, keepdim=True) / m
+    s, lam, f = x.s, x.lam, P.f
+    sides = f.flatten(1).sum(-1).view(-1, 1, 1)
+    mu = (f * s * lam).flatten(1).sum(-1).view(-1, 1, 1) / sides
+    alpha = torch.minimum(_max_step(s, d.ds), _max_step(lam, d.dlam)).view(-1, 1, 1)
+    mu_aff = (f * (s + alpha * d.ds) * (lam + alpha * d.dlam)).flatten(1).sum(-1).view(-1, 1, 1) / sides
     sigma = (mu_aff / mu).clamp(0.0, 1.0) ** 3
-    rc = s * lam + d.ds * d.dlam - sigma * mu
-    ds, dlam = _newton_direction(d.F, d.part, s, lam, d.rp, rc)
-    dz, dnu, _ = d.F.lift(d.part, dlam)
+    rc = f * (s * lam + d.ds * d.dlam - sigma * mu)
+    ds, dlam, dy = _newton_direction(d.F, P, d.part, s, lam, d.rp, rc)
+    dz, dnu, _ = d.F.lift(d.part, dy)
     alpha = (0.99 * torch.minimum(_max_step(s, ds), _max_step(lam, dlam))).clamp(max=1.0)
 
-    x.broken = ~torch.stack([t.isfinite().all(-1) for t in (dz, ds, dlam, dnu)]).all(0) & ~x.gone
+    finite = lambda t: t.flatten(1).isfinite().all(-1)  # noqa: E731
+    x.broken = ~torch.stack([finite(t) for t in (dz, ds, dlam, dnu)]).all(0) & ~x.gone
     alpha = torch.where(x.broken | x.gone, torch.zeros_like(alpha), alpha)
     x.step = alpha
     alpha = alpha.unsqueeze(-1)
     x.z = x.z + alpha * torch.nan_to_num(dz)
-    x.s = s + alpha * torch.nan_to_num(ds)
-    x.lam = lam + alpha * torch.nan_to_num(dlam)
+    x.s = s + alpha.unsqueeze(-1) * torch.nan_to_num(ds)
+    x.lam = lam + alpha.unsqueeze(-1) * torch.nan_to_num(dlam)
     x.nu = x.nu + alpha * torch.nan_to_num(dnu)
     x.iters += (~x.broken & ~x.gone).long()
 
@@ -486,16 +591,18 @@ def _solve(P: _Problem, exact: _Problem, tol: float, max_iter: int, iter_tol: fl
         # iteration, which asks both whether some example is due a polish and whether some
         # factorisation failed (issue 15: no further synchronisation in a plain iteration).
         last = it == max_iter  # every example is done: no further step
-        F, failed = (None, torch.zeros_like(x.gone)) if last else ReducedFactor.barrier_unchecked(P.cs, x.s / x.lam)
+        F, failed = (None, torch.zeros_like(x.gone)) if last else ReducedFactor.barrier_unchecked(
+            P.cs, _barrier_weights(P, x.s, x.lam))
         any_attempt, any_failed = torch.stack([attempt.any(), failed.any()]).tolist()
         if any_failed:
             F = F.repaired(failed)
-        pred = None if last else _predictor(F, x, rd, rp, re)
+        pred = None if last else _predictor(F, P, x, rd, rp, re)
         if any_attempt:
             # The full predictor step aims at s * lam = 0: its sign pattern guesses the active set
             # better than the iterate's (benchmark, n = 100, residuals 1e-3: the guess was exact or
             # one row off for 60% of the examples, against 20% with lam > s)
-            guess = (x.lam > x.s) if last else (x.lam + pred.dlam > x.s + pred.ds)
+            score = (x.lam - x.s) if last else (x.lam + pred.dlam - x.s - pred.ds)
+            guess = _guess(P, score)
             stops = {  # a later flag's status wins where several hold
                 QPStatus.STALLED: stalled,
                 QPStatus.NUMERICAL_ERROR: x.broken,
@@ -514,7 +621,7 @@ def _solve(P: _Problem, exact: _Problem, tol: float, max_iter: int, iter_tol: fl
                 keep = ~x.gone
                 x, P = x.take(keep), P.take(keep)
                 pred = pred.take(keep, P.cs)
-        _corrector_step(x, pred)
+        _corrector_step(x, pred, P)
     return out
 
 
@@ -572,16 +679,36 @@ FLOAT32_MAX_ITER = 20
 FLOAT32_MIN_PIVOT_RATIO = 1e-4
 
 
+# A certified solution with an inequality whose slack and multiplier are both below this many
+# times tol (relative to 1 + |bounds|, 1 + |q| of the scaled problem) is DEGENERATE: the exact
+# solution cannot tell whether that constraint is active, and the gradient picks one side.
+DEGENERATE_FACTOR = 100.0
+
+
+def _flag_degenerate(r: _Result, P: _Problem, tol: float) -> None:
+    thr = DEGENERATE_FACTOR * tol
+    small_s = r.s <= thr * (1 + _inf_norm(P.bounds)).view(-1, 1, 1)
+    small_lam = r.lam <= thr * (1 + _inf_norm(P.q)).view(-1, 1, 1)
+    interval = ~((P.f[:, 0] * P.f[:, 1] > 0) & (P.bounds[:, 0] == P.bounds[:, 1]))  # l = u: an equality
+    weak = ((P.f > 0) & small_s & small_lam & interval.unsqueeze(1)).flatten(1).any(-1)
+    r.status[(r.status == QPStatus.CONVERGED) & weak] = int(QPStatus.DEGENERATE)
+
+
 class _QPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, Q, q, G, h, A, b, batch, tol, max_iter, precision):
+    def forward(ctx, Q, q, G, h, A, b, lo, batch, tol, max_iter, precision):
         out_dtype = q.dtype
         exact_dtype = q.dtype if precision == "input" else torch.float64
         symmetric = torch.equal(Q, Q.transpose(-1, -2))  # the common case: no symmetrised copy
         inputs = (Q, G, A)
-        Q, q, G, h, A, b = (t.to(exact_dtype) for t in (Q, q, G, h, A, b))
+        ctx.ranks = (Q.dim() == 3, q.dim() == 2, G.dim() == 3, h.dim() == 2, A.dim() == 3, b.dim() == 2,
+                     lo is not None and lo.dim() == 2)
+        lo = torch.full_like(h, -float("inf")) if lo is None else lo
+        Q, q, G, h, A, b, lo = (t.to(exact_dtype) for t in (Q, q, G, h, A, b, lo))
         Qs = Q if symmetric else 0.5 * (Q + Q.transpose(-1, -2))  # the objective only sees Q's symmetric part
-        vectors = [_batched(t, 1, batch) for t in (q, h, b)]
+        bounds = torch.stack([_batched(h, 1, batch), _batched(lo, 1, batch)], 1)
+        live = torch.isfinite(bounds)
+        vectors = [_batched(q, 1, batch), torch.where(live, bounds, 0.0), live.to(exact_dtype), _batched(b, 1, batch)]
         if precision == "mixed":
             data32 = (inputs[0] if symmetric else Qs, *inputs[1:])
             cs, loop_cs, cs64, fragile = _mixed_constraint_space(
@@ -600,10 +727,12 @@ class _QPFunction(torch.autograd.Function):
             if redo.numel():  # what float32 iteration did not finish goes on in float64
                 ctx.redo = _continue_in_float64(r, redo, cs64, Qs, G, A, [t[redo] for t in vectors], batch, tol,
                                                 max_iter)
-        ctx.save_for_backward(r.z, r.lam, r.nu, r.idx, r.valid, r.L)
-        ctx.ranks = (Q.dim() == 3, q.dim() == 2, G.dim() == 3, h.dim() == 2, A.dim() == 3, b.dim() == 2)
+        y = _multiplier(exact, r.lam)
+        _flag_degenerate(r, exact, tol)
+        ctx.save_for_backward(r.z, y, r.nu, r.idx, r.valid, r.L, r.lower)
         ctx.out_dtype = out_dtype
-        outs = [t.to(out_dtype) for t in (r.z, r.lam, r.nu, r.s)]
+        slacks = torch.where(live, r.s, float("inf"))
+        outs = [t.to(out_dtype) for t in (r.z, y, r.nu, slacks[:, 0], slacks[:, 1])]
         stats = (r.status, r.iterations, *(t.to(out_dtype) for t in (r.pri, r.dual, r.gap)))
         # Only z is differentiated (the duals are returned for inspection).
         ctx.mark_non_differentiable(*outs[1:], *stats)
@@ -615,7 +744,7 @@ class _QPFunction(torch.autograd.Function):
         # Differentiate Qz + q + C^T y = 0, C z = d with C = [A; G_act], d = [b; h_act], y = [nu;
         # lam_act] (inactive multipliers are 0 and stay 0): the adjoint (u, v) solves
         # [Q C^T; C 0] (u, v) = (gz, 0), with the active-set factor of the forward's polish.
-        z, lam, nu, idx, valid, L = ctx.saved_tensors
+        z, lam, nu, idx, valid, L, lower = ctx.saved_tensors
         gz = gz.to(z.dtype)
         u, v_eq, v, act = _adjoint(ReducedFactor(ctx.cs, L, idx, valid), gz, nu, lam)
         if ctx.redo is not None:  # examples solved again in float64 use their float64 factors
@@ -624,18 +753,20 @@ class _QPFunction(torch.autograd.Function):
                 t[rows] = t_redo
         lam_act = lam * act
         uz = torch.stack([u, z], dim=-1)  # each matrix gradient below is one product of rank 2
-        need = ctx.needs_input_grad[:6]
+        need = ctx.needs_input_grad[:7]
+        v_up, v_lo = v.masked_fill(lower, 0.0), v.masked_fill(~lower, 0.0)  # the bound each active row is held at
         grads = (
             _rank2(-0.5 * uz, torch.stack([z, u], dim=-2), ctx.ranks[0]) if need[0] else None,  # Q
             -u if ctx.ranks[1] else -u.sum(0),  # q
             _rank2(-torch.stack([lam_act, v], dim=-1), uz.transpose(-1, -2), ctx.ranks[2]) if need[2] else None,  # G
-            v if ctx.ranks[3] else v.sum(0),  # h
+            v_up if ctx.ranks[3] else v_up.sum(0),  # h: upper bounds
             _rank2(-torch.stack([nu, v_eq], dim=-1), uz.transpose(-1, -2), ctx.ranks[4]) if need[4] else None,  # A
             v_eq if ctx.ranks[5] else v_eq.sum(0),  # b
+            v_lo if ctx.ranks[6] else v_lo.sum(0),  # lower bounds
         )
         # A shared (unbatched) argument influences every example: its gradient is the batch sum.
         out = [g.to(ctx.out_dtype) if nd else None for g, nd in zip(grads, need)]
-        return (*out, None, None, None, None)
+        return (*out, None, None, None, None)  # batch, tol, max_iter, precision
 
 
 def _rank2(a, b, batched: bool):
@@ -663,7 +794,7 @@ def _continue_in_float64(r: _Result, rows, cs64, Q, G, A, vectors, batch, tol, m
     P = _Problem(cs, *vectors)
     start = (*(getattr(r, k)[rows] for k in ("z", "s", "lam", "nu")), r.iterations[rows])
     r64 = _solve(P, P, tol, max_iter, start=start)
-    for name in ("z", "lam", "nu", "s", "status", "iterations", "pri", "dual", "gap"):
+    for name in ("z", "lam", "nu", "s", "lower", "status", "iterations", "pri", "dual", "gap"):
         getattr(r, name)[rows] = getattr(r64, name)
     return rows, ReducedFactor(cs, r64.L, r64.idx, r64.valid)
 
@@ -684,11 +815,24 @@ def solve_qp_with_info(
     max_iter: int = 50,
     strict: bool = False,
     precision: str = "mixed",
+    lower: torch.Tensor | None = None,
+    relax: float | None = None,
 ) -> QPSolution:
     """Solve a batch of QPs and return primal, duals, status and residuals (see `solve_qp`).
 
     With `strict=True` an infeasible example raises `QPInfeasibleError`; otherwise it is reported
-    in `status` and its last iterate returned (never NaN).
+    in `status` and its last iterate returned (never NaN). With `relax=rho` (e.g. 1e6) the
+    infeasible examples are solved again as the l2-penalised elastic relaxation (`_relaxed`),
+    differentiably, and reported RELAXED (never raised); the feasible ones are not changed.
+
+    `lower` (m,) or (B, m) makes the inequalities two-sided, lower <= G z <= h, solved natively
+    (each row has two slacks and multipliers; one m x m system per iteration as before); -inf in
+    `lower` and +inf in `h` switch a side off. `lam` is then signed (> 0 at h, < 0 at lower) and
+    the gradient of an active row goes to the bound it sits at.
+
+    Inputs are equilibrated first (`ift.optnet.scaling`, powers of two: exact), so solutions,
+    gradients and statuses do not depend on the scaling of rows and columns; residuals and gap
+    are those of the equilibrated problem.
 
     `precision` is the dtype policy (outputs always keep the input dtype):
 
@@ -715,38 +859,70 @@ def solve_qp_with_info(
     if not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"solve_qp: max_iter must be a positive int, got {max_iter!r}")
     args = dict(Q=Q, q=q, G=G, h=h, A=A, b=b)
+    if lower is not None:
+        args["lower"] = lower
     batch, _ = _check_inputs(args)
     if precision not in PRECISIONS:
         raise ValueError(f"solve_qp: precision must be one of {PRECISIONS}, got {precision!r}")
     tol = default_tol(q.dtype, precision) if tol is None else float(tol)
     if not tol > 0:
         raise ValueError(f"solve_qp: tol must be > 0, got {tol}")
+    if relax is not None and not (isinstance(relax, (int, float)) and relax > 0):
+        raise ValueError(f"solve_qp: relax must be a penalty weight > 0 (e.g. 1e6) or None, got {relax!r}")
 
     scaling = Scaling(Q, G, A)
     scaled = scaling.problem(Q, q, G, h, A, b)
-    z, lam, nu, s, status, iters, pri, dual, gap = _QPFunction.apply(*scaled, batch or 1, tol, max_iter, precision)
-    status = _flag_degenerate(status, s, lam, scaled[3], scaled[1], tol)
+    lower_scaled = None if lower is None else scaling.rows(lower)
+    z, lam, nu, s, s_lo, status, iters, pri, dual, gap = _QPFunction.apply(
+        *scaled, lower_scaled, batch or 1, tol, max_iter, precision)
     z = scaling.primal(z)
     lam, nu, s = scaling.duals(lam, nu, s)
-    sol = QPSolution(z, lam, nu, s, status, iters, pri, dual, gap)
+    s_lo = scaling.duals(lam, nu, s_lo)[2]
+    sol = QPSolution(z, lam, nu, s, status, iters, pri, dual, gap, s_lo)
+    if relax is not None and bool((status == QPStatus.INFEASIBLE).any()):
+        sol = _relaxed(sol, (Q, q, G, h, A, b, lower), batch or 1, float(relax),
+                       dict(tol=tol, max_iter=max_iter, precision=precision))
+        status = sol.status
     if batch is None:
-        sol = QPSolution(*(t.squeeze(0) for t in (z, lam, nu, s, status, iters, pri, dual, gap)))
+        sol = QPSolution(*(getattr(sol, f.name).squeeze(0) for f in fields(sol)))
     if strict and bool((status == QPStatus.INFEASIBLE).any()):
         bad = torch.nonzero(status == QPStatus.INFEASIBLE).flatten().tolist()
         raise QPInfeasibleError(f"solve_qp: QP infeasible for batch elements {bad[:10]}")
     return sol
 
 
-# A certified solution with an inequality whose slack and multiplier are both below this many
-# times tol (relative to 1 + |h|, 1 + |q| of the scaled problem) is DEGENERATE: the exact
-# solution cannot tell whether that constraint is active, and the gradient picks one side.
-DEGENERATE_FACTOR = 100.0
+def _relaxed(sol: QPSolution, data, batch: int, rho: float, options: dict) -> QPSolution:
+    """Re-solve the INFEASIBLE examples as the l2-penalised elastic relaxation
 
+        min_{z, t, r} 1/2 z^T Q z + q^T z + rho/2 (|t|^2 + |r|^2)
+        s.t. lower <= G z - t <= h,  A z - r = b,
 
-def _flag_degenerate(status, slack, lam, h, q, tol):
-    thr = DEGENERATE_FACTOR * tol
-    weak = (slack <= thr * (1 + h.abs().amax(-1, keepdim=True))) & (lam <= thr * (1 + q.abs().amax(-1, keepdim=True)))
-    return torch.where((status == QPStatus.CONVERGED) & weak.any(-1), int(QPStatus.DEGENERATE), status)
+    a strictly convex QP that is always feasible, differentiably (its data are built from the
+    inputs with autograd). As rho grows its z tends to QPLayer's closest feasible QP's: the
+    smallest violation |(t, r)| first, then the objective. Feasible examples keep their solution.
+    """
+    Q, q, G, h, A, b, lower = data
+    rows = (sol.status == QPStatus.INFEASIBLE).nonzero().squeeze(-1)
+    Q, q, G, h, A, b = (_batched(t, _SPECS[k][0], batch)[rows] for k, t in zip("Q q G h A b".split(), data))
+    lower = None if lower is None else _batched(lower, 1, batch)[rows]
+    k, n, m, p = rows.numel(), q.shape[-1], h.shape[-1], b.shape[-1]
+    new = lambda *shape: q.new_zeros(k, *shape)  # noqa: E731
+    eye = torch.eye(m + p, dtype=q.dtype, device=q.device).expand(k, -1, -1)
+    Qr = torch.cat([torch.cat([Q, new(n, m + p)], -1), torch.cat([new(m + p, n), rho * eye], -1)], -2)
+    Gr = torch.cat([G, -eye[:, :m, :m], new(m, p)], -1)
+    Ar = torch.cat([A, new(p, m), -eye[:, :p, :p]], -1)
+    sub = solve_qp_with_info(Qr, torch.cat([q, new(m + p)], -1), Gr, h, Ar, b, lower=lower, **options)
+    z = sub.z[:, :n]
+    Gz = bmv(G.detach(), z.detach())
+    out = {f.name: getattr(sol, f.name).clone() for f in fields(sol)}
+    out["z"] = sol.z.index_put((rows,), z)  # differentiable in both
+    values = dict(lam=sub.lam, nu=sub.nu, slack=h - Gz, slack_lower=Gz - lower if lower is not None else
+                  torch.full_like(Gz, float("inf")), iterations=sol.iterations[rows] + sub.iterations,
+                  primal_residual=sub.primal_residual, dual_residual=sub.dual_residual, gap=sub.gap,
+                  status=torch.where(sub.converged, int(QPStatus.RELAXED), sub.status))
+    for name, v in values.items():
+        out[name][rows] = v.to(out[name].dtype)
+    return QPSolution(**out)
 
 
 def _status_counts(status: torch.Tensor) -> str:
@@ -765,6 +941,8 @@ def solve_qp(
     max_iter: int = 50,
     strict: bool = True,
     precision: str = "mixed",
+    lower: torch.Tensor | None = None,
+    relax: float | None = None,
 ) -> torch.Tensor:
     """Solve `min 1/2 z^T Q z + q^T z  s.t.  G z <= h, A z = b`, differentiably in all arguments.
 
@@ -778,7 +956,8 @@ def solve_qp(
     use `solve_qp_with_info` to see which); examples that hit `max_iter` give a RuntimeWarning.
     """
     sol = solve_qp_with_info(
-        Q, q, G, h, A, b, tol=tol, max_iter=max_iter, strict=strict, precision=precision
+        Q, q, G, h, A, b, tol=tol, max_iter=max_iter, strict=strict, precision=precision, lower=lower,
+        relax=relax,
     )
     not_converged = int((~sol.converged).sum())
     if not_converged:

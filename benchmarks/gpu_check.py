@@ -296,24 +296,25 @@ def flag_groups(argv: list[str]) -> list[tuple[str, list[str]]]:
     return groups
 
 
-def bench_settings(name: str, args, out_json: Path) -> list[str]:
-    """Small settings per benchmark; flags it does not (yet) have are dropped by bench_check."""
+def bench_settings(name: str, args, out_json: Path, harness: bool) -> list[str]:
+    """Small settings per benchmark; flags it does not (yet) have are dropped by bench_check. A script
+    on ift.bench (``harness``) gets ``--out`` (the folder) and, in quick mode, its own ``--quick``:
+    it must never write to benchmarks/results, which is where ift.bench writes by default."""
     dev = ["--device", args.device]
+    common = ["--out", str(out_json.parent), *(["--quick"] if args.quick else [])] if harness else []
     if name == "qp_layer":
         sizes = ["5"] if args.quick else ["10", "50"]
-        return ["--sizes", *sizes, "--batch", "4" if args.quick else "128", "--repeats", "1" if args.quick else "3",
-                "--cvxpylayers-max-n", "0", *dev]
-    # scripts on ift.bench: --out is the folder, --quick their own smoke settings
-    results = ["--out", str(out_json.parent)]
+        return [*common, "--sizes", *sizes, "--batch", "4" if args.quick else "128",
+                "--repeats", "1" if args.quick else "3", "--cvxpylayers-max-n", "0", *dev]
     if name == "savi_memory_speed":
         if args.quick:
-            return [*results, "--quick", "--steps", "2", "--batch-size", "8", "--repeats", "1", *dev]
-        return [*results, "--steps", "5", "50", "--batch-size", "128", "--repeats", "3", *dev]
+            return [*common, "--steps", "2", "--batch-size", "8", "--repeats", "1", *dev]
+        return [*common, "--steps", "5", "50", "--batch-size", "128", "--repeats", "3", *dev]
     if name == "host_checks":
-        return [*results, *(["--quick"] if args.quick else ["--repeats", "5"]), *dev]
+        return [*common, *([] if args.quick else ["--repeats", "5"]), *dev]
     if args.quick:
-        return [*results, "--quick", "--dtype", "float32", *dev]
-    return [*results, "--dims", "256", "1024", "--iters", "100", "--repeats", "5", "--torchopt-dims", "256", "1024",
+        return [*common, "--dtype", "float32", *dev]
+    return [*common, "--dims", "256", "1024", "--iters", "100", "--repeats", "5", "--torchopt-dims", "256", "1024",
             "--torchopt-repeats", "5", "--dtype", "float32", *dev]
 
 
@@ -322,7 +323,7 @@ def bench_check(name: str, args, work: Path) -> Check:
     out_json = work / "bench" / "results" / f"{name}.json"
     if not script.is_file():
         return Check(f"bench:{name}", status="failed", reason=f"benchmarks/{name}.py not found")
-    wanted = bench_settings(name, args, out_json)
+    wanted = bench_settings(name, args, out_json, harness="bench.parser(" in script.read_text())
     command, dropped = [sys.executable, str(script)], []
     for flag, values in flag_groups(wanted):  # a flag the script does not know (yet) is left out
         if supports(script, flag):

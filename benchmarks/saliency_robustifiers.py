@@ -43,13 +43,14 @@ SIZES = {
                  grids={"grad_norm": [0.03, 0.1, 0.3, 1.0], "hessian": [1.0, 3.0, 10.0, 30.0], "l2": [1e-3, 3e-3, 1e-2, 3e-2]},
                  examples=40, theory_examples=10, theory_pert=64, theory_steps=15, hess_points=16,
                  sal=dict(methods=("Grad", "Grad-SG", "IG", "Square", "NB"), sens_samples=20, infd_samples=500,
-                          sg_samples=30, nb_samples=3000, ig_steps=10, square_sizes=(1, 4), local=True),
+                          sg_samples=30, nb_samples=3000, ig_steps=10, square_sizes=(1, 4), local=True,
+                          sens_variants=("local", "global_clipped")),
                  a1=dict(examples=40, eps_linf=0.05, eps_l2=0.5, attack_steps=50, restarts=2)),
     "quick": dict(epochs=2, hidden=(16,), lr=3e-3, eps=0.1, step_size=0.05, steps=2, eval_steps=2, seeds=(0, 1),
                   grids={"grad_norm": [0.1, 1.0], "hessian": [0.1, 1.0], "l2": [1e-3, 1e-2]},
                   examples=4, theory_examples=2, theory_pert=8, theory_steps=2, hess_points=2,
                   sal=dict(methods=("Grad", "Square"), sens_samples=2, infd_samples=20, sg_samples=2, nb_samples=100,
-                           ig_steps=3, square_sizes=(1, 2), local=True),
+                           ig_steps=3, square_sizes=(1, 2), local=True, sens_variants=("local", "global_clipped")),
                   a1=dict(examples=4, eps_linf=0.05, eps_l2=0.5, attack_steps=3, restarts=1)),
 }
 
@@ -186,6 +187,21 @@ def evaluate(model: ClassifierModule, dm, spec: dict, theory: bool) -> dict:
     return {**out, "eval_seconds": time.perf_counter() - t0}
 
 
+def linear_control(dm, spec: dict) -> dict:
+    """The SENS-floor control: a bias-free linear model (the Softplus MLP without hidden layers), whose
+    Grad is constant, so its global SENS_max is the x * Phi floor and its local SENS_max is 0."""
+    L.seed_everything(0, workers=True)
+    model = ClassifierModule(dm.shape, dm.num_classes, arch="softplus_mlp", hidden=(), lr=spec["lr"], eval_pgd=False)
+    opts = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = L.Trainer(max_epochs=spec["epochs"], limit_val_batches=0, **opts)
+    trainer.fit(model, datamodule=dm)
+    acc = float(L.Trainer(**opts).test(model, datamodule=dm, verbose=False)[0]["test/acc"])
+    x, y = first_examples(dm, spec["examples"])
+    tables, _ = saliency_table(model.net.eval(), x, y, SaliencyConfig(**{**spec["sal"], "methods": ("Grad",)}))
+    return {"test/acc": acc, "Grad": tables["global"]["Grad"]}
+
+
 def theorem_a1_study(weights: dict, spec: dict, log: dict, save) -> None:
     """Binary digits (>= 5): the logit f = z_1 - z_0 of the two-class model makes CE the logistic loss."""
     dm = BinaryDigits(batch_size=128, seed=0)
@@ -230,8 +246,12 @@ def summary_markdown(log: dict) -> str:
           f"{spec['lr']}; seeds {seeds}; mean ± sd over seeds. PGD accuracy: eps {spec['eps']}, {spec['eval_steps']} steps. "
           f"Penalty weights chosen on validation (seed 0): {log.get('weights')}. Explanations of the true-class logit on the "
           f"first {spec['examples']} test examples.", "",
-          "| model | weight | test acc | test PGD acc | train s (1 thread) | step cost (ms ratio) | Grad SENS_max | Grad INFD (global) | "
-          "Grad INFD/INFD(0) | Grad INFD (local) | mean grad norm | mean Hessian norm |", "|---" * 12 + "|"]
+          "Grad SENS_max is of the global x * Phi at y = x + delta; 'local' is SENS_max of Phi itself and 'clipped' the "
+          "global one at y clipped to [0, 1], from the same deltas; the linear row is the floor of the global form "
+          "(its Phi is constant).", "",
+          "| model | weight | test acc | test PGD acc | train s (1 thread) | step cost (ms ratio) | Grad SENS_max | "
+          "Grad SENS_max local | Grad SENS_max clipped | Grad INFD (global) | "
+          "Grad INFD/INFD(0) | Grad INFD (local) | mean grad norm | mean Hessian norm |", "|---" * 14 + "|"]
     costs = log.get("step_costs", {})
     for k in kinds:
         rs = by[k]
@@ -239,9 +259,16 @@ def summary_markdown(log: dict) -> str:
         cost = f"{costs[k]['ratio']:.2f}x" if k in costs else "-"
         md.append(f"| {k} | {rs[0]['weight']:g} | {fmt([r['metrics']['test/acc'] for r in rs])} | "
                   f"{fmt([r['metrics']['test/pgd_acc'] for r in rs])} | {fmt([r['metrics']['train_seconds'] for r in rs])} | "
-                  f"{cost} | {fmt([m['sens_max'] for m in g])} | {fmt([m['infd'] for m in g])} | "
+                  f"{cost} | {fmt([m['sens_max'] for m in g])} | {fmt([m.get('sens_max_local_input', math.nan) for m in g])} | "
+                  f"{fmt([m.get('sens_max_global_clipped_input', math.nan) for m in g])} | {fmt([m['infd'] for m in g])} | "
                   f"{fmt([m['infd_rel'] for m in g])} | {fmt([m['infd'] for m in loc])} | "
                   f"{fmt([r['eval']['probes']['grad_norm'] for r in rs])} | {fmt([r['eval']['probes']['hessian_norm'] for r in rs])} |")
+    lin = log.get("linear_control")
+    if lin:
+        g = lin["Grad"]
+        md.append(f"| linear (control, bias-free) | - | {lin['test/acc']:.3f} | - | - | - | {g['sens_max']:.3g} | "
+                  f"{g.get('sens_max_local_input', math.nan):.3g} | {g.get('sens_max_global_clipped_input', math.nan):.3g} | "
+                  f"{g['infd']:.3g} | {g['infd_rel']:.3g} | - | - | 0 |")
     if "regular" in by:
         md += ["", "Per unit of accuracy and compute (Grad, means over seeds, relative to regular): drop in SENS_max and in "
                "global INFD (in % of the regular model's), per accuracy point lost and per unit of extra compute "
@@ -366,6 +393,8 @@ def main() -> None:
                   f"train {metrics['train_seconds']:.1f}s sens {g['sens_max']:.3g} infd {g['infd']:.3g} "
                   f"eval {ev['eval_seconds']:.1f}s", flush=True)
             save()
+    log["linear_control"] = linear_control(dm, spec)
+    save()
     theorem_a1_study(weights, spec, log, save)
     log["total_seconds"] = time.perf_counter() - t_start
     save()

@@ -15,13 +15,16 @@ class OptNetLayer(nn.Module):
 
     As in the OptNet paper: Q = L L^T + eps I (positive definite), h = G z0 + s0 with s0 >= 0 and
     b = A z0, so z0 is feasible for every parameter value. With `two_sided=True` every row also
-    gets a lower bound l = G z0 - s1 (s1 >= 0): l <= G z <= h, solved natively (`solve_qp(lower=)`). The input is the linear term q
+    gets a lower bound l = G z0 - s1 (s1 >= 0): l <= G z <= h, solved natively (`solve_qp(lower=)`).
+    With `warm_start=True` each call starts from the previous call's active set when the batch
+    size matches (meant for calls on the same examples, e.g. full-batch training; a stale set
+    is verified and discarded, costing one active-set solve). The input is the linear term q
     (batch, n). Each call records its `QPSolution` (status, iterations) in `solves` as kind "qp".
     `precision` is the solver's dtype policy (`solve_qp`: "mixed", "float64" or "input").
     """
 
     def __init__(self, n: int, n_ineq: int, n_eq: int = 0, eps: float = 1e-4, max_iter: int = 50,
-                 precision: str = "mixed", two_sided: bool = False):
+                 precision: str = "mixed", two_sided: bool = False, warm_start: bool = False):
         super().__init__()
         for name, value, low in (("n", n, 1), ("n_ineq", n_ineq, 1), ("n_eq", n_eq, 0)):
             if not isinstance(value, int) or value < low:
@@ -41,6 +44,7 @@ class OptNetLayer(nn.Module):
         self.A = nn.Parameter(torch.randn(n_eq, n) / n**0.5) if n_eq else None
         self.solves = SolveRecorder()
         self.solve_kwargs: dict = {"max_iter": max_iter, "precision": precision}
+        self.warm_start, self._last = warm_start, None
 
     def qp_parameters(self) -> tuple[torch.Tensor, ...]:
         L = torch.tril(self.L)
@@ -58,7 +62,10 @@ class OptNetLayer(nn.Module):
         if q.dim() != 2 or q.shape[1] != self.n:
             raise ValueError(f"OptNetLayer: input q must have shape (batch, {self.n}), got {tuple(q.shape)}")
         Q, G, h, A, b = self.qp_parameters()
-        sol = solve_qp_with_info(Q, q, G, h, A, b, strict=True, lower=self.lower_bounds(), **self.solve_kwargs)
+        warm = self._last if self.warm_start and self._last is not None and self._last.lam.shape[0] == q.shape[0] else None
+        sol = solve_qp_with_info(Q, q, G, h, A, b, strict=True, lower=self.lower_bounds(), warm_start=warm,
+                                 **self.solve_kwargs)
+        self._last = sol
         self.solves.record(sol, "qp")
         return sol.z
 

@@ -560,7 +560,7 @@ def _corrector_step(x: _Iterate, d: _Predictor, P: _Problem) -> None:
 
 @torch.no_grad()
 def _solve(P: _Problem, exact: _Problem, tol: float, max_iter: int, iter_tol: float | None = None,
-           start=None, left=None) -> _Result:
+           start=None, left=None, warm=None) -> _Result:
     """Mehrotra predictor-corrector; every example stops as soon as it is solved (crossover).
 
     The interior point iterates on `P` (possibly float32); the polish solves and verifies on
@@ -575,6 +575,8 @@ def _solve(P: _Problem, exact: _Problem, tol: float, max_iter: int, iter_tol: fl
     redo). Finished examples leave the batch once they are a quarter of it. `start` = (z, s, lam,
     nu, iterations) continues from the interior iterates of examples that already took steps
     (the others start afresh); `left` caps each example's steps below what `max_iter` leaves.
+    `warm` = (active, lower) masks of a previous solution: its active set is polished before the
+    first step, and where it verifies the example is solved with 0 interior point steps.
     """
     out = _Result(exact)
     iter_tol = tol if iter_tol is None else iter_tol
@@ -587,6 +589,9 @@ def _solve(P: _Problem, exact: _Problem, tol: float, max_iter: int, iter_tol: fl
         stalled = ~tight & ~infeasible & (x.step < STALL_STEP)
         done = tight | infeasible | stalled | x.broken | (it >= x.left)
         attempt = (done | (level <= x.next_try)) & ~x.gone
+        warm_now = it == 0 and warm is not None
+        if warm_now:
+            attempt = attempt | ~x.gone
         # The Newton matrix of this iteration is factorised before the one host read of the
         # iteration, which asks both whether some example is due a polish and whether some
         # factorisation failed (issue 15: no further synchronisation in a plain iteration).
@@ -603,6 +608,8 @@ def _solve(P: _Problem, exact: _Problem, tol: float, max_iter: int, iter_tol: fl
             # one row off for 60% of the examples, against 20% with lam > s)
             score = (x.lam - x.s) if last else (x.lam + pred.dlam - x.s - pred.ds)
             guess = _guess(P, score)
+            if warm_now:  # the previous solution's set, on the rows that are still in the batch
+                guess = tuple(torch.where(done.unsqueeze(-1), g, w[x.live]) for g, w in zip(guess, warm))
             stops = {  # a later flag's status wins where several hold
                 QPStatus.STALLED: stalled,
                 QPStatus.NUMERICAL_ERROR: x.broken,
@@ -611,7 +618,8 @@ def _solve(P: _Problem, exact: _Problem, tol: float, max_iter: int, iter_tol: fl
             }
             a = attempt.nonzero().squeeze(-1)
             _polish_and_store(out, exact, x, a, guess, done, stops, (pri, dual, gap), tol)
-            x.next_try = torch.where(attempt, level * RETRY_FACTOR, x.next_try)
+            if not warm_now:
+                x.next_try = torch.where(attempt, level * RETRY_FACTOR, x.next_try)
             n_gone = int(x.gone.sum())
             if n_gone == x.gone.numel():
                 break
@@ -696,7 +704,7 @@ def _flag_degenerate(r: _Result, P: _Problem, tol: float) -> None:
 
 class _QPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, Q, q, G, h, A, b, lo, batch, tol, max_iter, precision):
+    def forward(ctx, Q, q, G, h, A, b, lo, warm_active, warm_lower, batch, tol, max_iter, precision):
         out_dtype = q.dtype
         exact_dtype = q.dtype if precision == "input" else torch.float64
         symmetric = torch.equal(Q, Q.transpose(-1, -2))  # the common case: no symmetrised copy
@@ -709,6 +717,7 @@ class _QPFunction(torch.autograd.Function):
         bounds = torch.stack([_batched(h, 1, batch), _batched(lo, 1, batch)], 1)
         live = torch.isfinite(bounds)
         vectors = [_batched(q, 1, batch), torch.where(live, bounds, 0.0), live.to(exact_dtype), _batched(b, 1, batch)]
+        warm = None if warm_active is None else (warm_active, warm_lower)
         if precision == "mixed":
             data32 = (inputs[0] if symmetric else Qs, *inputs[1:])
             cs, loop_cs, cs64, fragile = _mixed_constraint_space(
@@ -716,11 +725,11 @@ class _QPFunction(torch.autograd.Function):
             exact = _Problem(cs, *vectors)
             loop = _Problem(loop_cs, *(t.float() for t in vectors))
             left = torch.where(fragile, 0, min(max_iter, FLOAT32_MAX_ITER))
-            r = _solve(loop, exact, tol, max_iter, iter_tol=max(tol, ITER_TOL_FLOAT32), left=left)
+            r = _solve(loop, exact, tol, max_iter, iter_tol=max(tol, ITER_TOL_FLOAT32), left=left, warm=warm)
         else:
             cs = _constraint_space(Qs, G, A, batch)
             exact = loop = _Problem(cs, *vectors)
-            r = _solve(loop, exact, tol, max_iter)
+            r = _solve(loop, exact, tol, max_iter, warm=warm)
         ctx.cs, ctx.redo = cs, None
         if precision == "mixed":
             redo = (r.status != QPStatus.CONVERGED).nonzero().squeeze(-1)
@@ -766,7 +775,7 @@ class _QPFunction(torch.autograd.Function):
         )
         # A shared (unbatched) argument influences every example: its gradient is the batch sum.
         out = [g.to(ctx.out_dtype) if nd else None for g, nd in zip(grads, need)]
-        return (*out, None, None, None, None)  # batch, tol, max_iter, precision
+        return (*out, None, None, None, None, None, None)  # warm start, batch, tol, max_iter, precision
 
 
 def _rank2(a, b, batched: bool):
@@ -817,6 +826,7 @@ def solve_qp_with_info(
     precision: str = "mixed",
     lower: torch.Tensor | None = None,
     relax: float | None = None,
+    warm_start: QPSolution | None = None,
 ) -> QPSolution:
     """Solve a batch of QPs and return primal, duals, status and residuals (see `solve_qp`).
 
@@ -829,6 +839,11 @@ def solve_qp_with_info(
     (each row has two slacks and multipliers; one m x m system per iteration as before); -inf in
     `lower` and +inf in `h` switch a side off. `lam` is then signed (> 0 at h, < 0 at lower) and
     the gradient of an active row goes to the bound it sits at.
+
+    `warm_start`: a previous `QPSolution` of problems with the same shapes (e.g. the same
+    examples at the last training step); its active set {lam != 0} is polished and verified
+    before the first interior point step, so where it is still right no step is taken. A wrong
+    one costs one active-set solve and changes nothing else.
 
     Inputs are equilibrated first (`ift.optnet.scaling`, powers of two: exact), so solutions,
     gradients and statuses do not depend on the scaling of rows and columns; residuals and gap
@@ -873,8 +888,9 @@ def solve_qp_with_info(
     scaling = Scaling(Q, G, A)
     scaled = scaling.problem(Q, q, G, h, A, b)
     lower_scaled = None if lower is None else scaling.rows(lower)
+    warm = _warm_sets(warm_start, batch or 1, h.shape[-1])
     z, lam, nu, s, s_lo, status, iters, pri, dual, gap = _QPFunction.apply(
-        *scaled, lower_scaled, batch or 1, tol, max_iter, precision)
+        *scaled, lower_scaled, *warm, batch or 1, tol, max_iter, precision)
     z = scaling.primal(z)
     lam, nu, s = scaling.duals(lam, nu, s)
     s_lo = scaling.duals(lam, nu, s_lo)[2]
@@ -889,6 +905,18 @@ def solve_qp_with_info(
         bad = torch.nonzero(status == QPStatus.INFEASIBLE).flatten().tolist()
         raise QPInfeasibleError(f"solve_qp: QP infeasible for batch elements {bad[:10]}")
     return sol
+
+
+def _warm_sets(warm_start: QPSolution | None, batch: int, m: int):
+    """(active, lower) masks (B, m) from a previous solution's signed multipliers, or (None, None)."""
+    if warm_start is None:
+        return None, None
+    lam = warm_start.lam.detach()
+    lam = lam.unsqueeze(0) if lam.dim() == 1 else lam
+    if lam.shape != (batch, m):
+        raise ValueError(f"solve_qp: warm_start is a solution with lam of shape {tuple(lam.shape)}; "
+                         f"this problem needs ({batch}, {m}): pass a solution of the same batch of problems")
+    return lam != 0, lam < 0
 
 
 def _relaxed(sol: QPSolution, data, batch: int, rho: float, options: dict) -> QPSolution:
@@ -943,6 +971,7 @@ def solve_qp(
     precision: str = "mixed",
     lower: torch.Tensor | None = None,
     relax: float | None = None,
+    warm_start: QPSolution | None = None,
 ) -> torch.Tensor:
     """Solve `min 1/2 z^T Q z + q^T z  s.t.  G z <= h, A z = b`, differentiably in all arguments.
 
@@ -957,7 +986,7 @@ def solve_qp(
     """
     sol = solve_qp_with_info(
         Q, q, G, h, A, b, tol=tol, max_iter=max_iter, strict=strict, precision=precision, lower=lower,
-        relax=relax,
+        relax=relax, warm_start=warm_start,
     )
     not_converged = int((~sol.converged).sum())
     if not_converged:

@@ -25,10 +25,12 @@ RESULTS = HERE / "results"
 
 # The child reads its settings from the environment (some launchers rewrite sys.argv).
 CHILD = """
-import json, os, statistics, sys, time
+import importlib.util, json, os, statistics, sys, time
 import torch
-sys.path.insert(0, os.environ["QP_BENCH_DIR"])
-import qp_layer as B
+spec = importlib.util.spec_from_file_location("qp_layer", os.environ["QP_LAYER_PY"])
+B = importlib.util.module_from_spec(spec)
+sys.modules["qp_layer"] = B
+spec.loader.exec_module(B)
 torch.set_num_threads(1)
 n, repeats = int(os.environ["QP_N"]), int(os.environ["QP_REPEATS"])
 qp = B.random_qp(128, n, n, 0, torch.float64)
@@ -48,10 +50,21 @@ print(json.dumps({k: statistics.median(v) for k, v in times.items()}))
 
 def run_child(env_extra: dict, n: int, repeats: int) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    env.update(env_extra, QP_BENCH_DIR=str(HERE), QP_N=str(n), QP_REPEATS=str(repeats),
+    env.update(env_extra, QP_LAYER_PY=str(HERE / "qp_layer.py"), QP_N=str(n), QP_REPEATS=str(repeats),
                OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _qp_layer_module():
+    """benchmarks/qp_layer.py loaded from its path (no sys.path edit; it re-execs only as a script)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("qp_layer", HERE / "qp_layer.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["qp_layer"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def main() -> None:
@@ -60,8 +73,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per process (median)")
     parser.add_argument("--n", type=int, default=100)
     opts = parser.parse_args()
-    sys.path.insert(0, str(HERE))
-    from qp_layer import ALLOCATOR_ENV  # the settings qp_layer.py runs under
+    ALLOCATOR_ENV = _qp_layer_module().ALLOCATOR_ENV  # the settings qp_layer.py runs under
 
     settings = {"glibc defaults": {}, "qp_layer.py settings": ALLOCATOR_ENV}
     runs = {name: [] for name in settings}

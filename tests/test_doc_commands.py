@@ -14,9 +14,11 @@ with `python`, `make`, `srun` or an environment assignment. Without running long
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,6 +99,14 @@ def check_entry_point(script: str, args: list[str]) -> None:
     from ift.config import Preflight
     from ift.validation import validate_config
 
+    if "--help" in args:  # Hydra's help lists the config groups: run it as written
+        done = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0 and "Configuration groups" in done.stdout, done.stderr[-2000:]
+        return
+    if any(a.startswith("hparams_search=") for a in args) and importlib.util.find_spec(
+            "hydra_plugins.hydra_optuna_sweeper") is None:
+        pytest.skip("hydra-optuna-sweeper not installed (pip install -e '.[optuna]')")
     multirun = any(a in ("-m", "--multirun") for a in args)
     assert not (multirun and any(a.startswith("--cfg") or a == "-c" for a in args)), \
         "Hydra rejects -m together with --cfg: show the config of one job without -m"
@@ -170,6 +180,9 @@ def check(command: str) -> None:
         return
     if program.startswith("python"):
         rest = words[1:]
+        if rest[:2] == ["-m", "ift.compare"]:
+            assert rest[2:3] in (["runs"], ["sweep"]), f"ift.compare has the commands runs and sweep, got {rest[2:3]}"
+            return
         if rest[:1] == ["-m"]:
             return  # python -m pytest / pip: not ours to check
         script = rest[0]

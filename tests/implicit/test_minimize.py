@@ -278,15 +278,28 @@ def test_newton_trusts_its_model_below_the_objectives_rounding_noise():
     torch.testing.assert_close(result.x, torch.linalg.solve(a, c), rtol=1e-3, atol=1e-4)
 
 
-def test_newton_returns_the_hessian_it_built_at_the_returned_point():
-    """Converged problems (compacted or not) carry the exact Hessian at x; budget-stopped ones NaN."""
+def test_newton_returns_the_last_hessian_it_built():
+    """Without a curvature callable the converged problems' Hessian is the one at x; with one, the
+    converged step skips the build (the Hessian is from the iterate before); NaN where none was built."""
     gen = torch.Generator().manual_seed(3)
     c = 0.3 * torch.randn(6, 3, generator=gen)
     f = lambda x: double_well(x, c)  # noqa: E731
-    x0 = torch.full((6, 3), 0.4)
-    x0[0] = 5.0  # far out: stops on the budget below
-    result = minimize(f, x0, method="newton", rtol=1e-10, max_iter=6)
-    assert not result.converged[0] and result.converged[1:].all()
-    assert torch.isnan(result.hessian[0]).all()
-    torch.testing.assert_close(result.hessian[1:], batched_hessian(f, result.x[1:])[2])
-    assert minimize(f, x0, method="sgd").hessian is None
+    result = minimize(f, torch.full((6, 3), 0.4), method="newton", rtol=1e-10, max_iter=20)
+    assert result.converged.all()
+    torch.testing.assert_close(result.hessian, batched_hessian(f, result.x)[2])
+    hess_calls = []
+
+    def curvature(x, a_, c_):
+        hess_calls.append(x.shape[0])
+        return a_
+
+    a, b = quadratic_problem(batch=4)
+    x0 = torch.zeros(4, 4)
+    x0[2] = torch.linalg.solve(a[2], b[2])  # already optimal: no Hessian is ever built for it
+    result = minimize(lambda x, a_, c_: quad(a_, c_)(x), x0, method="newton", rtol=1e-10, curvature=curvature,
+                      args=(a, b), compact=True)
+    assert result.converged.all() and torch.isnan(result.hessian[2]).all()
+    keep = [0, 1, 3]
+    torch.testing.assert_close(result.hessian[keep], a[keep])  # a constant Hessian
+    assert hess_calls[0] == 3  # built only for the problems that step
+    assert minimize(f, torch.zeros(6, 3), method="sgd").hessian is None

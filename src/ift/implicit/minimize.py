@@ -67,9 +67,10 @@ class MinimizeResult:
     iterations: accepted updates per problem.
     converged: ``stationarity <= rtol``.
     diverged: NaN/Inf or ``|x| > max_abs`` was met; ``x`` is ``x0`` there.
-    hessian: newton only, the (B, n, n) Hessian (or ``curvature``) the last iteration built at the
-       returned ``x`` (detached; NaN where it was not built there: the budget ended after a step, or
-       the problem diverged). The IFT's backward system at a converged ``x``: a preconditioner.
+    hessian: newton only, the last (B, n, n) Hessian (or ``curvature``) built for each problem
+       (detached): at ``x``, or with a ``curvature`` callable at the iterate before ``x`` (a converged
+       problem's final Newton step is small); NaN where none was built or the problem diverged. Close
+       to the IFT's backward matrix at a converged ``x``: a preconditioner for it.
     """
 
     x: torch.Tensor
@@ -278,8 +279,16 @@ def _loop(step, state, fns, args, start, stop, opts, compact):
                 sub = _loop(step, {key: v[idx] for key, v in state.items()}, fns, tuple(a[idx] for a in args),
                             k, stop, opts, compact)
                 return {key: v.index_put((idx,), sub[key]) for key, v in state.items()}
-        state = step(state, k, **_bind(*fns, args), **opts, check=check)
+        state = step(state, k, **_bind(*fns, args), curvature_rows=_curvature_rows(fns[1], args, compact),
+                     **opts, check=check)
     return state
+
+
+def _curvature_rows(curvature, args, compact):
+    """``(x_rows, idx) -> curvature`` of the problems ``idx`` alone (needs per-problem args), or None."""
+    if curvature is None or not compact:
+        return None
+    return lambda x_rows, idx: curvature(x_rows, *(a[idx] for a in args))
 
 
 def _initial_state(x: torch.Tensor, method: str, lr: float, damping: float) -> dict[str, torch.Tensor]:
@@ -305,21 +314,27 @@ def _slack(value: torch.Tensor) -> torch.Tensor:
     return 8 * torch.finfo(value.dtype).eps * (1 + value.detach().abs())
 
 
-def _newton_iteration(state, k, *, objective, rtol, curvature, max_abs, create_graph, check, **_):
+def _newton_iteration(state, k, *, objective, rtol, curvature, curvature_rows, max_abs, create_graph, check, **_):
     """Evaluate at x; stop converged problems; else damped Newton trials, accepted per problem."""
     x, nu = state["x"], state["nu"]
     if curvature is None:
         value, grad, hess = batched_hessian(objective, x, create_graph)
+        built = torch.ones_like(state["active"])
     else:
         value, grad = _value_and_grad(objective, x, create_graph)
-        hess = curvature(x if create_graph else x.detach())
-        hess = hess if create_graph else hess.detach()
+        stepping = state["active"] & torch.isfinite(grad).all(-1) & (relative_stationarity(value, grad) > rtol)
+        if check and not bool(stepping.any()):  # all stopped: no curvature needed
+            built = torch.zeros_like(stepping)
+            hess = torch.eye(x.shape[1], dtype=x.dtype, device=x.device).expand(x.shape[0], -1, -1)
+        else:
+            hess, built = _curvature_where_stepping(curvature, curvature_rows, x, stepping, check, create_graph)
     finite = torch.isfinite(value.detach()) & torch.isfinite(grad.detach()).all(-1) & \
         torch.isfinite(hess.detach()).flatten(1).all(-1)
     diverged = state["diverged"] | (state["active"] & ~finite)
     active = state["active"] & finite & (relative_stationarity(value, grad) > rtol)
+    last_hess = torch.where(built[:, None, None], hess.detach(), state["hess"])
     if check and not bool(active.any()):
-        return {**state, "active": active, "diverged": diverged, "hess": hess.detach()}
+        return {**state, "active": active, "diverged": diverged, "hess": last_hess}
 
     # Damping is a per-problem constant for the unrolled graph (like a step size): computed detached.
     eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
@@ -358,10 +373,24 @@ def _newton_iteration(state, k, *, objective, rtol, curvature, max_abs, create_g
         if check and not bool(pending.any()):  # without a host read: all trials, masked
             break
     accepted = active & ~pending
-    # The Hessian stays valid where x did not move (stopped, or all trials rejected).
-    hess_at_x = torch.where(accepted[:, None, None], torch.full_like(hess_d, math.nan), hess.detach())
-    return {**state, "x": new_x, "nu": nu, "active": active, "diverged": diverged, "hess": hess_at_x,
+    return {**state, "x": new_x, "nu": nu, "active": active, "diverged": diverged, "hess": last_hess,
             "iterations": state["iterations"] + accepted.long()}
+
+
+def _curvature_where_stepping(curvature, curvature_rows, x, stepping, check, create_graph):
+    """The curvature of the problems about to step, the identity for the others (a problem that has
+    just converged costs one gradient, not a Hessian), and which rows were built. Subsets need the
+    per-problem args (``compact``) and this iteration's host read (``check``); else all rows."""
+    xc = x if create_graph else x.detach()
+    idx = stepping.nonzero().squeeze(1) if (check and curvature_rows is not None) else None
+    if idx is None or len(idx) == len(stepping):
+        hess = curvature(xc)
+        built = torch.ones_like(stepping)
+    else:
+        eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device).repeat(x.shape[0], 1, 1)
+        hess = eye.index_put((idx,), curvature_rows(xc[idx], idx))
+        built = stepping
+    return (hess if create_graph else hess.detach()), built
 
 
 def _first_order_iteration(state, k, *, objective, method, rtol, lr, momentum, betas, clip, max_abs,

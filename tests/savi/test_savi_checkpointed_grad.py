@@ -1,5 +1,6 @@
-"""`torch.autograd.grad` on a savi_checkpointed loss (non-reentrant checkpointing; the reentrant
-variant raised "torch.utils.checkpoint is incompatible with .grad()") gives the unrolled gradient."""
+"""`torch.autograd.grad` on a savi_checkpointed loss with `model.inner.checkpoint_reentrant=false`
+(the default reentrant variant raises "torch.utils.checkpoint is incompatible with .grad()") gives the
+unrolled gradient."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def loss_and_params(mode: str, inner: dict) -> tuple[torch.Tensor, list[torch.nn
 def test_autograd_grad_through_checkpointed_segments_equals_unrolled(inner):
     grads = {}
     for mode in ("savi_unrolled", "savi_checkpointed"):
-        loss, params = loss_and_params(mode, inner)
+        loss, params = loss_and_params(mode, {**inner, "checkpoint_reentrant": False})
         grads[mode] = torch.autograd.grad(loss, params, allow_unused=True)
     assert len(grads["savi_checkpointed"]) == len(grads["savi_unrolled"]) > 0
     for ckpt, unrolled in zip(grads["savi_checkpointed"], grads["savi_unrolled"]):
@@ -37,7 +38,8 @@ def test_autograd_grad_through_checkpointed_segments_equals_unrolled(inner):
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 def test_autograd_grad_through_checkpointed_segments_supports_create_graph():
     """A second derivative through the checkpointed loop (what autograd.grad makes possible)."""
-    loss, params = loss_and_params("savi_checkpointed", {"optimizer": "sgd", "lr": 0.1, "steps": 4, "tol": 0.0})
+    loss, params = loss_and_params("savi_checkpointed", {"optimizer": "sgd", "lr": 0.1, "steps": 4, "tol": 0.0,
+                                                          "checkpoint_reentrant": False})
     weight = params[0]
     (grad,) = torch.autograd.grad(loss, [weight], create_graph=True)
     (second,) = torch.autograd.grad(grad.pow(2).sum(), [weight])

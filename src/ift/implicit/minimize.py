@@ -169,6 +169,7 @@ def minimize(
     max_abs: float = math.inf,
     create_graph: bool = False,
     checkpoint_segments: int | None = None,
+    checkpoint_reentrant: bool = True,
     args: tuple[torch.Tensor, ...] = (),
     compact: bool = False,
     check_every: int | None = None,
@@ -193,9 +194,14 @@ def minimize(
         create_graph: differentiate through the iterations (unrolling).
         checkpoint_segments: with ``create_graph``, recompute the loop in this many checkpointed
             segments during backward (about sqrt(max_iter) balances memory and recomputation).
-            Non-reentrant checkpointing, so both ``.backward()`` and ``torch.autograd.grad`` work;
-            its forward recomputes the segment up to each step's inner gradient (quadratic in the
-            segment's length: 354 objective calls instead of 66 for 64 steps in 8 segments).
+        checkpoint_reentrant: reentrant checkpointing (default): the segment runs without a graph in
+            forward and once more with one in backward, so memory ~ one segment; differentiate with
+            ``.backward()`` (``torch.autograd.grad`` on the result raises). ``False``: PyTorch's
+            non-reentrant variant, which ``torch.autograd.grad`` and double backward accept, but each
+            inner gradient in its forward recomputes the segment up to that step (quadratic: 354
+            objective calls instead of 66 for 64 steps in 8 segments) and the recomputed tensors stay
+            alive until backward (measured at K = 200, batch 128, MNIST size: 13.4 GB alive vs 1.9 GB
+            for plain unrolling, benchmarks/savi_memory_speed.py --memory-only).
         args: extra tensors passed on as ``objective(x, *args)`` and ``curvature(x, *args)``.
             With ``checkpoint_segments``, tensors with an autograd history (not leaves) that the
             objective depends on must come in here, not by closure: each segment's backward
@@ -233,10 +239,10 @@ def minimize(
         for start in range(0, max_iter, per_segment):
             count = min(per_segment, max_iter - start)
             keys = list(state)
-            # Non-reentrant (PyTorch's recommendation; the reentrant variant refuses torch.autograd.grad):
-            # each inner gradient in the forward recomputes the segment up to that step (quadratic).
+            # Reentrant by default: the non-reentrant variant recomputes the segment for every inner
+            # autograd.grad call in forward (quadratic) and keeps what it recomputed until backward.
             out = checkpoint(_run_segment, step, keys, start, count, (objective, curvature, len(args), compact),
-                             opts, *args, *state.values(), use_reentrant=False)
+                             opts, *args, *state.values(), use_reentrant=checkpoint_reentrant)
             state = dict(zip(keys, out))
             if not bool(state["active"].any()):
                 break

@@ -37,7 +37,9 @@ class InnerConfig:
     exact (latent-space Hessian), gauss_newton (cheaper, PSD, linear convergence), autodiff (2d
     generic Hessian-vector products, the slow reference). damping: initial Levenberg-Marquardt
     damping. lr / momentum / betas / clip: first-order settings (Kim et al. 2018: SGD lr 1,
-    momentum 0.5, clip 5). checkpoint_segments: unrolled modes only, null for plain unrolling.
+    momentum 0.5, clip 5). checkpoint_segments: unrolled modes only, null for plain unrolling. checkpoint_reentrant:
+    false for PyTorch's non-reentrant checkpointing (torch.autograd.grad works; quadratic recompute and
+    far more memory, see `ift.implicit.minimize`).
     frac_bits: savi_reversible only, fractional bits of its fixed-point lambda and velocity.
     """
 
@@ -53,6 +55,7 @@ class InnerConfig:
     eta: float | None = 1.0    # proximal step: - ||lam - lam_0||^2 / (2 eta); None or inf: no term
     max_abs: float = 20.0      # |lambda| beyond this counts as divergence (exp(2 log_sigma) overflows)
     checkpoint_segments: int | None = None
+    checkpoint_reentrant: bool = True
     frac_bits: int = 40
 
     def __post_init__(self) -> None:
@@ -115,6 +118,7 @@ def refine(vae, x: torch.Tensor, lam0: torch.Tensor, eps: torch.Tensor, params: 
         damping=cfg.damping, lr=cfg.lr, momentum=cfg.momentum, betas=cfg.betas, clip=cfg.clip,
         max_abs=cfg.max_abs, create_graph=create_graph,
         checkpoint_segments=cfg.checkpoint_segments if create_graph else None,
+        checkpoint_reentrant=cfg.checkpoint_reentrant,
         args=(lam0, x, eps.transpose(0, 1)), compact=True,
     )
 

@@ -151,7 +151,7 @@ def test_check_flags_uncommitted_sources_quick_runs_and_unclaimed_files(repo):
     problems = dict(bench.check(bench.RESULTS))
     assert problems["demo.json"] == "produced from uncommitted sources: src/pkg/solver.py"
     assert problems["q.json"] == "a --quick smoke run"
-    assert problems["old.{.json,.md}"] == "no provenance"
+    assert problems["old.{json,md}"] == "no provenance"
     assert problems["orphan.png"].startswith("no provenance")
     assert ("abs.json", f"holds absolute paths: {repo}/data/x") in bench.check(bench.RESULTS)
     assert "demo.md" not in problems  # claimed by demo.json

@@ -433,7 +433,8 @@ def check(results: Path = RESULTS) -> list[tuple[str, str]]:
         if rel not in claimed:
             unclaimed.setdefault(rel.removesuffix(path.suffix), []).append(path.suffix)
     for stem, suffixes in unclaimed.items():
-        name = stem + (suffixes[0] if len(suffixes) == 1 else "{" + ",".join(sorted(suffixes)) + "}")
+        name = stem + (suffixes[0] if len(suffixes) == 1 else  # shell brace form: x.{json,md}
+                       ".{" + ",".join(sorted(s.lstrip(".") for s in suffixes)) + "}")
         problems.append((name, "no provenance" if ".json" in suffixes else
                          "no provenance (no result JSON with provenance claims this file)"))
     return problems

@@ -23,8 +23,7 @@ check_version() {  # $1 = 3.12: writes $WORK/py$1/result.json
   rm -rf "$dir" && mkdir -p "$dir"
   local start=$SECONDS status=ok
   if ! "$python" -m venv "$dir/venv" >"$dir/install.log" 2>&1; then status=no-python; fi
-  # Its own download cache, so that its size is what this install downloaded.
-  [ $status = ok ] && { PIP_CACHE_DIR=$dir/cache "$dir/venv/bin/python" -m pip install -c constraints.txt \
+  [ $status = ok ] && { "$dir/venv/bin/python" -m pip install -c constraints.txt \
       -e '.[test]' >>"$dir/install.log" 2>&1 || status=install-failed; }
   local install_s=$((SECONDS - start)) train_s=0 mismatches=""
   if [ $status = ok ]; then
@@ -41,10 +40,9 @@ import glob, json, platform, subprocess, sys
 from pathlib import Path
 d, ver, status, install_s, train_s, mismatches = sys.argv[1:]
 metrics = sorted(glob.glob(f"{d}/logs/train/runs/*/test_metrics.json"))
-cache = sum(p.stat().st_size for p in Path(d, "cache").rglob("*") if p.is_file())
 import torch
 entry = {"python": platform.python_version(), "status": status, "torch": torch.__version__,
-         "install_s": int(install_s), "downloaded_mb": round(cache / 2**20), "train_debug_fast_s": int(train_s),
+         "install_s": int(install_s), "train_debug_fast_s": int(train_s),
          "not_as_in_constraints": mismatches.split(),
          "test_metrics": json.loads(Path(metrics[-1]).read_text())["metrics"] if metrics else None}
 Path(d, "result.json").write_text(json.dumps(entry, indent=2))
@@ -65,12 +63,12 @@ report = {"command": "scripts/check_python_versions.sh " + " ".join(versions), "
 lines = ["# Fresh installs on other Python versions", "",
          f"`{report['command']}` at {commit}, {report['date']} (a shared 2-core machine: times are not benchmarks).",
          "Each: a new venv, `pip install -c constraints.txt -e '.[test]'`, then `python train.py debug=fast`.", "",
-         "| Python | status | torch | install (s, incl. download) | downloaded (MB) | versions not as in constraints.txt | train debug=fast (s) | test/loss |",
-         "|---|---|---|---|---|---|---|---|"]
+         "| Python | status | torch | install (s, incl. download) | versions not as in constraints.txt | train debug=fast (s) | test/loss |",
+         "|---|---|---|---|---|---|---|"]
 for r in runs:
     loss = (r.get("test_metrics") or {}).get("test/loss")
     lines.append(f"| {r['python']} | {r['status']} | {r.get('torch', '-')} | {r.get('install_s', '-')} | "
-                 f"{r.get('downloaded_mb', '-')} | {' '.join(r.get('not_as_in_constraints') or []) or 'none'} | "
+                 f"{' '.join(r.get('not_as_in_constraints') or []) or 'none'} | "
                  f"{r.get('train_debug_fast_s', '-')} | {'-' if loss is None else f'{loss:.2f}'} |")
 (out / "python_versions.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))

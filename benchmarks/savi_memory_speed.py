@@ -66,13 +66,25 @@ def data(batch: int, side: int, device: torch.device) -> torch.Tensor:
     return torch.rand(batch, 1, side, side, generator=torch.Generator().manual_seed(1)).to(device)
 
 
-class PeakSavedBytes:
-    """Running total of storages saved for backward, each counted until its last saved reference
-    is freed; `peak` is the maximum over forward and backward."""
+class _StorageCounter:
+    """Bytes of the storages counted, each until its last counted reference is freed; `peak` is the
+    maximum."""
 
     def __init__(self) -> None:
-        self.live: dict[tuple[str, int], list[int]] = {}
+        self.live: dict[object, list[int]] = {}
         self.current = self.peak = 0
+
+    def _count(self, tensor: torch.Tensor, key, nbytes: int) -> None:
+        if key in self.live:
+            self.live[key][0] += 1
+        else:
+            self.live[key] = [1, nbytes]
+            self.current += nbytes
+            self._new_level()
+        weakref.finalize(tensor, self._release, key)
+
+    def _new_level(self) -> None:
+        self.peak = max(self.peak, self.current)
 
     def _release(self, key) -> None:
         entry = self.live.get(key)
@@ -82,19 +94,18 @@ class PeakSavedBytes:
                 self.current -= entry[1]
                 del self.live[key]
 
+
+class PeakSavedBytes(_StorageCounter):
+    """Running total of storages saved for backward (the `pack` hook of saved_tensors_hooks); `peak`
+    is the maximum over forward and backward."""
+
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        key = (str(tensor.device), tensor.untyped_storage().data_ptr())
-        if key in self.live:
-            self.live[key][0] += 1
-        else:
-            self.live[key] = [1, tensor.untyped_storage().nbytes()]
-            self.current += self.live[key][1]
-            self.peak = max(self.peak, self.current)
-        weakref.finalize(tensor, self._release, key)
+        storage = tensor.untyped_storage()
+        self._count(tensor, (str(tensor.device), storage.data_ptr()), storage.nbytes())
         return tensor
 
 
-class LiveTensorBytes(TorchDispatchMode):
+class LiveTensorBytes(_StorageCounter, TorchDispatchMode):
     """Bytes of all tensor storages alive, forward and backward, from every op's outputs (a
     deterministic CPU analogue of CUDA's allocated bytes, which saved_tensors_hooks cannot give:
     non-reentrant checkpointing stores its segment inputs and recomputed tensors behind hooks of its
@@ -102,39 +113,23 @@ class LiveTensorBytes(TorchDispatchMode):
     peak (the backward's) from the current level."""
 
     def __init__(self, existing: list[torch.Tensor]) -> None:
-        super().__init__()
+        TorchDispatchMode.__init__(self)
+        _StorageCounter.__init__(self)
         self.skip = {t.untyped_storage().data_ptr() for t in existing}
-        self.live: dict[int, list[int]] = {}
-        self.current = self.peak = self.marked_peak = 0
+        self.marked_peak = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
-                self._track(t)
+                key = t.untyped_storage().data_ptr()
+                if key != 0 and key not in self.skip:
+                    self._count(t, key, t.untyped_storage().nbytes())
         return out
 
-    def _track(self, tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        if key == 0 or key in self.skip:
-            return
-        if key in self.live:
-            self.live[key][0] += 1
-        else:
-            self.live[key] = [1, storage.nbytes()]
-            self.current += storage.nbytes()
-            self.peak = max(self.peak, self.current)
-            self.marked_peak = max(self.marked_peak, self.current)
-        weakref.finalize(tensor, self._release, key)
-
-    def _release(self, key: int) -> None:
-        entry = self.live.get(key)
-        if entry is not None:
-            entry[0] -= 1
-            if entry[0] == 0:
-                self.current -= entry[1]
-                del self.live[key]
+    def _new_level(self) -> None:
+        super()._new_level()
+        self.marked_peak = max(self.marked_peak, self.current)
 
     def mark(self) -> None:
         self.marked_peak = self.current

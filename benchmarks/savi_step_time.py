@@ -162,7 +162,9 @@ def training_data(root: Path, n: int):
         from ift.data.idx import find_idx_file, read_idx
 
         images = read_idx(find_idx_file(root, "train-images-idx3-ubyte", "MNIST")).float().div(255)
-        return images[:n].unsqueeze(1), f"MNIST training images ({root})"
+        from ift.bench import relative
+
+        return images[:n].unsqueeze(1), f"MNIST training images ({relative(root)})"
     from ift.savi.model import mlp
 
     gen = torch.Generator().manual_seed(0)
@@ -241,6 +243,9 @@ def main() -> None:
     if args.old_tree is not None and not (args.old_tree / "src" / "ift" / "savi" / "module.py").is_file():
         parser.error(f"--old-tree {args.old_tree} has no src/ift/savi/module.py; export it with "
                      "`git archive a7a71c6 | tar -x -C DIR`")
+    import torch
+
+    torch.set_num_threads(args.threads)  # the environment line then states the workers' thread count
     run = bench.Run("savi_step_time", SOURCES, args)
     modes = [m for m in MODES if (m == "vae" or m in args.modes) and (REPO / "configs" / "model" / f"{m}.yaml").is_file()]
     with tempfile.TemporaryDirectory() as tmp:
@@ -270,6 +275,14 @@ def main() -> None:
     write(run, args, records, profiles, data_source)
 
 
+def fixed_steps(name: str) -> bool:
+    """Whether the mode's config runs a fixed number of inner steps (tol 0: no stationarity test)."""
+    from omegaconf import OmegaConf
+
+    path = REPO / "configs" / "model" / f"{name}.yaml"
+    return path.is_file() and OmegaConf.load(path).get("inner", {}).get("tol", None) == 0
+
+
 def write(run, args, records: dict, profiles: dict, data_source: str) -> None:
     from ift import bench
 
@@ -280,13 +293,15 @@ def write(run, args, records: dict, profiles: dict, data_source: str) -> None:
         spread = bench.Spread.of(wall)
         ratio = bench.Spread.of([w / v for w, v in zip(wall, vae)])
         last = {k: [r[k] for r in recs if k in r] for k in recs[0]}
+        fixed = fixed_steps(name)
         nonstat = max(last.get("nonstationary_frac", [0.0]))
         stat_max = max(last.get("stationarity_max", [0.0]))
         conv = all(last.get("backward_converged", [True]))
         back = statistics.mean(last["backward_iterations"]) if "backward_iterations" in last else None
         inner = statistics.mean(last["inner_iterations"]) if "inner_iterations" in last else None
         rows.append([name, spread.fmt(".0f", 1e3), ratio.fmt(".1f"),
-                     "-" if inner is None else f"{inner:.2f}", "-" if inner is None else f"{nonstat:g}",
+                     "-" if inner is None else f"{inner:.2f}",
+                     "-" if inner is None else ("fixed steps" if fixed else f"{nonstat:g}"),
                      "-" if inner is None else f"{stat_max:.1e}",
                      "-" if back is None else f"{back:.2f}", "-" if back is None else ("yes" if conv else "NO")])
         payload["modes"][name] = {"wall_s": wall, "cpu_s": [r["cpu"] for r in recs], "ratio_to_vae": ratio.to_dict(),

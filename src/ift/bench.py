@@ -76,7 +76,7 @@ def _git(*cmd: str) -> str | None:
     return done.stdout if done.returncode == 0 else None
 
 
-def _relative(path: Path | str) -> str:
+def relative(path: Path | str) -> str:
     """``path`` relative to the repository (``../`` for one outside it): results hold no absolute paths."""
     return Path(os.path.relpath(Path(path).resolve(), REPO)).as_posix()
 
@@ -120,7 +120,7 @@ def command_line(argv: Sequence[str] | None = None) -> str:
     parts = ["python"]
     for i, arg in enumerate(argv):
         if i == 0 or os.path.isabs(arg):
-            arg = _relative(arg)
+            arg = relative(arg)
         parts.append(arg)
     return shlex.join(parts)
 
@@ -313,7 +313,7 @@ def _jsonable(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.asdict(obj)
     if isinstance(obj, Path):
-        return _relative(obj)
+        return relative(obj)
     if hasattr(obj, "tolist"):  # numpy arrays and scalars, torch tensors
         return obj.tolist()
     if isinstance(obj, (set, frozenset)):
@@ -324,7 +324,7 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _arguments(args: argparse.Namespace) -> dict:
-    return {k: (_relative(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    return {k: (relative(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
 class Run:
@@ -334,7 +334,7 @@ class Run:
     def __init__(self, name: str, sources: Sequence[str], args: argparse.Namespace, device: str | None = None,
                  script: str | None = None, out: Path | None = None) -> None:
         self.name, self.args, self.out = name, args, Path(out) if out is not None else out_dir(args)
-        self.script = script or _relative(sys.argv[0])
+        self.script = script or relative(sys.argv[0])
         self.provenance = provenance(self.script, sources, quick=bool(getattr(args, "quick", False)))
         self.environment = environment(device)
 
@@ -372,7 +372,7 @@ class Run:
                     "environment": self.environment}
         path = self.out / f"{self.name}.json"
         path.write_text(json.dumps(document, indent=2, default=_jsonable) + "\n")
-        print(f"wrote {', '.join(written)} to {_relative(self.out)}", flush=True)
+        print(f"wrote {', '.join(written)} to {relative(self.out)}", flush=True)
         return path
 
 
@@ -451,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     problems = check(opts.results)
     for result, reason in problems:
-        print(f"STALE {_relative(opts.results / result)}: {reason}")
+        print(f"STALE {relative(opts.results / result)}: {reason}")
     n = len({r for r, _ in problems})
     print(f"results-check: {n} stale result(s)" if problems else "results-check: every result is fresh")
     return 1 if problems else 0

@@ -316,8 +316,9 @@ def write(run, args, records: dict, profiles: dict, data_source: str) -> None:
         old = [r["wall"] for r in records["savi_ift (old tree)"]]
         new = [r["wall"] for r in records["savi_ift"]]
         speedup = bench.Spread.of([o / n for o, n in zip(old, new)])
-        payload["savi_ift_speedup_vs_old_tree"] = {**speedup.to_dict(), "old_tree": str(args.old_tree)}
-        md += ["", f"savi_ift speed-up over the old tree ({args.old_tree}), per round: **{speedup.fmt('.2f')}x**."]
+        old_tree = bench.relative(args.old_tree)
+        payload["savi_ift_speedup_vs_old_tree"] = {**speedup.to_dict(), "old_tree": old_tree}
+        md += ["", f"savi_ift speed-up over the old tree ({old_tree}), per round: **{speedup.fmt('.2f')}x**."]
     for name, prof in profiles.items():
         total = prof["total_s"]
         parts = sorted(prof["parts"].items(), key=lambda kv: -kv[1])

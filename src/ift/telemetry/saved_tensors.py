@@ -20,8 +20,15 @@ import weakref
 import torch
 
 
-def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:
-    return (str(tensor.device), tensor.untyped_storage().data_ptr())
+def _storage_key(tensor: torch.Tensor) -> tuple[tuple, int]:
+    """(key, bytes) of the storage behind ``tensor``. Inside ``torch.func`` transforms (``jvp``: the
+    latent-space Hessian of unrolled Newton) a saved tensor's storage has no readable data pointer;
+    such a tensor counts once per tensor object with its storage's bytes."""
+    storage = tensor.untyped_storage()
+    try:
+        return (str(tensor.device), storage.data_ptr()), storage.nbytes()
+    except RuntimeError:
+        return (str(tensor.device), "tensor", id(tensor)), storage.nbytes()
 
 
 class SavedTensorCounter:
@@ -33,7 +40,7 @@ class SavedTensorCounter:
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        key, nbytes = _storage_key(tensor), tensor.untyped_storage().nbytes()
+        key, nbytes = _storage_key(tensor)
         self._records.append((weakref.ref(tensor), key, nbytes))
         self._total[key] = nbytes
         return tensor

@@ -8,6 +8,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,12 @@ def test_check_flags_uncommitted_sources_quick_runs_and_unclaimed_files(repo):
     assert problems["orphan.png"].startswith("no provenance")
     assert ("abs.json", f"holds absolute paths: {repo}/data/x") in bench.check(bench.RESULTS)
     assert "demo.md" not in problems  # claimed by demo.json
+
+
+def test_absolute_paths_finds_this_machines_paths_but_not_relative_ones():
+    tmp = tempfile.gettempdir()
+    text = f'"{tmp}/a/b" and --old-tree ../..{tmp}/c (`{bench.REPO.parent}/d`)'
+    assert bench.absolute_paths(text) == sorted([f"{tmp}/a/b", f"{bench.REPO.parent}/d"])
 
 
 def test_sources_edited_during_the_run_count_as_uncommitted(repo):

@@ -405,7 +405,9 @@ def stale_reasons(document: Mapping) -> list[str]:
 def absolute_paths(text: str) -> list[str]:
     """Absolute paths of this machine in ``text`` (the repository's folder, its parent, home, /tmp)."""
     roots = {str(REPO.parent), str(Path.home()), tempfile.gettempdir()} - {"/"}
-    return sorted({m.group(0) for root in roots for m in re.finditer(re.escape(root) + r"/[^\s\"'`)]*", text)})
+    # Not inside a longer path: "../../tmp/x" is relative and fine.
+    return sorted({m.group(0) for root in roots
+                   for m in re.finditer(r"(?<![\w./-])" + re.escape(root) + r"/[^\s\"'`)]*", text)})
 
 
 def check(results: Path = RESULTS) -> list[tuple[str, str]]:

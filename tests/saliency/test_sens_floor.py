@@ -82,3 +82,26 @@ def test_max_sensitivities_clip_none_equals_default():
     b = max_sensitivities(f, x, 0.2, noise=noise, normalizations=("input", "unit"), clip=None)
     for k in a:
         torch.testing.assert_close(a[k], b[k])
+
+
+def test_constant_explanation_is_the_floor_of_the_global_measure():
+    """Phi = 1 ignores the model: local SENS_max is 0, the global x * 1 = x moves by exactly delta, so
+    SENS(none) = max_k ||delta_k|| and SENS(input) = that / ||x||; the same for any model."""
+    x = torch.rand(4, 1, 6, 6, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1])
+    cfg = SaliencyConfig(methods=("Constant",), sens_samples=5, sens_normalize=("none", "input"), square_sizes=(1, 2),
+                         sens_variants=("local",), per_example=True)
+    metrics = {seed: evaluate_method(linear_model(seed), "Constant", x, y, cfg, local=False)[0] for seed in (0, 1)}
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    noise = uniform_linf_noise((5, *x.shape), cfg.sens_radius, x, gen)
+    floor = noise.flatten(2).norm(dim=2).max(0).values
+    for m in metrics.values():
+        assert m["sens_max_local_none"] == 0 and m["sens_max_local_input"] == 0
+        torch.testing.assert_close(torch.tensor(m["per_example"]["sens_max_none"], dtype=torch.float64), floor)
+        torch.testing.assert_close(torch.tensor(m["per_example"]["sens_max_input"], dtype=torch.float64),
+                                   floor / x.flatten(1).norm(dim=1))
+    assert metrics[0]["per_example"]["sens_max_none"] == metrics[1]["per_example"]["sens_max_none"]
+    assert metrics[0]["infd"] != metrics[1]["infd"]  # its INFD does depend on the model
+    with pytest.raises(ValueError, match="control"):
+        from ift.saliency.explanations import make_explanation
+        make_explanation("Nothing", linear_model())

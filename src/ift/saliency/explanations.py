@@ -22,6 +22,9 @@ from ift.saliency.measures import (as_target, chunk_sizes, noisy_baseline_pertur
                                    scores, square_drops, square_masks, uniform_linf_noise)
 
 METHODS = ("Grad", "Grad-SG", "IG", "IG-SG", "GBP", "GBP-SG", "SHAP", "Square", "NB")
+# controls, not explanations: "Constant" is Phi = 1 everywhere (it ignores the model), so its local
+# SENS_max is exactly 0 and its global form x * 1 = x moves only by delta: the floor of the global measure
+CONTROLS = ("Constant",)
 # global SmoothGrad: ours x * mean Phi(x + d); the authors' code mean[(x + d) * Phi(x + d)]
 SG_GLOBAL_VARIANTS = ("x_times_mean", "mean_of_products")
 
@@ -216,6 +219,12 @@ def square_attribution(masks: torch.Tensor, drops: torch.Tensor, shape: Sequence
     return a.expand(b, c, h, w).contiguous()
 
 
+def constant(model: nn.Module | None = None) -> Explanation:
+    """The control ``Phi = 1`` (shaped like x, independent of the model and of x): local SENS_max 0,
+    global ``x * Phi = x``, whose SENS_max is ``||delta|| / ||x||`` (input normalisation)."""
+    return Explanation("Constant", lambda x, t: torch.ones_like(x))
+
+
 # ----------------------------------------------------------------------------- registry
 def make_explanation(name: str, model: nn.Module, *, sg_radius: float = 0.2, sg_samples: int = 200,
                      ig_steps: int = 20, shap_samples: int = 2000, nb_samples: int = 20000,
@@ -231,8 +240,10 @@ def make_explanation(name: str, model: nn.Module, *, sg_radius: float = 0.2, sg_
     if sg_global not in (None, *SG_GLOBAL_VARIANTS):
         raise ValueError(f"sg_global must be None or one of {SG_GLOBAL_VARIANTS}, got {sg_global!r}")
     base = name[:-3] if name.endswith("-SG") else name
-    if name not in METHODS:
-        raise ValueError(f"explanation must be one of {METHODS}, got {name!r}")
+    if name not in METHODS + CONTROLS:
+        raise ValueError(f"explanation must be one of {METHODS} or a control of {CONTROLS}, got {name!r}")
+    if name == "Constant":
+        return constant(model)
     if base == "Grad":
         expl = gradient(model)
     elif base == "IG":

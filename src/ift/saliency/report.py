@@ -19,12 +19,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ift.saliency.explanations import METHODS, SG_GLOBAL_VARIANTS, make_explanation, square_attribution, to_global
+from ift.saliency.explanations import CONTROLS, METHODS, SG_GLOBAL_VARIANTS, make_explanation, square_attribution, to_global
 from ift.saliency.measures import (PERTURBATIONS, SENS_NORMALISATIONS, infidelity_from_perturbations,
                                    max_sensitivities, noisy_baseline_perturbations, perturbation_drops,
                                    square_drops, square_infidelity, square_masks)
 
-LOCAL_METHODS = ("Grad", "Grad-SG", "IG", "IG-SG", "GBP", "GBP-SG", "NB")
+LOCAL_METHODS = ("Grad", "Grad-SG", "IG", "IG-SG", "GBP", "GBP-SG", "NB", "Constant")
 # extra SENS_max variants from the same perturbations: the explanation compared (global x * Phi or
 # local Phi) and whether y = x + delta is clipped to [0, 1]
 SENS_VARIANTS = ("global", "global_clipped", "local", "local_clipped")
@@ -83,7 +83,7 @@ class SaliencyConfig:
             raise ValueError(f"saliency_sens_variants={list(self.sens_variants)!r}: use a list of {SENS_VARIANTS}")
         for method, lim in self.method_sens.items():
             counts = {k: v for k, v in lim.items() if k != "variants"}
-            if (method not in METHODS or not set(lim) <= {"examples", "samples", "variants"}
+            if (method not in METHODS + CONTROLS or not set(lim) <= {"examples", "samples", "variants"}
                     or any(int(v) < 1 for v in counts.values())
                     or any(v not in SENS_VARIANTS for v in lim.get("variants", ()))):
                 raise ValueError(f"saliency_method_sens[{method!r}]={lim!r}: keys must be methods of {METHODS} "
@@ -110,9 +110,9 @@ class SaliencyConfig:
         if "sens_normalize" in own and not isinstance(own["sens_normalize"], str):
             own["sens_normalize"] = list(own["sens_normalize"])
         out = cls(**own)
-        bad = [m for m in out.methods if m not in METHODS]
+        bad = [m for m in out.methods if m not in METHODS + CONTROLS]
         if bad:
-            raise ValueError(f"saliency methods {bad} not in {METHODS}")
+            raise ValueError(f"saliency methods {bad} not in {METHODS} (controls: {CONTROLS})")
         return out
 
 

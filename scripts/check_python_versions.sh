@@ -52,24 +52,25 @@ EOF
 
 for ver in "${VERSIONS[@]}"; do check_version "$ver"; done
 
-python3 - "$WORK" "$OUT" "$(git -C "$ROOT" rev-parse --short HEAD)" "${VERSIONS[@]}" <<'EOF'
-import json, sys, time
+# The report goes through ift.bench (provenance: commit, the files it measures), in the project's venv.
+"$ROOT/.venv/bin/python" - "$WORK" "$OUT" "${VERSIONS[@]}" <<'EOF'
+import argparse, json, sys
 from pathlib import Path
-work, out, commit, versions = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4:]
+from ift import bench
+work, out, versions = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+sys.argv = ["scripts/check_python_versions.sh", *versions]  # the command the provenance records
+run = bench.Run("python_versions", ["constraints.txt", "pyproject.toml"],
+                argparse.Namespace(out=out, versions=versions, quick=False), script="scripts/check_python_versions.sh")
 runs = [json.loads(Path(work, f"py{v}", "result.json").read_text()) for v in versions]
-report = {"command": "scripts/check_python_versions.sh " + " ".join(versions), "commit": commit,
-          "date": time.strftime("%Y-%m-%d %H:%M"), "runs": runs}
-(out / "python_versions.json").write_text(json.dumps(report, indent=2) + "\n")
-lines = ["# Fresh installs on other Python versions", "",
-         f"`{report['command']}` at {commit}, {report['date']} (a shared 2-core machine: times are not benchmarks).",
-         "Each: a new venv, `pip install -c constraints.txt -e '.[test]'`, then `python train.py debug=fast`.", "",
-         "| Python | status | torch | install (s, incl. download) | versions not as in constraints.txt | train debug=fast (s) | test/loss |",
-         "|---|---|---|---|---|---|---|"]
-for r in runs:
-    loss = (r.get("test_metrics") or {}).get("test/loss")
-    lines.append(f"| {r['python']} | {r['status']} | {r.get('torch', '-')} | {r.get('install_s', '-')} | "
-                 f"{' '.join(r.get('not_as_in_constraints') or []) or 'none'} | "
-                 f"{r.get('train_debug_fast_s', '-')} | {'-' if loss is None else f'{loss:.2f}'} |")
-(out / "python_versions.md").write_text("\n".join(lines) + "\n")
-print("\n".join(lines))
+rows = [[r["python"], r["status"], r.get("torch", "-"), r.get("install_s", "-"),
+         " ".join(r.get("not_as_in_constraints") or []) or "none", r.get("train_debug_fast_s", "-"),
+         "-" if (r.get("test_metrics") or {}).get("test/loss") is None else f"{r['test_metrics']['test/loss']:.2f}"]
+        for r in runs]
+markdown = ("# Fresh installs on other Python versions\n\n"
+            "Each: a new venv, `pip install -c constraints.txt -e '.[test]'`, then `python train.py debug=fast` "
+            "(a shared 2-core machine: times are not benchmarks).\n\n"
+            + bench.table(["Python", "status", "torch", "install (s, incl. download)",
+                           "versions not as in constraints.txt", "train debug=fast (s)", "test/loss"], rows))
+run.write({"runs": runs}, markdown)
+print(markdown)
 EOF

@@ -158,6 +158,11 @@ def test_check_flags_uncommitted_sources_quick_runs_and_unclaimed_files(repo):
     assert "demo.md" not in problems  # claimed by demo.json
 
 
+def test_command_line_of_a_shell_script_is_not_prefixed_with_python():
+    assert bench.command_line(["scripts/check.sh", "3.12"]) == "scripts/check.sh 3.12"
+    assert bench.command_line(["benchmarks/x.py", "--quick"]) == "python benchmarks/x.py --quick"
+
+
 def test_absolute_paths_finds_this_machines_paths_but_not_relative_ones():
     tmp = tempfile.gettempdir()
     text = f'"{tmp}/a/b" and --old-tree ../..{tmp}/c (`{bench.REPO.parent}/d`)'

@@ -117,7 +117,7 @@ def _uncommitted(files: Sequence[str]) -> list[str]:
 def command_line(argv: Sequence[str] | None = None) -> str:
     """The command that produced a result, with paths inside the repository made relative to it."""
     argv = list(sys.argv if argv is None else argv)
-    parts = ["python"]
+    parts = [] if argv and argv[0].endswith(".sh") else ["python"]  # a shell script runs itself
     for i, arg in enumerate(argv):
         if i == 0 or os.path.isabs(arg):
             arg = relative(arg)

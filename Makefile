@@ -46,7 +46,7 @@ results-check: $(STAMP)
 
 # Rewrite constraints.txt from the working .venv (after an upgrade that passed `make test`).
 constraints: $(STAMP)
-	{ sed -n '/^#/p' constraints.txt; $(VENV)/bin/python -m pip freeze --exclude-editable | grep -v ' @ '; } > constraints.txt.new
+	{ sed -n '/^#/p' constraints.txt; $(VENV)/bin/python -m pip freeze --all --exclude-editable | grep -v ' @ ' | grep -v '^pip=='; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 
 # Fresh venvs on Python 3.12 and 3.13 (pyenv): install with constraints.txt, train debug=fast.

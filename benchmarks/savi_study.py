@@ -9,8 +9,8 @@ Models (`MODELS`), each trained through the real Hydra configs (`configs/model/*
 - `vae_svi`: `vae`'s best checkpoint refined per example at test time by the SVI inner solve
   (damped Newton, no proximal term, to `model.inner.tol`): Kim et al.'s VAE+SVI. No training of its own;
 - `svi`: `model=svi` (decoder trained at the refined lambda, encoder on its amortized ELBO);
-- `savi_kim`: Kim et al.'s SA-VAE loop (`model=savi_unrolled` with `KIM_LOOP`: SGD lr 1, momentum 0.5,
-  clip 5, 20 steps, no tolerance, no proximal term, gradients by unrolling);
+- `savi_kim`: Kim et al.'s SA-VAE loop (`model=savi_kim`: SGD lr 1, momentum 0.5, clip 5, 20 steps,
+  no tolerance, no proximal term, gradients by unrolling);
 - `savi_unrolled`, `savi_ift` (damped Newton to tolerance, eta = 1) and `savi_reversible`
   (Kim et al.'s loop with eta = 1 as in its config, reversed exactly instead of stored).
 
@@ -64,16 +64,17 @@ from ift import bench
 NAME = "savi_study"
 MODELS = ["vae", "vae_equal_time", "vae_svi", "svi", "savi_kim", "savi_unrolled", "savi_ift", "savi_reversible"]
 SAVI = ["savi_kim", "savi_unrolled", "savi_ift", "savi_reversible"]  # vae_equal_time matches the slowest
-CONFIG = {"vae": "vae", "vae_equal_time": "vae", "svi": "svi", "savi_kim": "savi_unrolled",
+CONFIG = {"vae": "vae", "vae_equal_time": "vae", "svi": "svi", "savi_kim": "savi_kim",
           "savi_unrolled": "savi_unrolled", "savi_ift": "savi_ift", "savi_reversible": "savi_reversible"}
-# Kim et al.'s SA-VAE inner loop, unrolled (on top of model=savi_unrolled)
-KIM_LOOP = ["model.inner.optimizer=sgd", "model.inner.lr=1.0", "model.inner.momentum=0.5", "model.inner.clip=5.0",
-            "model.inner.steps=20", "model.inner.tol=0.0", "model.inner.eta=null"]
 SWEEP_MODES = ["savi_ift", "savi_unrolled"]
 DATASETS = ("digits", "mnist")
 SOURCES = ["src/ift/savi", "src/ift/implicit", "src/ift/training.py", "src/ift/data", "src/ift/telemetry",
-           "configs/model", "configs/train.yaml", "configs/data/digits.yaml", "configs/data/mnist.yaml"]
+           *(f"configs/model/{m}.yaml" for m in ("vae", "svi", "savi_kim", "savi_unrolled", "savi_ift", "savi_reversible")),
+           "configs/train.yaml", "configs/data/digits.yaml", "configs/data/mnist.yaml"]
 PLATEAU_WINDOW, PLATEAU_NATS = 0.2, 0.5
+# settings that, set below the study's defaults, make a result partial
+REDUCIBLE = ("digits_max_epochs", "mnist_max_epochs", "mnist_max_steps", "mnist_val_batches", "patience", "min_delta",
+             "test_examples", "iwae_samples", "elbo_samples", "jacobian_examples")
 
 
 def eta_name(eta: float | None) -> str:
@@ -286,8 +287,6 @@ def overrides_for(dataset: str, model: str, seed: int, eta: float | None, args) 
             "trainer.log_every_n_steps=1", "trainer.num_sanity_val_steps=0"]
     if not args.device.startswith("cuda"):
         over.append("threads=1")
-    if model == "savi_kim":
-        over += KIM_LOOP
     if args.quick:
         over.append("trainer.limit_train_batches=6")
     if eta != 1.0:
@@ -343,7 +342,10 @@ def train(dataset: str, model: str, seed: int, eta: float | None, args) -> dict:
             "wall_clock_s": rec["fit_seconds"], "step_seconds": rec["step_seconds"], "steps": steps,
             "peak_rss_mb": rss, "saved_tensor_mib": max(rec["saved_mib"]) if rec["saved_mib"] else None,
             "saved_tensor_mib_median": statistics.median(rec["saved_mib"]) if rec["saved_mib"] else None,
-            "curve": rec["curve"], "plateau": plateau(rec["curve"], steps), **stats}
+            "curve": rec["curve"], "plateau": plateau(rec["curve"], steps),
+            # a run that peaked and then collapsed also "plateaus" by the rule: the drop shows it
+            "val_elbo_best": max((e for _, _, e, _ in rec["curve"]), default=None),
+            "val_elbo_last": rec["curve"][-1][2] if rec["curve"] else None, **stats}
 
 
 def best_checkpoint(run_dir: Path) -> Path:
@@ -558,7 +560,8 @@ ENTRY_KEYS = [  # (key in the aggregate, where in a run file)
     ("saved_tensor_mib", ("train", "saved_tensor_mib")), ("peak_rss_mb", ("train", "peak_rss_mb")),
     ("test_stationarity_median", ("test", "stationarity_median")), ("test_nonstationary_frac", ("test", "nonstationary_frac")),
     ("train_nonstationary_frac", ("train", "train_nonstationary_frac")), ("jacobian_norm", ("test", "jacobian_norm_median")),
-    ("gamma", ("test", "gamma")),
+    ("gamma", ("test", "gamma")), ("val_elbo_best", ("train", "val_elbo_best")),
+    ("val_elbo_last", ("train", "val_elbo_last")),
 ]
 
 
@@ -602,7 +605,11 @@ def summarize(args) -> None:
     if not any(runs.values()):
         return
     run = bench.Run(NAME, SOURCES, args, device=args.device)
-    planned = plan(args)
+    # completeness is judged against the whole study (default seeds, models, datasets, eta sweep and
+    # budgets), not against a subset this invocation asked for
+    defaults = parse_args(["--work-dir", str(args.work_dir)] + (["--quick"] if args.quick else []))
+    planned = plan(defaults)
+    reduced = {k: getattr(args, k) for k in REDUCIBLE if getattr(args, k) != getattr(defaults, k)}
     payload, md, figures, missing_total = {}, [], {}, 0
     for dataset in DATASETS:
         main = [r for r in runs[dataset] if r["eta"] == 1.0]
@@ -629,10 +636,14 @@ def summarize(args) -> None:
             figures[f"{NAME}_{dataset}_curves.png"] = plot_curves(dataset, by_model)
     if payload["digits"].get("eta_sweep"):
         figures[f"{NAME}_eta.png"] = plot_eta(payload["digits"]["eta_sweep"])
-    payload["complete"] = missing_total == 0
+    payload["complete"] = missing_total == 0 and not reduced
+    payload["reduced_settings"] = reduced
     payload["settings"] = {k: v for k, v in vars(args).items() if k not in ("single", "match_seconds", "summarize_only")}
     status = ("" if payload["complete"] else
-              f"**Partial study: {missing_total} planned run(s) missing (listed in `savi_study.json`); not the final result.**\n\n")
+              f"**Partial study, not the final result: {missing_total} run(s) of the full study missing (listed per "
+              "dataset below and in `savi_study.json`)"
+              + (f"; settings reduced from the study's defaults: {', '.join(f'{k}={v}' for k, v in reduced.items())}"
+                 if reduced else "") + ".**\n\n")
     text = (f"# SAVI study (issue 26)\n\n{status}{bench.describe(run.environment)}; one process and one torch thread per run. "
             "Mean ± standard error over seeds; paired differences by seed (same initialisation and data order); "
             "a difference counts only outside 2 SE, else it is a tie. Runs: `savi_study/runs/<dataset>/`, each with "
@@ -685,11 +696,16 @@ def markdown(dataset: str, section: dict, by_model: dict, args) -> str:
             ("jacobian_norm", "‖dλ/dλ0‖", 3)]
     rows = []
     for model, e in section["models"].items():
-        rows.append([f"`{model}`", e["seeds"], *(fmt(e[k], d) for k, _, d in cols), plateau_cell(e["plateau_per_seed"])])
+        drop = [None if b is None or l is None else b - l for b, l in zip(e["val_elbo_best"], e["val_elbo_last"])]
+        rows.append([f"`{model}`", e["seeds"], *(fmt(e[k], d) for k, _, d in cols), plateau_cell(e["plateau_per_seed"]),
+                     fmt(drop, 1)])
     n_test = by_model[next(iter(by_model))][0]["test"]["examples"]
     out = [f"## {dataset}\n\n{n_test} test images, IWAE with {args.iwae_samples} samples."
            + ("" if section["complete"] else f" Missing runs: {', '.join(section['missing_runs'])}.") + "\n\n",
-           bench.table(["model", "seeds", *(c[1] for c in cols), "plateau"], rows)]
+           bench.table(["model", "seeds", *(c[1] for c in cols), "plateau", "val best - last"], rows),
+           "\n`val best - last`: validation ELBO at its best minus at the end of training (the best checkpoint is "
+           "evaluated; a large value means training collapsed after its best, which the plateau rule does not flag). "
+           "`vae_svi` is `vae`'s run (its training columns are `vae`'s), refined at test time.\n"]
     if "savi_ift" in section["models"]:
         e = section["models"]["savi_ift"]
         out.append(f"\n`savi_ift` backward CG solves above tolerance over training (`linsolve_unconverged`, per seed): "

@@ -31,7 +31,7 @@ def test_eval_config_composes(tmp_path):
 
 
 # (model, data) pairs meant to work, each one fast training step in-process.
-SAVI_MODELS = ["vae", "svi", "savi_unrolled", "savi_checkpointed", "savi_reversible", "savi_ift"]
+SAVI_MODELS = ["vae", "svi", "savi_unrolled", "savi_checkpointed", "savi_reversible", "savi_kim", "savi_ift"]
 PAIRS = [(m, "digits") for m in SAVI_MODELS + ["classifier", "classifier_pgd", "mlp_classifier", "optnet_classifier"]]
 PAIRS += [("vae", "synthetic"), ("savi_ift", "synthetic"), ("optnet_sudoku", "sudoku"), ("conv_sudoku", "sudoku")]
 PAIRS += [("vae", "mnist"), ("classifier", "mnist"), ("imaml", "sinusoid"), ("maml", "sinusoid")]
@@ -49,7 +49,7 @@ def test_model_data_pair_trains_one_fast_step(compose_train, model, data):
     assert "val/loss" in metrics and "test/loss" in metrics
     assert all(v == v for v in metrics.values()), f"NaN metric in {metrics}"
     assert (Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt").is_file()
-    if model in ("svi", "savi_unrolled", "savi_checkpointed", "savi_reversible", "savi_ift"):
+    if model in ("svi", "savi_unrolled", "savi_checkpointed", "savi_reversible", "savi_kim", "savi_ift"):
         # refinement improves the ELBO over the encoder's proposal, on held-out data
         assert metrics["test/amortization_gap"] > 0, metrics
 

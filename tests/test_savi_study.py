@@ -107,3 +107,12 @@ def test_quick_savi_study_layout(tmp_path):
 def test_max_time_string():
     assert study.hms(3725.2) == "00:01:02:06"
     assert study.hms(90061) == "01:01:01:01"
+
+
+def test_savi_kim_config_is_kim_et_al_s_loop(compose_train):
+    from hydra.utils import instantiate
+
+    module = instantiate(compose_train("model=savi_kim").model, _convert_="all")
+    cfg = module.inner_cfg
+    assert module.mode == "savi_unrolled" and module.amortized_weight == 0  # the encoder learns through the loop
+    assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.clip, cfg.steps, cfg.tol, cfg.eta) == ("sgd", 1.0, 0.5, 5.0, 20, 0.0, None)

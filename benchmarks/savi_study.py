@@ -73,7 +73,7 @@ SOURCES = ["src/ift/savi", "src/ift/implicit", "src/ift/training.py", "src/ift/d
            "configs/train.yaml", "configs/data/digits.yaml", "configs/data/mnist.yaml"]
 PLATEAU_WINDOW, PLATEAU_NATS = 0.2, 0.5
 # settings that, set below the study's defaults, make a result partial
-REDUCIBLE = ("digits_max_epochs", "mnist_max_epochs", "mnist_max_steps", "mnist_val_batches", "patience", "min_delta",
+REDUCIBLE = ("digits_max_epochs", "digits_vae_max_epochs", "mnist_max_epochs", "mnist_max_steps", "mnist_val_batches", "patience", "min_delta",
              "test_examples", "iwae_samples", "elbo_samples", "jacobian_examples")
 
 
@@ -96,7 +96,9 @@ def parse_args(argv=None):
     p.add_argument("--models", nargs="+", choices=MODELS, default=MODELS)
     p.add_argument("--digits-seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--mnist-seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--digits-max-epochs", type=int, default=1000)
+    p.add_argument("--digits-max-epochs", type=int, default=1000, help="cap for the refining digits models")
+    p.add_argument("--digits-vae-max-epochs", type=int, default=1000,
+                   help="cap for digits vae / vae_equal_time's epochs (vae_equal_time stops at its time)")
     p.add_argument("--mnist-max-epochs", type=int, default=50, help="cap for every MNIST model (the VAE's plateau)")
     p.add_argument("--mnist-max-steps", type=int, default=1500,
                    help="step budget of the refining MNIST models (0: none, early stopping only: the GPU setting)")
@@ -123,7 +125,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.digits_seeds, args.mnist_seeds, args.eta_seeds = [0], [0], [0]
-        args.digits_max_epochs, args.mnist_max_epochs, args.mnist_max_steps = 3, 1, 4
+        args.digits_max_epochs, args.digits_vae_max_epochs, args.mnist_max_epochs, args.mnist_max_steps = 3, 3, 1, 4
         args.mnist_val_every, args.mnist_val_batches, args.patience = 2, 1, 1
         args.test_examples, args.iwae_samples, args.elbo_samples, args.jacobian_examples = 40, 8, 2, 4
         args.saved_every, args.etas = 2, [None]
@@ -218,7 +220,7 @@ def launch(args, task) -> subprocess.Popen:
     if model == "vae_equal_time":
         walls = [json.loads(run_path(args, dataset, d).read_text())["train"]["wall_clock_s"] for d in deps]
         cmd += ["--match-seconds", f"{max(walls):.3f}"]
-    for flag in ("digits_max_epochs", "mnist_max_epochs", "mnist_max_steps", "mnist_val_every", "mnist_val_batches",
+    for flag in ("digits_max_epochs", "digits_vae_max_epochs", "mnist_max_epochs", "mnist_max_steps", "mnist_val_every", "mnist_val_batches",
                  "patience", "min_delta", "test_examples", "iwae_samples", "elbo_samples", "jacobian_examples",
                  "saved_every", "device", "data_root", "work_dir"):
         value = getattr(args, flag)
@@ -298,8 +300,9 @@ def overrides_for(dataset: str, model: str, seed: int, eta: float | None, args) 
                  f"trainer.limit_val_batches={args.mnist_val_batches}"]
         if refining and args.mnist_max_steps:
             over.append(f"trainer.max_steps={args.mnist_max_steps}")
-    else:
-        over.append(f"trainer.max_epochs={args.digits_max_epochs}")
+    else:  # the VAE goes to its own plateau whatever the refining models' cap
+        refining = model not in ("vae", "vae_equal_time")
+        over.append(f"trainer.max_epochs={args.digits_max_epochs if refining else args.digits_vae_max_epochs}")
     if model == "vae_equal_time":
         over += ["trainer.max_epochs=-1" if dataset == "digits" else f"trainer.max_epochs={10 * args.mnist_max_epochs}",
                  f"trainer.max_time='{hms(args.match_seconds)}'"]
@@ -649,8 +652,9 @@ def summarize(args) -> None:
             "a difference counts only outside 2 SE, else it is a tie. Runs: `savi_study/runs/<dataset>/`, each with "
             f"its own provenance.\n\nStopping rule: early stopping on the refined validation ELBO (min delta "
             f"{args.min_delta} nats; patience {patience('digits', args)} validations on digits, "
-            f"{patience('mnist', args)} on MNIST), the best checkpoint evaluated; MNIST refining models capped at "
-            f"{args.mnist_max_steps or 'no'} steps. `plateau`: yes when the last 20 % of training improved the best "
+            f"{patience('mnist', args)} on MNIST), the best checkpoint evaluated; refining models capped at "
+            f"{args.digits_max_epochs} epochs on digits and {args.mnist_max_steps or 'no'} steps on MNIST (the VAE: "
+            f"{args.digits_vae_max_epochs} / {args.mnist_max_epochs} epochs). `plateau`: yes when the last 20 % of training improved the best "
             "validation ELBO by < 0.5 nats, else the end slope in nats per 1000 steps.\n\n" + "\n".join(md))
     run.write(finite(payload), text, figures=figures,
               files=[f"{NAME}/runs/{d}/{run_name(r['model'], r['seed'], r['eta'])}.json" for d in DATASETS for r in runs[d]])

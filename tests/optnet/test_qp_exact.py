@@ -7,6 +7,8 @@ point satisfies the KKT conditions, so it is the unique optimum whatever propose
 and on a nondegenerate problem the same system gives the exact derivatives.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -201,3 +203,40 @@ def test_redundant_equalities_iterate_in_float64_from_the_start(monkeypatch):
     assert (float32_steps_allowed[0] == 0).all() and float32_steps_allowed[0].numel() == 8
     assert (sol.status == QPStatus.CONVERGED).all()
     torch.testing.assert_close(sol.z, ref.z, atol=1e-9, rtol=0)
+
+
+def test_float32_examples_whose_polish_fails_are_still_float64_accurate():
+    # A trained OptNetSudoku model (seed 0, epoch 2 of optnet_models.py; A, z0 and six test puzzles
+    # in data/): float32 inputs, Q = 0.1 I, z >= 0, A z = A z0 (64 variables, 40 equalities, ~24
+    # bounds active: a vertex). The first puzzles' polish guessed a 25th bound, which made the
+    # active set rank-deficient, and its corrections went astray; the float64 continuation then
+    # stopped at float32's tol 1e-7 and returned the interior point iterate as CONVERGED, 4.6e-4
+    # off the exact z, with the gradient of the failed set (relative error 0.17 on a batch).
+    # Now the continuation iterates to float64's tol, and an iterate returned as such is
+    # differentiated on its own active set.
+    data = torch.load(Path(__file__).parent / "data" / "sudoku_polish_failure.pt", weights_only=True)
+    A, z0, x = data["A"], data["z0"], data["puzzles"]
+    batch, n = x.shape
+    eye = torch.eye(n)
+    qp = [0.1 * eye.expand(batch, n, n), -x, -eye.expand(batch, n, n), torch.zeros(batch, n),
+          A.expand(batch, *A.shape), (A @ z0).expand(batch, -1)]
+    W = torch.randn(batch, n, generator=torch.Generator().manual_seed(6))
+    sol, grads = solve_with_grads(qp, W)
+    assert sol.converged.all()
+    exact = solve_qp_with_info(*(t.double() for t in qp), precision="float64")  # the same problems
+    vertex = n - A.shape[0]  # every solution here is a vertex: 24 bounds active (A has full rank 40)
+    for i in range(batch):
+        data = [t[i].double().numpy() for t in qp]
+        score = exact.lam[i] - exact.slack[i]  # puzzle 790 has a 25th, weakly active bound: leave it out
+        active = np.zeros(n, dtype=bool)
+        active[torch.argsort(score, descending=True)[:vertex].numpy()] = True
+        z, _, _, margin, ref = exact_reference(*data, active, W[i].double().numpy())
+        assert margin > -1e-12  # kept multipliers >= 0, dropped bounds hold: this is the QP's solution
+        err = np.abs(sol.z[i].detach().double().numpy() - z).max()
+        if margin < 1e-6:  # degenerate (790): z is unique, the derivative one-sided; an iterate to tol
+            assert err < 1e-5, (i, err)
+            continue
+        assert err < 1e-6, (i, err)  # float32 rounding of z ~ 6e-8
+        scale = max(np.abs(g).max() for g in ref.values() if g.size)  # dL/dq = 0 at a vertex: one scale
+        for name in ("q", "A", "b"):
+            np.testing.assert_allclose(grads[name][i].double().numpy(), ref[name], atol=1e-4 * scale, rtol=0, err_msg=name)

@@ -342,12 +342,21 @@ def _equality_solve(P: _Problem, active: torch.Tensor, lower: torch.Tensor, refi
     return F, (z, s, lam, nu)
 
 
-def _guess(P: _Problem, score: torch.Tensor):
-    """Active rows and which of them sit at their lower bound, from per-side scores (> 0: active)."""
+def _guess(P: _Problem, score: torch.Tensor, cap: bool = False):
+    """Active rows and which of them sit at their lower bound, from per-side scores (> 0: active);
+    with `cap`, at most n - p rows (the best scores), or None if no set can have more."""
     live = (score > 0) & (P.f > 0)
     up, lo = live[:, 0], live[:, 1]
     lower = lo & (~up | (score[:, 1] > score[:, 0]))
-    return up | lo, lower
+    active = up | lo
+    if not cap:
+        return active, lower
+    width = P.q.shape[1] - P.b.shape[1]
+    if not 0 < width < active.shape[-1]:
+        return None
+    row = torch.where(active, torch.where(lower, score[:, 1], score[:, 0]), -float("inf"))
+    active = active & (row >= torch.topk(row, width, dim=-1).values[:, -1:])
+    return active, lower & active
 
 
 def _point_guess(P: _Problem, point):
@@ -508,15 +517,43 @@ def _status_codes(ok: torch.Tensor, stops: dict) -> torch.Tensor:
     return code
 
 
-def _polish_and_store(out: _Result, exact: _Problem, x: _Iterate, a, guess, done, stops: dict, measured, tol):
+def _polish_and_store(out: _Result, exact: _Problem, x: _Iterate, a, guess, done, stops: dict, measured, tol,
+                      capped=None):
     """Polish the attempted examples `a` (guess: active and lower masks); those verified, or done
     anyway, are stored in `out` (the polished point where it was verified, else the iterate) and
-    marked gone."""
+    marked gone. `capped`: the guess cut to n - p rows, tried where the first polish fails."""
     Pa = exact.take(x.live[a])
-    Fa, lower, (zp, sp, lamp, nup), (ppri, pdual, pgap), ok = _polish(Pa, guess[0][a], guess[1][a], tol)
+    Fa, lower, point, res, ok = _polish(Pa, guess[0][a], guess[1][a], tol)
+    if capped is not None:
+        # More than n - p active rows (p independent equalities) over-determine z unless some
+        # are duplicates: a vertex plus a nearly weakly active row gives a least-squares
+        # compromise that satisfies none of them and sends the corrections astray (a trained
+        # Sudoku model: 25 bounds guessed where 24 are active). Where the polish failed with
+        # such a set, the n - p best-scored rows get their own polish.
+        retry = (~ok & (capped[0][a] != guess[0][a]).any(-1)).nonzero().squeeze(-1)
+        if retry.numel():
+            Fr, lower_r, point_r, res_r, ok_r = _polish(Pa.take(retry), capped[0][a][retry], capped[1][a][retry], tol)
+            keep = ok_r.nonzero().squeeze(-1)
+            rows = retry[keep]
+            Fa, lower = Fa.replace(rows, Fr.take(keep)), lower.index_copy(0, rows, lower_r[keep])
+            point = tuple(t.index_copy(0, rows, tr[keep]) for t, tr in zip(point, point_r))
+            res = tuple(t.index_copy(0, rows, tr[keep]) for t, tr in zip(res, res_r))
+            ok = ok.index_copy(0, rows, ok_r[keep])
+    zp, sp, lamp, nup = point
+    ppri, pdual, pgap = res
     ok &= ~stops[QPStatus.INFEASIBLE][a]
     fin = ok | done[a]
     code = _status_codes(ok, {status: flag[a] for status, flag in stops.items()})
+    iterate = (fin & ~ok).nonzero().squeeze(-1)
+    if iterate.numel():
+        # Returned as the interior point iterate (its polish failed): the backward then uses the
+        # iterate's own active set {lam > s}, not the failed polish's last set, which the
+        # corrections can have driven anywhere (a trained Sudoku model: 28 rows where 24 are
+        # active, with a rank-deficient system and multipliers of -2e9).
+        Pi = Pa.take(iterate)
+        act, act_lower = _guess(Pi, (x.lam - x.s)[a[iterate]])
+        Fa = Fa.replace(iterate, ReducedFactor.active_set(Pi.cs, act))
+        lower = lower.index_copy(0, iterate, act_lower)
 
     def pick(polished, iterate):
         iterate = iterate.to(polished.dtype)
@@ -608,6 +645,7 @@ def _solve(P: _Problem, exact: _Problem, tol: float, max_iter: int, iter_tol: fl
             # one row off for 60% of the examples, against 20% with lam > s)
             score = (x.lam - x.s) if last else (x.lam + pred.dlam - x.s - pred.ds)
             guess = _guess(P, score)
+            capped = None if warm_now else _guess(P, score, cap=True)
             if warm_now:  # the previous solution's set, on the rows that are still in the batch
                 guess = tuple(torch.where(done.unsqueeze(-1), g, w[x.live]) for g, w in zip(guess, warm))
             stops = {  # a later flag's status wins where several hold
@@ -617,7 +655,7 @@ def _solve(P: _Problem, exact: _Problem, tol: float, max_iter: int, iter_tol: fl
                 QPStatus.CONVERGED: tight if iter_tol <= tol else torch.zeros_like(tight),
             }
             a = attempt.nonzero().squeeze(-1)
-            _polish_and_store(out, exact, x, a, guess, done, stops, (pri, dual, gap), tol)
+            _polish_and_store(out, exact, x, a, guess, done, stops, (pri, dual, gap), tol, capped)
             if not warm_now:
                 x.next_try = torch.where(attempt, level * RETRY_FACTOR, x.next_try)
             n_gone = int(x.gone.sum())
@@ -685,6 +723,8 @@ def _mixed_constraint_space(data64, data32, batch, refine_steps):
 ITER_TOL_FLOAT32 = 1e-5
 FLOAT32_MAX_ITER = 20
 FLOAT32_MIN_PIVOT_RATIO = 1e-4
+# ... and the float64 continuation stops at this level (or tol, if lower).
+FLOAT64_ITER_TOL = 1e-9
 
 
 # A certified solution with an inequality whose slack and multiplier are both below this many
@@ -802,7 +842,11 @@ def _continue_in_float64(r: _Result, rows, cs64, Q, G, A, vectors, batch, tol, m
         cs = cs64.take(rows)
     P = _Problem(cs, *vectors)
     start = (*(getattr(r, k)[rows] for k in ("z", "s", "lam", "nu")), r.iterations[rows])
-    r64 = _solve(P, P, tol, max_iter, start=start)
+    # Iterate to float64's own tolerance even for float32 outputs (tol 1e-7): the polish still
+    # verifies at tol, but it gets the retries of the further residual drops, and an example whose
+    # polish keeps failing is returned as an iterate whose error is that much smaller (a trained
+    # Sudoku model, float32: an iterate stopped at 1e-7 was 4.6e-4 off the exact z).
+    r64 = _solve(P, P, tol, max_iter, iter_tol=min(tol, FLOAT64_ITER_TOL), start=start)
     for name in ("z", "lam", "nu", "s", "lower", "status", "iterations", "pri", "dual", "gap"):
         getattr(r, name)[rows] = getattr(r64, name)
     return rows, ReducedFactor(cs, r64.L, r64.idx, r64.valid)

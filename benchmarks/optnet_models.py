@@ -4,15 +4,16 @@
 - sudoku: `optnet_sudoku` (learns the equality constraints A) vs `conv_sudoku` (4x4 puzzles,
   generated from a seed; 1000 test puzzles).
 - `--sudoku-batch-sizes 20 100`: optnet_sudoku trained with each batch size on the same budget
-  (the batch-size trial behind optnet_sudoku's default batch 20), one extra row each.
+  (the batch-size trial behind optnet_sudoku's default batch 20), one extra row each; with
+  `--only sudoku-batch` only those runs, written as optnet_models_batch_trial.{json,md}.
 
 Reported per model: test accuracy (per cell for Sudoku), test loss, wrongly solved test puzzles,
-mean interior point iterations, the non-converged fraction (OptNet models) and the QP statuses of
-the test solves, training wall-clock. Writes <out>/optnet_models.{json,md}.
+mean interior point iterations and the non-converged fraction (OptNet models), training
+wall-clock. Writes <out>/optnet_models.{json,md}.
 
     python benchmarks/optnet_models.py                                   # the four models
-    python benchmarks/optnet_models.py --only sudoku --sudoku-epochs 4 --sudoku-train 2000 --sudoku-test 500 \\
-        --sudoku-batch-sizes 20 100                                      # the batch-size trial
+    python benchmarks/optnet_models.py --only sudoku-batch --sudoku-epochs 4 --sudoku-train 2000 \\
+        --sudoku-test 500 --sudoku-batch-sizes 20 100                    # the batch-size trial
     python benchmarks/optnet_models.py --quick                           # smoke run (numbers meaningless)
 """
 
@@ -68,7 +69,7 @@ def table(results: list[dict], args) -> str:
 
 def main() -> None:
     parser = bench.parser(__doc__)
-    parser.add_argument("--only", choices=["all", "digits", "sudoku"], default="all")
+    parser.add_argument("--only", choices=["all", "digits", "sudoku", "sudoku-batch"], default="all")
     parser.add_argument("--digits-epochs", type=int, default=None, help="default 30")
     parser.add_argument("--sudoku-epochs", type=int, default=None, help="default 4")
     parser.add_argument("--sudoku-train", type=int, default=None, help="puzzles for train+val (paper: 9000)")
@@ -88,7 +89,9 @@ def main() -> None:
         args.work_dir = (Path(tempfile.mkdtemp(prefix="optnet_models_")) if args.quick
                          else ROOT / "logs" / "benchmarks" / "optnet_models")
     torch.set_num_threads(args.threads)
-    run = bench.Run("optnet_models", SOURCES, args)
+    if args.only == "sudoku-batch" and not args.sudoku_batch_sizes:
+        parser.error("--only sudoku-batch needs --sudoku-batch-sizes, e.g. --sudoku-batch-sizes 20 100")
+    run = bench.Run("optnet_models_batch_trial" if args.only == "sudoku-batch" else "optnet_models", SOURCES, args)
 
     sudoku_data = [f"data.n_train={args.sudoku_train}", f"data.n_test={args.sudoku_test}"]
     if args.sudoku_train < 9000:
@@ -100,6 +103,7 @@ def main() -> None:
     if args.only in ("all", "sudoku"):
         plan += [("optnet_sudoku", "sudoku", args.sudoku_epochs, sudoku_data),
                  ("conv_sudoku", "sudoku", args.sudoku_epochs, sudoku_data)]
+    if args.only != "digits":
         plan += [("optnet_sudoku", "sudoku", args.sudoku_epochs, [*sudoku_data, f"data.batch_size={b}"])
                  for b in args.sudoku_batch_sizes]
     start = time.perf_counter()

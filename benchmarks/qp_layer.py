@@ -28,9 +28,9 @@ on a full-batch OptNetLayer training run.
     python benchmarks/qp_layer.py                                   # both parts, all sizes (long)
     python benchmarks/qp_layer.py --quick                           # smoke run (seconds; numbers meaningless)
 
-`--part` reruns one part and keeps the other part's rows from the result already in `--out`,
-only if that result is fresh (same measured sources and script, committed): otherwise it stops
-with one line. Writes <out>/qp_layer.{json,md}. Needs `pip install -e '.[bench]'` (qpth,
+`--part` reruns one part and keeps the other part's rows from the result already in `--out`
+only if that result is fresh (same measured sources and script, committed); otherwise it says
+so in one line and the result holds the rerun part only. Writes <out>/qp_layer.{json,md}. Needs `pip install -e '.[bench]'` (qpth,
 cvxpylayers) and proxsuite for QPLayer; a missing one is skipped with one line.
 """
 
@@ -550,8 +550,9 @@ def kept_part(run: bench.Run, part: str, quick: bool) -> tuple[dict, dict | None
     old = json.loads(path.read_text())
     reasons = bench.stale_reasons(old)
     if reasons and not quick:
-        sys.exit(f"--part {part}: the {other} part in {bench.relative(path)} is stale ({reasons[0]}); rerun it "
-                 f"with --part {other} first, or run both parts (--part all)")
+        print(f"--part {part}: not keeping the {other} part of {bench.relative(path)}, it is stale ({reasons[0]}); "
+              f"the result holds the {part} part only (then run --part {other})", flush=True)
+        return {}, None
     keys = ["speed", "cholesky_ms"] if other == "speed" else ["accuracy", "warm_start"]
     p = old.get("provenance", {})
     return {k: old[k] for k in keys if k in old}, {"part": other, "commit": p.get("commit"), "command": p.get("command")}

@@ -2,7 +2,7 @@
 (Table 4), Grad-SG vs smoothing radius (Figure 6), the toy function of Appendix A.5 (Figure 5) and
 the Proposition A.1 bound check.
 
-    python benchmarks/saliency_study.py --setting digits   # toy, Prop. A.1, 8x8 digits (~20 min on 1 thread)
+    python benchmarks/saliency_study.py --setting digits   # toy, Prop. A.1, 8x8 digits (~20 min on a shared core)
     python benchmarks/saliency_study.py --setting cpu      # full MNIST, what fits 2 CPU cores (~2 h + training)
     python benchmarks/saliency_study.py --setting paper    # full MNIST at the paper's sizes (GPU)
     python benchmarks/saliency_study.py --quick            # seconds-long digits smoke run, to a temporary folder
@@ -60,15 +60,20 @@ PAPER_TABLE4 = {  # MNIST, regular / robust: (SENS_max, INFD), global explanatio
 DIGITS_METHODS = (*METHODS, "Constant")
 SIZES = {
     # 50 test examples for every INFD and for the SENS of every cheap method; SmoothGrad at the paper's
-    # 200 samples; the SENS of SHAP / Square / NB on the first 20 examples (each SENS draw is a full solve)
+    # 200 samples; the SENS of the costly methods on fewer examples x draws (IG-SG: 10 x 5, each draw 2000
+    # gradients; SHAP / Square / NB: 20 x 10, each draw a full solve), the -SG rows in fewer SENS forms:
+    # at 20 draws for everything IG-SG alone took ~30 min per model on a shared core
     "full": {
         "digits": dict(epochs=10, width=1.0, eps=0.1, step_size=0.025, steps=10, examples=50,
                        sal=dict(methods=DIGITS_METHODS, sens_samples=20, sens_normalize=("input", "unit"),
                                 infd_samples=1000, sg_samples=200, shap_samples=1000, nb_samples=5000, ig_steps=10,
                                 square_sizes=(1, 4), local=True, per_example=True,
                                 sens_variants=("local", "global_clipped", "local_clipped"),
-                                method_sens={"SHAP": {"examples": 20}, "Square": {"examples": 20},
-                                             "NB": {"examples": 20}})),
+                                method_sens={"Grad-SG": {"variants": ["local"]}, "GBP-SG": {"variants": []},
+                                             "IG-SG": {"examples": 10, "samples": 5, "variants": []},
+                                             "SHAP": {"examples": 20, "samples": 10},
+                                             "Square": {"examples": 20, "samples": 10},
+                                             "NB": {"examples": 20, "samples": 10}})),
         "fig6_radii": [0.1, 0.2, 0.5, 1.0, 1.5, 2.0],
         "fig5": dict(sg_samples=20000, near=200, near_sg=40),
         "prop_a1": dict(epochs=10, examples=20, samples=200, radii=(0.01, 0.05, 0.1, 0.2, 0.5)),

@@ -250,17 +250,3 @@ def test_quick_savi_inner_solvers(tmp_path):
     assert doc["records"][0]["solver"] == "newton (exact, default)" and doc["records"][0]["converged_frac"] > 0.5
 
 
-@pytest.mark.slow
-@needs_mnist
-def test_quick_savi_mnist_study(tmp_path):
-    docs = quick_run("savi_mnist_study.py", tmp_path)
-    runs = sorted((tmp_path / "results" / "savi_mnist_study" / "runs").glob("*.json"))
-    assert [p.name for p in runs] == ["savi_ift_s0.json", "vae_s0.json"]
-    assert all(json.loads(p.read_text())["provenance"]["quick"] for p in runs)  # each run has its own
-    assert set(docs["savi_mnist_study.json"]["summary"]) == {"vae", "savi_ift"}
-
-
-@pytest.mark.slow
-def test_quick_savi_train_compare(tmp_path):
-    doc = quick_run("savi_train_compare.py", tmp_path)["savi_train_compare_digits.json"]
-    assert [r["model"] for r in doc["results"]] == ["vae", "savi_ift"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -41,8 +42,10 @@ BAD_INPUT = [
 def timed(cmd: list[str], cwd: Path, log: Path) -> dict:
     start = time.perf_counter()
     with log.open("w") as out:
+        # SIGINT as in a foreground shell, also when this script runs under nohup / in the background
         done = subprocess.run(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                              env={**os.environ, "WANDB_MODE": "offline"})
+                              env={**os.environ, "WANDB_MODE": "offline"},
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seconds = time.perf_counter() - start
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
     return {"command": " ".join(cmd), "seconds": round(seconds, 1), "exit_code": done.returncode,

@@ -31,7 +31,8 @@ def train_until_a_step_is_logged(run_dir: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *ARGS, f"paths.log_dir={run_dir.parent}",
-                                 f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+                                 f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a foreground run
     csv = run_dir / "csv" / "metrics.csv"
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while not (csv.is_file() and len(csv.read_text().splitlines()) > 2):
@@ -57,8 +58,14 @@ class SignalAtStep(pl.Callback):
 def test_interrupt_in_process_saves_the_step_and_logs_the_resume_command(compose_train, caplog, signum, code):
     cfg = compose_train(*ARGS, "+callbacks.signal._target_=tests.reliability.test_interrupt.SignalAtStep",
                         "+callbacks.signal.step=2", f"+callbacks.signal.signum={signum}")
-    with pytest.raises(SystemExit) as stop:
-        run_training(cfg)
+    # A shell starts background jobs (`cmd &`, nohup) with SIGINT ignored, and Python then keeps it
+    # ignored: Ctrl-C is what raises KeyboardInterrupt in a foreground run, so give the test that.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            run_training(cfg)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert stop.value.code == code
     ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "interrupted.ckpt"
     assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 2

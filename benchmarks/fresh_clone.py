@@ -47,7 +47,8 @@ def timed(cmd: list[str], cwd: Path, log: Path) -> dict:
                               env={**os.environ, "WANDB_MODE": "offline"},
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seconds = time.perf_counter() - start
-    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    home = str(Path.home())  # results hold no path of this machine (make echoes pyenv's python)
+    lines = [line.replace(home, "~") for line in log.read_text(errors="replace").splitlines() if line.strip()]
     return {"command": " ".join(cmd), "seconds": round(seconds, 1), "exit_code": done.returncode,
             "first_line": lines[0][:300] if lines else "", "last_line": lines[-1][:300] if lines else ""}
 

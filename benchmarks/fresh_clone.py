@@ -17,7 +17,6 @@ this checkout) and times, in that clone, the README's commands one after the oth
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -79,7 +78,6 @@ def main() -> None:
                 steps[name]["pytest_summary"] = summary_line(logs / f"step{i}.log", " passed")
             print(name, steps[name], flush=True)
         bad = [{"case": case, **timed(cmd, clone, logs / f"bad{i}.log")} for i, (case, cmd) in enumerate(BAD_INPUT)]
-        shutil.rmtree(clone / ".venv", ignore_errors=True)
     rows = [[name, f"{s['seconds']:.0f}", s["exit_code"], s.get("pytest_summary") or s["last_line"]]
             for name, s in steps.items()]
     # Hydra's own errors put the message first and a HYDRA_FULL_ERROR hint last; ours are one line.

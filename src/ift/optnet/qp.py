@@ -75,6 +75,17 @@ class QPSolution:
         """z is the verified solution (CONVERGED, or DEGENERATE: exact z, one-sided gradient)."""
         return (self.status == QPStatus.CONVERGED) | (self.status == QPStatus.DEGENERATE)
 
+    @property
+    def batch_size(self) -> int:
+        return int(self.iterations.numel())
+
+    def to_metrics(self, kind: str = "qp", stage: str = "train") -> dict[str, torch.Tensor]:
+        """What :class:`ift.telemetry.SolverDiagnostics` logs: ``<kind>/solver_iters`` (mean) and
+        ``<kind>/nonconverged_frac`` in training; ``<stage>/...`` under val / test (``test/solver_iters``)."""
+        prefix = kind if stage == "train" else stage
+        return {f"{prefix}/solver_iters": self.iterations.float().mean(),
+                f"{prefix}/nonconverged_frac": (~self.converged).float().mean()}
+
 
 PRECISIONS = ("mixed", "float64", "input")
 

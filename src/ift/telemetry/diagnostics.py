@@ -53,14 +53,13 @@ def _inner_metrics(info: InnerSolveInfo) -> dict[str, torch.Tensor]:
 def solve_metrics(kind: str, info: Any, stage: str = "train") -> dict[str, torch.Tensor]:
     """The logged statistics of one recorded solve: ``<kind>/<statistic>`` in training; under val/test
     ``<stage>/<statistic>``, or the record's ``stage_key`` for inner solves."""
+    if hasattr(info, "to_metrics"):  # a report that names its own metrics (QPSolution)
+        return {name: value.detach().float() for name, value in info.to_metrics(kind, stage).items()}
     if isinstance(info, LinearSolveInfo):
         stats = {"linsolve_iters": info.iterations.float().mean(), "linsolve_residual": info.residual.max(),
                  "linsolve_unconverged": (~info.converged).float().sum()}
     elif isinstance(info, InnerSolveInfo):
         stats = _inner_metrics(info)
-    elif hasattr(info, "status"):  # a QPSolution: per-example interior-point status
-        stats = {"solver_iters": info.iterations.float().mean(),
-                 "nonconverged_frac": (~info.converged).float().mean()}
     else:
         raise TypeError(f"SolverDiagnostics: don't know how to log a {type(info).__name__} recorded as {kind!r}; "
                         "record a LinearSolveInfo, an InnerSolveInfo or a QPSolution")
@@ -68,7 +67,7 @@ def solve_metrics(kind: str, info: Any, stage: str = "train") -> dict[str, torch
         key = lambda name: f"{kind}/{name}"  # noqa: E731
     elif isinstance(info, InnerSolveInfo):
         key = lambda name: info.stage_key.format(stage=stage, name=name)  # noqa: E731
-    else:  # qp/solver_iters -> test/solver_iters (the names results refer to)
+    else:
         key = lambda name: f"{stage}/{name}"  # noqa: E731
     return {key(name): value.detach().float() for name, value in stats.items()}
 

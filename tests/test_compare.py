@@ -18,7 +18,7 @@ def make_run(folder: Path, mode: str, k: int, step_times: list[float], val: dict
              overrides: list[str] = (), test: dict | None = None, monitor: dict | None = None) -> Path:
     """A run folder as train.py writes it: one CSV row per training step, one per validation."""
     (folder / "csv").mkdir(parents=True)
-    config = {"model": {"_target_": "ift.savi.module.SAVIModule", "mode": mode, "inner": {"steps": k}},
+    config = {"model": {"_target_": "ift.savi.module.SAVIModule", "mode": mode, "inner": {"max_iter": k}},
               "monitor": monitor or {"metric": "val/elbo", "mode": "max"}}
     OmegaConf.save(OmegaConf.create(config), folder / "config_resolved.yaml")
     with open(folder / "csv" / "metrics.csv", "w", newline="") as f:

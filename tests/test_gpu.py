@@ -100,7 +100,7 @@ def test_savi_ift_under_bf16_autocast_converges_and_matches_float32():
 def peak_step_bytes(mode: str, steps: int) -> int:
     torch.manual_seed(0)
     module = SAVIModule(input_shape=[1, 8, 8], mode=mode, latent_dim=8, hidden=[128, 128],
-                        inner={"optimizer": "sgd", "lr": 0.1, "steps": steps, "tol": 0.0},
+                        inner={"method": "sgd", "lr": 0.1, "max_iter": steps, "tol": 0.0},
                         ift={"nonstationary": "ift"}).to(CUDA)
     x = digits(256).to(CUDA)
     torch.cuda.synchronize()

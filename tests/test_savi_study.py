@@ -22,7 +22,7 @@ def small_module(mode: str, **inner):
 
     torch.manual_seed(0)
     module = SAVIModule(input_shape=(1, 3, 4), mode=mode, latent_dim=2, hidden=[8], gamma={"init": 0.1},
-                        inner={"steps": 60, "tol": 1e-11, **inner}).double().eval()
+                        inner={"max_iter": 60, "tol": 1e-11, **inner}).double().eval()
     return module, torch.rand(6, 12, dtype=torch.float64)
 
 
@@ -115,4 +115,4 @@ def test_savi_kim_config_is_kim_et_al_s_loop(compose_train):
     module = instantiate(compose_train("model=savi_kim").model, _convert_="all")
     cfg = module.inner_cfg
     assert module.mode == "savi_unrolled" and module.amortized_weight == 0  # the encoder learns through the loop
-    assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.clip, cfg.steps, cfg.tol, cfg.eta) == ("sgd", 1.0, 0.5, 5.0, 20, 0.0, None)
+    assert (cfg.method, cfg.lr, cfg.momentum, cfg.clip, cfg.max_iter, cfg.tol, cfg.eta) == ("sgd", 1.0, 0.5, 5.0, 20, 0.0, None)

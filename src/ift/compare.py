@@ -52,7 +52,8 @@ class Run:
 
     @property
     def steps_k(self) -> int | None:
-        return ((self.config.get("model") or {}).get("inner") or {}).get("steps")
+        inner = (self.config.get("model") or {}).get("inner") or {}
+        return inner.get("max_iter", inner.get("steps"))  # runs saved before the core's names: "steps"
 
     def series(self, metric: str) -> list[tuple[float, float]]:
         """(step, value) wherever `metric` was logged."""
@@ -184,7 +185,7 @@ def plot_memory_vs_k(runs: list[Run], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(6, 4))
     for model, points in sorted(by_model.items()):
         ax.plot(*zip(*sorted(points)), marker="o", label=model)
-    ax.set_xlabel("inner steps K (model.inner.steps)")
+    ax.set_xlabel("inner steps K (model.inner.max_iter)")
     ax.set_ylabel("memory (MB): saved tensors where logged, else peak")
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -19,8 +19,8 @@ from ift.implicit.core import IFTConfig
 from ift.telemetry.saved_tensors import SavedTensorCounter
 
 DT = torch.float64
-TIGHT = InnerSolver(method="sgd", lr=0.05, momentum=0.9, max_iter=5000, rtol=1e-11, nonstationary="error")
-TIGHT_CG = IFTConfig(tol=1e-12, maxiter=2000)
+TIGHT = InnerSolver(method="sgd", lr=0.05, momentum=0.9, max_iter=5000, tol=1e-11, nonstationary="error")
+TIGHT_CG = IFTConfig(tol=1e-12, max_iter=2000)
 
 
 def tasks(n_tasks: int, seed: int = 0, dtype=DT):
@@ -124,7 +124,7 @@ def test_imaml_memory_does_not_grow_with_inner_iterations_and_maml_does():
     saved = {}
     for steps in (5, 50):
         with SavedTensorCounter() as c:
-            phi, _ = imaml_adapt(net, theta, xs, ys, lam, InnerSolver(max_iter=steps, rtol=1e-30, nonstationary="ift"))
+            phi, _ = imaml_adapt(net, theta, xs, ys, lam, InnerSolver(max_iter=steps, tol=1e-30, nonstationary="ift"))
             loss = task_mse(net, phi, xq, yq).mean()
         saved[("imaml", steps)] = c.live_bytes
         with SavedTensorCounter() as c:
@@ -139,7 +139,7 @@ def test_nonstationary_tasks_are_reported_then_dropped_or_refused():
     net = FunctionalMLP((40, 40))
     theta = net.init(torch.Generator().manual_seed(0)).requires_grad_(True)
     xs, ys, xq, yq = tasks(5, dtype=torch.float32)
-    few = dict(max_iter=3, rtol=1e-6)
+    few = dict(max_iter=3, tol=1e-6)
     with pytest.raises(NonStationaryError, match="model.inner"):
         imaml_adapt(net, theta, xs, ys, 2.0, InnerSolver(**few, nonstationary="error"))
     phi, result = imaml_adapt(net, theta, xs, ys, 2.0, InnerSolver(**few, nonstationary="drop"))
@@ -153,7 +153,7 @@ def test_nonstationary_tasks_are_reported_then_dropped_or_refused():
 @pytest.mark.parametrize(
     "kwargs,key",
     [(dict(nonstationary="skip"), "nonstationary"), (dict(method="lbfgs"), "method"), (dict(max_iter=0), "max_iter"),
-     (dict(rtol=0.0), "rtol"), (dict(momentum=1.0), "momentum")],
+     (dict(tol=0.0), "tol"), (dict(momentum=1.0), "momentum")],
 )
 def test_bad_inner_settings_name_the_key(kwargs, key):
     with pytest.raises(ValueError, match=f"model.inner.{key}"):

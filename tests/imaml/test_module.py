@@ -32,7 +32,7 @@ def test_bad_model_setting_is_one_config_error(compose_train):
         run_training(cfg)
 
 
-@pytest.mark.parametrize("old,new", [("inner.cg_tol=1e-6", "model.ift.tol"), ("inner.cg_maxiter=50", "model.ift.maxiter")])
+@pytest.mark.parametrize("old,new", [("inner.cg_tol=1e-6", "model.ift.tol"), ("inner.cg_maxiter=50", "model.ift.max_iter")])
 def test_old_cg_keys_fail_naming_the_new_key(compose_train, old, new):
     cfg = compose_train("model=imaml", "data=sinusoid", f"+model.{old}", *SMALL)
     with pytest.raises(ConfigError, match=rf": model\.{old.split('=')[0]} was renamed {new} \(the core's name\)"):
@@ -41,12 +41,12 @@ def test_old_cg_keys_fail_naming_the_new_key(compose_train, old, new):
 
 def test_ift_settings_reach_the_backward_solve():
     torch.manual_seed(0)
-    model = MetaRegression(hidden=(8, 8), inner=dict(max_iter=40), ift=dict(tol=1e-2, maxiter=3))
+    model = MetaRegression(hidden=(8, 8), inner=dict(max_iter=40), ift=dict(tol=1e-2, max_iter=3))
     xs, ys, xq, yq = next(iter(SinusoidDataModule(batch_size=4, train_tasks=4).train_dataloader()))
     phi, keep = model.adapt(xs, ys, create_graph=True)
     meta_loss(task_mse(model.net, phi, xq, yq), keep).backward()
     info = model.solves.last["ift"]
-    assert (info.solver, info.tol, info.maxiter) == ("cg", 1e-2, 3) and info.max_iterations <= 3
+    assert (info.solver, info.tol, info.max_iter) == ("cg", 1e-2, 3) and info.max_iterations <= 3
 
 
 @pytest.mark.parametrize(
@@ -66,7 +66,7 @@ def test_meta_training_lowers_the_adapted_query_loss(method):
     torch.manual_seed(0)
     data = SinusoidDataModule(batch_size=8, train_tasks=200)
     model = MetaRegression(method=method, hidden=(16, 16), inner_lr=0.03, meta_lr=0.02,
-                           inner=dict(max_iter=100, rtol=1e-3))
+                           inner=dict(max_iter=100, tol=1e-3))
     optimizer = model.configure_optimizers()
     held_out = next(iter(torch.utils.data.DataLoader(data.tasks("val"), batch_size=50)))
 

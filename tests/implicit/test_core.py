@@ -19,7 +19,7 @@ from ift.implicit import (
 )
 
 DT = torch.float64
-SOLVERS = ["cg", "gmres", "bicgstab", "direct", Neumann(alpha="auto", maxiter=5000)]
+SOLVERS = ["cg", "gmres", "bicgstab", "direct", Neumann(alpha="auto", max_iter=5000)]
 
 
 def gen(seed=0):
@@ -82,7 +82,7 @@ def cubic_system_solve(W, b):
     return x
 
 
-@pytest.mark.parametrize("solver", ["gmres", "bicgstab", "direct", Neumann(maxiter=2000)])
+@pytest.mark.parametrize("solver", ["gmres", "bicgstab", "direct", Neumann(max_iter=2000)])
 def test_gradcheck_implicit_root(solver):
     g = gen(2)
     W = (torch.randn(5, 5, dtype=DT, generator=g) / 3).requires_grad_()
@@ -91,7 +91,7 @@ def test_gradcheck_implicit_root(solver):
     assert torch.autograd.gradcheck(fn, (W, b))
 
 
-@pytest.mark.parametrize("solver", ["gmres", "bicgstab", "direct", Neumann(maxiter=2000)])
+@pytest.mark.parametrize("solver", ["gmres", "bicgstab", "direct", Neumann(max_iter=2000)])
 def test_gradcheck_implicit_fixed_point(solver):
     g = gen(3)
     W = (torch.randn(5, 5, dtype=DT, generator=g) / 3).requires_grad_()
@@ -300,7 +300,7 @@ def test_nonfinite_incoming_gradient_propagates_nan():
 def test_diverging_linear_solve_raises():
     # Neumann with a step far too large diverges to Inf: an error, not a number.
     theta = torch.tensor([4.0], dtype=DT, requires_grad=True)
-    y = implicit_root(lambda x, t: x**2 - t, theta.detach().sqrt(), theta, linear_solver=Neumann(alpha=100.0, maxiter=500))
+    y = implicit_root(lambda x, t: x**2 - t, theta.detach().sqrt(), theta, linear_solver=Neumann(alpha=100.0, max_iter=500))
     with pytest.raises(ImplicitSolveError, match="NaN/Inf"):
         torch.autograd.grad(y.sum(), theta)
 
@@ -361,7 +361,7 @@ def test_cuda_matches_cpu():
         Ad, cd, sd = A.to(device), c.to(device).requires_grad_(), scale.to(device)
         x = quartic_minimiser(Ad, cd.detach(), sd)
         for solver in ["cg", "gmres", "direct", "neumann"]:
-            y = implicit_argmin(quartic_objective, x, Ad, cd, sd, batch_dims=1, linear_solver=solver, maxiter=2000)
+            y = implicit_argmin(quartic_objective, x, Ad, cd, sd, batch_dims=1, linear_solver=solver, max_iter=2000)
             results.append((device, solver, torch.autograd.grad(y.sum(), cd)[0].cpu()))
     half = len(results) // 2
     for (_, s, cpu), (_, _, gpu) in zip(results[:half], results[half:]):

@@ -34,7 +34,7 @@ def test_softmax_solver_is_iterative_and_exact():
     z = softmax_mirror_descent(theta)
     torch.testing.assert_close(z[..., :-1], torch.softmax(theta, -1), rtol=1e-12, atol=1e-14)
     assert softmax_kkt_residual(z, theta).abs().max() < 1e-12
-    one_step = softmax_mirror_descent(theta, maxiter=1)[..., :-1]
+    one_step = softmax_mirror_descent(theta, max_iter=1)[..., :-1]
     assert (one_step - torch.softmax(theta, -1)).abs().max() > 1e-3  # not the closed form in disguise
 
 

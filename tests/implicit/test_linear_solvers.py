@@ -26,7 +26,7 @@ def as_matvec(A: torch.Tensor):
     return lambda v: (A @ v.unsqueeze(-1)).squeeze(-1)
 
 
-@pytest.mark.parametrize("solver", [CG(), GMRES(), BiCGStab(), Direct(), Neumann(alpha="auto", maxiter=3000)])
+@pytest.mark.parametrize("solver", [CG(), GMRES(), BiCGStab(), Direct(), Neumann(alpha="auto", max_iter=3000)])
 def test_solvers_match_dense_solve_on_spd(solver):
     A = spd_batch(4, 12, cond=20.0)
     b = torch.randn(4, 12, dtype=DT)
@@ -63,7 +63,7 @@ def test_batched_equals_one_by_one_with_own_iteration_counts(cls):
     two_values = torch.tensor([1.0] * 5 + [3.0] * 5, dtype=DT)  # Krylov methods finish in 2 steps
     A = torch.cat([spd_batch(1, 10, 1.5, seed=1), spd_batch(1, 10, 50.0, seed=2), spd_batch(1, 10, 0, 3, two_values)])
     b = torch.randn(3, 10, dtype=DT)
-    solver = cls(maxiter=5000, alpha="auto") if cls is Neumann else cls()
+    solver = cls(max_iter=5000, alpha="auto") if cls is Neumann else cls()
     u, info = solver.solve(as_matvec(A), b)
     for i in range(3):
         u_i, info_i = solver.solve(as_matvec(A[i : i + 1]), b[i : i + 1])
@@ -78,7 +78,7 @@ def test_sparse_stopping_checks_keep_per_row_results(cls):
     # must not change any row's solution, iteration count or reported residual.
     A = torch.cat([spd_batch(1, 30, 2.0, seed=4), spd_batch(1, 30, 40.0, seed=5)])
     b = torch.randn(2, 30, dtype=DT, generator=torch.Generator().manual_seed(6))
-    make = (lambda **kw: cls(maxiter=5000, alpha="auto", **kw)) if cls is Neumann else cls
+    make = (lambda **kw: cls(max_iter=5000, alpha="auto", **kw)) if cls is Neumann else cls
     u1, info1 = make(check_every=1).solve(as_matvec(A), b)
     u7, info7 = make(check_every=7).solve(as_matvec(A), b)
     torch.testing.assert_close(u7, u1, rtol=1e-12, atol=1e-12)
@@ -107,9 +107,9 @@ def test_cg_handles_negative_definite():
 def test_ridge_damping_solves_shifted_system(name):
     A = spd_batch(2, 6, 5.0)
     b = torch.randn(2, 6, dtype=DT)
-    solver = get_linear_solver(name, ridge=0.5, maxiter=2000)
+    solver = get_linear_solver(name, ridge=0.5, max_iter=2000)
     if name == "neumann":
-        solver = Neumann(ridge=0.5, alpha=0.15, maxiter=2000)  # 0.15 < 2 / (5 + 0.5)
+        solver = Neumann(ridge=0.5, alpha=0.15, max_iter=2000)  # 0.15 < 2 / (5 + 0.5)
     u, info = solver.solve(as_matvec(A), b)
     torch.testing.assert_close(u, torch.linalg.solve(A + 0.5 * torch.eye(6, dtype=DT), b))
     assert info.all_converged
@@ -118,7 +118,7 @@ def test_ridge_damping_solves_shifted_system(name):
 def test_singular_system_is_reported_not_converged():
     A = torch.diag(torch.tensor([1.0, 2.0, 0.0], dtype=DT)).expand(2, 3, 3)
     b = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]], dtype=DT)  # row 0 leaves the range of A
-    for solver in [CG(), GMRES(), BiCGStab(), Direct(), Neumann(maxiter=50, alpha=0.5)]:
+    for solver in [CG(), GMRES(), BiCGStab(), Direct(), Neumann(max_iter=50, alpha=0.5)]:
         u, info = solver.solve(as_matvec(A), b)
         assert info.converged.tolist() == [False, True], solver
         assert info.residual[0] > 0.1
@@ -133,16 +133,16 @@ def test_float32_default_tolerance():
     torch.testing.assert_close(u, torch.linalg.solve(A.double(), b.double()).float(), rtol=1e-4, atol=1e-4)
 
 
-def test_maxiter_limits_iterations_and_flags_nonconvergence():
+def test_max_iter_limits_iterations_and_flags_nonconvergence():
     A = spd_batch(1, 30, 1e4)
     b = torch.randn(1, 30, dtype=DT)
-    _, info = CG(maxiter=3).solve(as_matvec(A), b)
+    _, info = CG(max_iter=3).solve(as_matvec(A), b)
     assert info.max_iterations == 3 and not info.all_converged and "not converged" in info.summary()
 
 
 def test_get_linear_solver_by_name_class_instance():
     assert isinstance(get_linear_solver("cg", tol=1e-3), CG)
-    assert get_linear_solver(GMRES, maxiter=7).maxiter == 7
+    assert get_linear_solver(GMRES, max_iter=7).max_iter == 7
     inst = BiCGStab(tol=1e-4)
     assert get_linear_solver(inst) is inst
     with pytest.raises(ValueError, match="instance"):
@@ -156,7 +156,7 @@ def test_get_linear_solver_by_name_class_instance():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(tol=-1.0), dict(tol=0.0), dict(maxiter=0), dict(maxiter=2.5), dict(ridge=-1.0), dict(check_every=0)],
+    [dict(tol=-1.0), dict(tol=0.0), dict(max_iter=0), dict(max_iter=2.5), dict(ridge=-1.0), dict(check_every=0)],
 )
 def test_bad_settings_raise(kwargs):
     with pytest.raises(ValueError):

@@ -46,7 +46,7 @@ def double_well(x, c):
 
 def test_newton_solves_quadratics_exactly():
     a, c = quadratic_problem()
-    result = minimize(quad(a, c), torch.zeros(5, 4), method="newton", rtol=1e-12)
+    result = minimize(quad(a, c), torch.zeros(5, 4), method="newton", tol=1e-12)
     torch.testing.assert_close(result.x, torch.linalg.solve(a, c))
     assert result.converged.all() and not result.diverged.any()
     assert result.iterations.max() <= 4  # a damped first step, then pure Newton
@@ -70,7 +70,7 @@ def test_newton_handles_indefinite_hessians_and_finds_minima():
     x0 = torch.zeros(2, 3)  # near a local maximum of every coordinate: Hessian negative definite
     hess0 = batched_hessian(lambda x: double_well(x, c), x0)[2]
     assert (torch.linalg.eigvalsh(hess0) < 0).all()
-    result = minimize(lambda x: double_well(x, c), x0, method="newton", rtol=1e-12, max_iter=50)
+    result = minimize(lambda x: double_well(x, c), x0, method="newton", tol=1e-12, max_iter=50)
     assert result.converged.all()
     hess = batched_hessian(lambda x: double_well(x, c), result.x)[2]
     assert (torch.linalg.eigvalsh(hess) > 0).all()  # a minimum, not the saddle/maximum it started at
@@ -81,7 +81,7 @@ def test_each_problem_stops_on_its_own():
     a, c = quadratic_problem(batch=3)
     x0 = torch.zeros(3, 4)
     x0[1] = torch.linalg.solve(a[1], c[1])  # already optimal
-    result = minimize(quad(a, c), x0, method="newton", rtol=1e-10)
+    result = minimize(quad(a, c), x0, method="newton", tol=1e-10)
     assert result.iterations[1] == 0 and (result.iterations[[0, 2]] > 0).all()
 
 
@@ -89,7 +89,7 @@ def test_each_problem_stops_on_its_own():
 def test_first_order_methods_converge_with_backtracking(method, kwargs):
     """lr far above 2/L: backtracking halves each problem's step until it descends."""
     a, c = quadratic_problem()
-    result = minimize(quad(a, c), torch.zeros(5, 4), method=method, rtol=1e-6, max_iter=5000, **kwargs)
+    result = minimize(quad(a, c), torch.zeros(5, 4), method=method, tol=1e-6, max_iter=5000, **kwargs)
     assert result.converged.all(), result.stationarity
     torch.testing.assert_close(result.x, torch.linalg.solve(a, c), rtol=1e-4, atol=1e-4)
 
@@ -100,9 +100,9 @@ def test_stationarity_is_relative_and_matches_the_result():
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(3))
     grad = (a @ x.unsqueeze(-1)).squeeze(-1) - c
     torch.testing.assert_close(stationarity(f, x), grad.norm(dim=-1) / (1 + f(x).abs()))
-    result = minimize(f, x, method="newton", max_iter=1, rtol=0)
+    result = minimize(f, x, method="newton", max_iter=1, tol=0)
     torch.testing.assert_close(result.stationarity, stationarity(f, result.x))
-    scaled = minimize(lambda y: 1e4 * f(y), x, method="newton", max_iter=1, rtol=0)
+    scaled = minimize(lambda y: 1e4 * f(y), x, method="newton", max_iter=1, tol=0)
     # relative: a rescaled objective has (nearly) the same stationarity, unlike the raw gradient norm
     assert scaled.grad_norm.max() > 100 * result.grad_norm.max()
 
@@ -113,7 +113,7 @@ def test_float32_reaches_a_relative_tolerance_an_absolute_one_could_not():
     a, c = quadratic_problem(batch=64, n=16)
     a, c = (2000 * a).float(), (2000 * c).float()
     result = minimize(lambda x: quad(a, c)(x) + 5e4, torch.zeros(64, 16, dtype=torch.float32), method="newton",
-                      rtol=1e-5)
+                      tol=1e-5)
     assert result.converged.all()
     assert result.grad_norm.max() > 1e-5
 
@@ -138,8 +138,8 @@ def test_divergence_falls_back_to_x0_with_a_warning():
 def test_compaction_gives_the_same_result():
     c = torch.randn(16, 3, generator=torch.Generator().manual_seed(4))
     x0 = torch.randn(16, 3, generator=torch.Generator().manual_seed(5))
-    plain = minimize(double_well, x0, method="newton", rtol=1e-10, max_iter=50, args=(c,))
-    compact = minimize(double_well, x0, method="newton", rtol=1e-10, max_iter=50, args=(c,), compact=True)
+    plain = minimize(double_well, x0, method="newton", tol=1e-10, max_iter=50, args=(c,))
+    compact = minimize(double_well, x0, method="newton", tol=1e-10, max_iter=50, args=(c,), compact=True)
     torch.testing.assert_close(compact.x, plain.x)
     assert torch.equal(compact.iterations, plain.iterations)
     assert plain.iterations.min() < plain.iterations.max()  # problems did stop at different times
@@ -153,7 +153,7 @@ def test_sparse_host_checks_give_the_same_result(method, kwargs, compact):
     "all stopped" exit: stopped problems are masked, so points, counts and flags are unchanged."""
     c = torch.randn(16, 3, generator=torch.Generator().manual_seed(4))
     x0 = torch.randn(16, 3, generator=torch.Generator().manual_seed(5))
-    run = lambda every: minimize(double_well, x0, method=method, rtol=1e-8, max_iter=300, args=(c,),  # noqa: E731
+    run = lambda every: minimize(double_well, x0, method=method, tol=1e-8, max_iter=300, args=(c,),  # noqa: E731
                                  compact=compact, check_every=every, **kwargs)
     every_step, sparse = run(1), run(8)
     torch.testing.assert_close(sparse.x, every_step.x, rtol=0, atol=0)
@@ -171,7 +171,7 @@ def test_host_reads_happen_only_every_check_every_iterations(monkeypatch):
     a, c = quadratic_problem(batch=8)
     for every, expected_max in ((1, 2 * 64), (8, 2 * 64 // 8)):
         reads.clear()
-        minimize(quad(a, c), torch.zeros(8, 4), method="sgd", lr=1e-3, rtol=0, max_iter=64, check_every=every)
+        minimize(quad(a, c), torch.zeros(8, 4), method="sgd", lr=1e-3, tol=0, max_iter=64, check_every=every)
         in_loop = len(reads) - 2  # _finish asks whether a last step is undone and whether any diverged
         assert in_loop <= expected_max, (every, len(reads))
     assert in_loop >= 64 // 8  # and the sparse loop still checks
@@ -187,7 +187,7 @@ def test_unrolled_and_checkpointed_gradients_equal_the_ift(method):
     def f(x, c_):
         return 0.5 * x.pow(2).sum(-1) + 0.3 * torch.tanh(x @ w).pow(2).sum(-1) - (c_ * x).sum(-1)
 
-    kwargs = dict(method=method, rtol=1e-13, max_iter=400 if method == "sgd" else 30, lr=0.5, momentum=0.3)
+    kwargs = dict(method=method, tol=1e-13, max_iter=400 if method == "sgd" else 30, lr=0.5, momentum=0.3)
     x0 = torch.zeros(4, 3)
     grads = {}
     for name, extra in {"unrolled": {}, "checkpointed": {"checkpoint_segments": 5},
@@ -214,7 +214,7 @@ def test_checkpointed_equals_unrolled_at_a_fixed_budget(method):
     out = []
     for segments in (None, 3, 10):
         r = minimize(lambda x, c_: quad(a, c_)(x), torch.zeros(5, 4), method=method, lr=1.0, momentum=0.5,
-                     rtol=0, max_iter=10, create_graph=True, checkpoint_segments=segments, args=(c,))
+                     tol=0, max_iter=10, create_graph=True, checkpoint_segments=segments, args=(c,))
         c.grad = None
         r.x.sum().backward()
         out.append((r.x.detach(), c.grad.clone(), r.iterations))
@@ -234,14 +234,14 @@ def test_curvature_callable_is_used():
         calls.append(1)
         return a
 
-    result = minimize(quad(a, c), torch.zeros(5, 4), method="newton", curvature=curvature, rtol=1e-12)
+    result = minimize(quad(a, c), torch.zeros(5, 4), method="newton", curvature=curvature, tol=1e-12)
     assert calls and result.converged.all()
 
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(method="lbfgs"), "method='lbfgs' is unknown"),
     (dict(max_iter=-1), "max_iter"),
-    (dict(rtol=-1.0), "rtol"),
+    (dict(tol=-1.0), "tol"),
     (dict(checkpoint_segments=2), "checkpoint_segments needs create_graph"),
     (dict(damping=0.0), "damping"),
     (dict(check_every=0), "check_every"),
@@ -259,7 +259,7 @@ def test_max_iter_zero_only_evaluates():
     result = minimize(quad(a, c), torch.ones(5, 4), max_iter=0)
     assert (result.iterations == 0).all()
     torch.testing.assert_close(result.x, torch.ones(5, 4))
-    assert math.isclose(float(result.rtol), 1e-5)
+    assert math.isclose(float(result.tol), 1e-5)
 
 
 def test_newton_trusts_its_model_below_the_objectives_rounding_noise():
@@ -273,7 +273,7 @@ def test_newton_trusts_its_model_below_the_objectives_rounding_noise():
     def f(x):
         return (2e4 + 0.5 * (x.unsqueeze(1) @ a @ x.unsqueeze(-1)).flatten() - (c * x).sum(-1)) - 2e4
 
-    result = minimize(f, torch.zeros(64, 6, dtype=torch.float32), method="newton", rtol=1e-5, max_iter=30)
+    result = minimize(f, torch.zeros(64, 6, dtype=torch.float32), method="newton", tol=1e-5, max_iter=30)
     assert result.converged.all(), result.stationarity.max()
     torch.testing.assert_close(result.x, torch.linalg.solve(a, c), rtol=1e-3, atol=1e-4)
 
@@ -284,7 +284,7 @@ def test_newton_returns_the_last_hessian_it_built():
     gen = torch.Generator().manual_seed(3)
     c = 0.3 * torch.randn(6, 3, generator=gen)
     f = lambda x: double_well(x, c)  # noqa: E731
-    result = minimize(f, torch.full((6, 3), 0.4), method="newton", rtol=1e-10, max_iter=20)
+    result = minimize(f, torch.full((6, 3), 0.4), method="newton", tol=1e-10, max_iter=20)
     assert result.converged.all()
     torch.testing.assert_close(result.hessian, batched_hessian(f, result.x)[2])
     hess_calls = []
@@ -296,7 +296,7 @@ def test_newton_returns_the_last_hessian_it_built():
     a, b = quadratic_problem(batch=4)
     x0 = torch.zeros(4, 4)
     x0[2] = torch.linalg.solve(a[2], b[2])  # already optimal: no Hessian is ever built for it
-    result = minimize(lambda x, a_, c_: quad(a_, c_)(x), x0, method="newton", rtol=1e-10, curvature=curvature,
+    result = minimize(lambda x, a_, c_: quad(a_, c_)(x), x0, method="newton", tol=1e-10, curvature=curvature,
                       args=(a, b), compact=True)
     assert result.converged.all() and torch.isnan(result.hessian[2]).all()
     keep = [0, 1, 3]

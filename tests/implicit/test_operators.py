@@ -25,7 +25,7 @@ def test_power_iteration_finds_dominant_eigenvalue_per_row():
     torch.testing.assert_close((M @ vec.unsqueeze(-1)).squeeze(-1), lam.unsqueeze(-1) * vec)
 
 
-def test_direct_with_large_maxiter_stops_on_singular_problem():
+def test_direct_with_large_max_iter_stops_on_singular_problem():
     A = torch.diag(torch.tensor([1.0, 0.0], dtype=DT)).expand(1, 2, 2)
     calls = []
 
@@ -33,5 +33,5 @@ def test_direct_with_large_maxiter_stops_on_singular_problem():
         calls.append(1)
         return (A @ v.unsqueeze(-1)).squeeze(-1)
 
-    _, info = Direct(maxiter=1000).solve(matvec, torch.ones(1, 2, dtype=DT))
+    _, info = Direct(max_iter=1000).solve(matvec, torch.ones(1, 2, dtype=DT))
     assert not info.all_converged and len(calls) < 20  # no endless refinement of a singular system

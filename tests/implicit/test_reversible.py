@@ -55,7 +55,7 @@ def test_gradient_equals_unrolled_minimize(momentum, lr):
     f, x0, b, w = problem()
     steps = 40
     rev = reversible_sgd(f, x0, b, w, steps=steps, lr=lr, momentum=momentum, clip=3.0)
-    unr = minimize(f, x0, method="sgd", max_iter=steps, rtol=0, lr=lr, momentum=momentum, clip=3.0,
+    unr = minimize(f, x0, method="sgd", max_iter=steps, tol=0, lr=lr, momentum=momentum, clip=3.0,
                    create_graph=True, args=(b, w))
     assert torch.equal(rev.iterations, unr.iterations)
     if lr == 1.5:
@@ -83,7 +83,7 @@ def test_per_example_steps_gradient_equals_separate_unrolled_runs():
     g_rev = torch.autograd.grad(loss(rev.x), [x0, b, w])
     g_ref = [torch.zeros_like(t) for t in (x0, b, w)]
     for i in range(B):  # example i alone, unrolled for its own number of steps
-        unr = minimize(lambda x, b_, w_, i=i: _row(f, i, x, b_, w_), x0[i:i + 1], method="sgd", max_iter=int(steps[i]), rtol=0, lr=1.2, momentum=0.9,
+        unr = minimize(lambda x, b_, w_, i=i: _row(f, i, x, b_, w_), x0[i:i + 1], method="sgd", max_iter=int(steps[i]), tol=0, lr=1.2, momentum=0.9,
                        clip=3.0, create_graph=True, args=(b, w))
         for acc, g in zip(g_ref, torch.autograd.grad(loss(unr.x), [x0, b, w], allow_unused=True)):
             acc += g if g is not None else 0

@@ -26,7 +26,7 @@ def train(tmp_path: Path, name: str, *overrides: str) -> tuple[dict[str, float],
 # fifth of the cost; still ~15 s for the two runs on 2 shared cores, so in the slow suite.
 @pytest.mark.parametrize("overrides", [
     pytest.param(["model=vae"], id="vae"),
-    pytest.param(["model=savi_ift", "model.inner.steps=10"], id="savi_ift", marks=pytest.mark.slow),
+    pytest.param(["model=savi_ift", "model.inner.max_iter=10"], id="savi_ift", marks=pytest.mark.slow),
 ])
 def test_same_seed_same_metrics_and_weights(tmp_path, overrides):
     metrics_a, weights_a = train(tmp_path, "a", *overrides, "seed=7")

@@ -19,7 +19,7 @@ def loss_and_params(mode: str, inner: dict) -> tuple[torch.Tensor, list[torch.nn
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
-@pytest.mark.parametrize("inner", [{"steps": 9}, {"optimizer": "sgd", "lr": 0.1, "steps": 8, "tol": 0.0}],
+@pytest.mark.parametrize("inner", [{"max_iter": 9}, {"method": "sgd", "lr": 0.1, "max_iter": 8, "tol": 0.0}],
                          ids=["newton", "sgd"])
 def test_autograd_grad_through_checkpointed_segments_equals_unrolled(inner):
     grads = {}
@@ -38,7 +38,7 @@ def test_autograd_grad_through_checkpointed_segments_equals_unrolled(inner):
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 def test_autograd_grad_through_checkpointed_segments_supports_create_graph():
     """A second derivative through the checkpointed loop (what autograd.grad makes possible)."""
-    loss, params = loss_and_params("savi_checkpointed", {"optimizer": "sgd", "lr": 0.1, "steps": 4, "tol": 0.0,
+    loss, params = loss_and_params("savi_checkpointed", {"method": "sgd", "lr": 0.1, "max_iter": 4, "tol": 0.0,
                                                           "checkpoint_reentrant": False})
     weight = params[0]
     (grad,) = torch.autograd.grad(loss, [weight], create_graph=True)

@@ -17,9 +17,9 @@ def tiny_module(mode: str, eta: float | None = 1.0, steps: int = 400, **inner) -
     module = SAVIModule(
         input_shape=[1, 2, 3], mode=mode, latent_dim=2, hidden=[5],
         gamma={"init": 0.5, "learn": True}, amortized_weight=0.0,
-        inner={"optimizer": "sgd", "lr": 0.2, "momentum": 0.5, "clip": None, "eta": eta, "steps": steps,
-               "tol": 0.0, **inner},
-        ift={"linear_solver": "cg", "tol": 1e-12, "maxiter": 200, "nonstationary": "ift"},
+        inner={"method": "sgd", "lr": 0.2, "momentum": 0.5, "clip": None, "eta": eta, "max_iter": steps,
+               "tol": 0.0, "nonstationary": "ift", **inner},
+        ift={"linear_solver": "cg", "tol": 1e-12, "max_iter": 200},
     )
     return module.double()
 
@@ -119,8 +119,8 @@ def test_divergent_inner_loop_falls_back_to_lambda0_and_keeps_gradients_finite(m
 
 def test_bad_inner_settings_are_clear_errors():
     common = dict(input_shape=[1, 2, 3], latent_dim=2, hidden=[5])
-    with pytest.raises(ValueError, match="model.inner.optimizer"):
-        SAVIModule(mode="savi_ift", inner={"optimizer": "lbfgs"}, **common)
+    with pytest.raises(ValueError, match="model.inner.method must be one of newton, sgd, adam, got 'lbfgs'"):
+        SAVIModule(mode="savi_ift", inner={"method": "lbfgs"}, **common)
     with pytest.raises(ValueError, match="model.inner.eta"):
         SAVIModule(mode="savi_ift", inner={"eta": 0.0}, **common)
     with pytest.raises(ValueError, match=r"model.ift has unknown keys \['tolerance'\]"):

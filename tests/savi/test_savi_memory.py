@@ -14,7 +14,7 @@ from ift.telemetry import SavedTensorCounter
 def saved_bytes(mode: str, steps: int) -> int:
     torch.manual_seed(0)
     module = SAVIModule(input_shape=[1, 8, 8], mode=mode, latent_dim=4, hidden=[32],
-                        inner={"optimizer": "sgd", "lr": 0.1, "steps": steps, "tol": 0.0},
+                        inner={"method": "sgd", "lr": 0.1, "max_iter": steps, "tol": 0.0},
                         ift={"nonstationary": "ift"})
     x = torch.rand(16, 1, 8, 8)
     with SavedTensorCounter() as counter:
@@ -52,7 +52,7 @@ def test_checkpointed_gradient_equals_unrolled():
     for mode in ("savi_unrolled", "savi_checkpointed"):
         torch.manual_seed(0)
         module = SAVIModule(input_shape=[1, 8, 8], mode=mode, latent_dim=4, hidden=[32],
-                            inner={"steps": 9}).double()
+                            inner={"max_iter": 9}).double()
         x = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         torch.manual_seed(2)
         module.training_step((x, None), 0).backward()

@@ -16,8 +16,8 @@ def digits_module() -> SAVIModule:
     torch.manual_seed(0)
     return SAVIModule(
         input_shape=[1, 8, 8], mode="savi_ift", latent_dim=8, hidden=[128, 128], gamma={"init": 0.02},
-        inner={"optimizer": "newton", "steps": 20, "tol": 1e-5, "curvature": "exact", "eta": 1.0},
-        ift={"linear_solver": "cg", "tol": 1e-6, "maxiter": 100, "nonstationary": "amortized"},
+        inner={"method": "newton", "max_iter": 20, "tol": 1e-5, "curvature": "exact", "eta": 1.0, "nonstationary": "drop"},
+        ift={"linear_solver": "cg", "tol": 1e-6, "max_iter": 100},
     )
 
 

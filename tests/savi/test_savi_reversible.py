@@ -9,13 +9,13 @@ import torch
 from ift.implicit.reversible import to_fixed
 from ift.savi.module import SAVIModule
 
-KIM = {"optimizer": "sgd", "lr": 1.0, "momentum": 0.5, "clip": 5.0, "tol": 0.0}
+KIM = {"method": "sgd", "lr": 1.0, "momentum": 0.5, "clip": 5.0, "tol": 0.0}
 
 
 def make(mode: str, steps: int, inner_samples: int = 4) -> SAVIModule:
     torch.manual_seed(0)
     return SAVIModule(input_shape=[1, 28, 28], mode=mode, latent_dim=8, hidden=[128, 128],
-                      inner_samples=inner_samples, inner={**KIM, "steps": steps}).double()
+                      inner_samples=inner_samples, inner={**KIM, "max_iter": steps}).double()
 
 
 def batch(size: int = 32) -> torch.Tensor:
@@ -74,12 +74,12 @@ def test_buffer_grows_by_the_bits_the_decay_destroys():
 
 
 @pytest.mark.parametrize("inner,words", [
-    ({"optimizer": "newton"}, "optimizer=newton"),
-    ({"optimizer": "adam", "tol": 0.0}, "optimizer=adam"),
-    ({"optimizer": "sgd", "tol": 1e-5}, "tol=1e-05"),
-    ({"optimizer": "sgd", "tol": 0.0, "momentum": 0.0}, "momentum=0.0"),
+    ({"method": "newton"}, "method=newton"),
+    ({"method": "adam", "tol": 0.0}, "method=adam"),
+    ({"method": "sgd", "tol": 1e-5}, "tol=1e-05"),
+    ({"method": "sgd", "tol": 0.0, "momentum": 0.0}, "momentum=0.0"),
 ])
 def test_unsupported_inner_settings_are_one_line(inner, words):
-    with pytest.raises(ValueError, match="savi_reversible supports model.inner.optimizer=sgd") as err:
+    with pytest.raises(ValueError, match="savi_reversible supports model.inner.method=sgd") as err:
         SAVIModule(input_shape=[1, 8, 8], mode="savi_reversible", inner=inner)
     assert words in str(err.value) and "\n" not in str(err.value)

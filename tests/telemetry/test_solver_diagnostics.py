@@ -71,7 +71,7 @@ def savi_ift_module(**kwargs):
 
 
 def test_savi_ift_inner_solve_is_logged_by_the_callback_under_its_names():
-    module, dm = savi_ift_module(inner={"steps": 2})  # truncated: some examples stay above tolerance
+    module, dm = savi_ift_module(inner={"max_iter": 2})  # truncated: some examples stay above tolerance
     results = []  # what refine returned, in order: the training step, then the validation step
     refine = module.refine
     module.refine = lambda *a: results.append(refine(*a)) or results[-1]
@@ -85,7 +85,7 @@ def test_savi_ift_inner_solve_is_logged_by_the_callback_under_its_names():
     assert metrics["inner/stationarity_max"] == float(train.stationarity[ok].max())
     assert metrics["inner/nonstationary_frac"] == float((~train.converged & ok).float().mean())
     assert metrics["inner/diverged"] == float(train.diverged.sum())
-    # fallback: examples trained at lambda_0 (policy amortized: diverged or above tolerance)
+    # fallback: examples trained at lambda_0 (policy drop: diverged or above tolerance)
     assert metrics["inner/fallback"] == float((~train.converged).sum()) > 0
     # validation: the same statistics as inner/val_* (no IFT attach, so no fallback)
     assert metrics["inner/val_steps_taken"] == float(val.iterations.float().mean())
@@ -107,7 +107,7 @@ def imaml_module_and_data():
 
     torch.manual_seed(0)
     dm = SinusoidDataModule(batch_size=6, train_tasks=12, val_tasks=6, test_tasks=6)
-    model = MetaRegression(method="imaml", hidden=(8, 8), inner=dict(max_iter=40, rtol=1e-3))
+    model = MetaRegression(method="imaml", hidden=(8, 8), inner=dict(max_iter=40, tol=1e-3))
     return model, dm
 
 
@@ -126,7 +126,7 @@ def test_imaml_inner_solve_is_logged_by_the_callback_and_equals_a_direct_solve()
     assert metrics["inner/max_iterations"] == float(direct.iterations.max())
     assert metrics["inner/stationarity"] == float(direct.stationarity.max())
     assert metrics["inner/nonstationary_frac"] == float((~direct.converged).float().mean())
-    assert metrics["inner/nonstationary_frac"] > 0  # max_iter 40 leaves tasks above rtol: the statistic is live
+    assert metrics["inner/nonstationary_frac"] > 0  # max_iter 40 leaves tasks above tol: the statistic is live
     val = solve_inner(model.net, theta_val, xs_val, ys_val, model.lam, model.inner)
     assert metrics["val/inner_iterations"] == float(val.iterations.float().mean())
     assert metrics["val/inner_nonstationary_frac"] == float((~val.converged).float().mean())

@@ -7,24 +7,26 @@ with ``data=sinusoid``).
 
 from ift.imaml.meta import (
     FunctionalMLP,
+    IFTConfig,
     InnerSolver,
     NonStationaryError,
     gradient_steps,
     imaml_adapt,
     meta_loss,
-    proximal_objective,
     solve_inner,
     task_mse,
+    task_objective,
 )
 
 __all__ = [
     "FunctionalMLP",
+    "IFTConfig",
     "InnerSolver",
     "NonStationaryError",
     "gradient_steps",
     "imaml_adapt",
     "meta_loss",
-    "proximal_objective",
     "solve_inner",
     "task_mse",
+    "task_objective",
 ]

@@ -20,15 +20,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor
 
-from ift.implicit import LinearSolveInfo, implicit_argmin
-from ift.implicit.core import IFTConfig
-from ift.implicit.fixed_point import proximal_penalty
-from ift.implicit.minimize import METHODS, MinimizeResult, minimize
+from ift import hparams
+from ift.implicit import LinearSolveInfo, MinimizeConfig, NonStationaryError, implicit_argmin, proximal_objective
+from ift.implicit.core import IFTConfig as CoreIFTConfig
+from ift.implicit.minimize import MinimizeResult, minimize
 
 
 ACTIVATIONS = {"tanh": torch.tanh, "softplus": torch.nn.functional.softplus, "relu": torch.relu}
@@ -83,9 +83,10 @@ def task_mse(net: FunctionalMLP, phi: Tensor, x: Tensor, y: Tensor) -> Tensor:
     return (net(phi, x) - y).pow(2).mean(dim=(1, 2))
 
 
-def proximal_objective(net: FunctionalMLP, phi: Tensor, theta: Tensor, x: Tensor, y: Tensor, lam: float) -> Tensor:
-    """iMAML's inner objective per task: ``L_support(phi) + lam/2 ||phi - theta||^2``, shape ``(B,)``."""
-    return task_mse(net, phi, x, y) + proximal_penalty(phi, theta, 1.0 / lam)
+def task_objective(net: FunctionalMLP, phi: Tensor, theta: Tensor, x: Tensor, y: Tensor, lam: float) -> Tensor:
+    """iMAML's inner objective per task: ``L_support(phi) + lam/2 ||phi - theta||^2`` (the core's
+    proximal objective with ``eta = 1 / lam``), shape ``(B,)``."""
+    return proximal_objective(lambda p: task_mse(net, p, x, y), theta, 1.0 / lam)(phi)
 
 
 def gradient_steps(
@@ -109,38 +110,37 @@ def gradient_steps(
 
 
 @dataclass(frozen=True)
-class InnerSolver:
-    """Settings of iMAML's inner solve (the core's ``minimize``), ``model.inner.*``; the IFT's linear
-    solve is set by an :class:`ift.implicit.core.IFTConfig` (``model.ift.*``).
+class IFTConfig(CoreIFTConfig):
+    """iMAML's IFT linear solve (``model.ift.*``): the core's ``IFTConfig`` under iMAML's key."""
 
-    ``nonstationary``: what to do with tasks whose inner solve stopped above ``rtol`` (the IFT's
+    group: ClassVar[str] = "model.ift"
+
+
+@dataclass(frozen=True)
+class InnerSolver(MinimizeConfig):
+    """Settings of iMAML's inner solve (``model.inner.*``): the core's ``MinimizeConfig`` with iMAML's
+    defaults; the IFT's linear solve is set by :class:`IFTConfig` (``model.ift.*``).
+
+    ``nonstationary``: what to do with tasks whose inner solve stopped above ``tol`` (the IFT's
     condition 1 fails there, so their meta-gradient is not the derivative of anything):
     ``drop`` them from the meta-loss (default), ``ift`` (use the IFT anyway) or ``error``.
     """
 
     method: str = "sgd"
     max_iter: int = 300
-    rtol: float = 1e-3
+    tol: float = 1e-3
     lr: float = 0.05
     momentum: float = 0.9
-    nonstationary: str = "drop"
+
+    group: ClassVar[str] = "model.inner"
+    renamed: ClassVar[dict[str, str]] = {**MinimizeConfig.renamed, "cg_tol": "model.ift.tol",
+                                         "cg_maxiter": "model.ift.max_iter"}
 
     def __post_init__(self) -> None:
-        if self.nonstationary not in ("drop", "ift", "error"):
-            raise ValueError(f"model.inner.nonstationary must be drop, ift or error, got {self.nonstationary!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"model.inner.method must be one of {METHODS}, got {self.method!r}")
-        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int) or self.max_iter < 1:
-            raise ValueError(f"model.inner.max_iter must be an int >= 1, got {self.max_iter!r}")
-        for key in ("rtol", "lr"):
-            if not getattr(self, key) > 0:
-                raise ValueError(f"model.inner.{key} must be > 0, got {getattr(self, key)!r}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"model.inner.momentum must be in [0, 1), got {self.momentum!r}")
-
-
-class NonStationaryError(RuntimeError):
-    """iMAML inner solves stopped above tolerance with ``nonstationary=error``."""
+        super().__post_init__()
+        hparams.integer("inner.max_iter", self.max_iter, 1)
+        hparams.positive("inner.tol", self.tol)
+        hparams.in_range("inner.momentum", self.momentum, 0, 1)
 
 
 def solve_inner(net: FunctionalMLP, theta: Tensor, x: Tensor, y: Tensor, lam: float, inner: InnerSolver) -> MinimizeResult:
@@ -149,15 +149,11 @@ def solve_inner(net: FunctionalMLP, theta: Tensor, x: Tensor, y: Tensor, lam: fl
     then cost what they cost, not what the whole meta-batch costs."""
     theta_b = theta.detach().expand(x.shape[0], -1)
     return minimize(
-        lambda phi, t, xs, ys: proximal_objective(net, phi, t, xs, ys, lam),
+        lambda phi, t, xs, ys: task_objective(net, phi, t, xs, ys, lam),
         theta_b.clone(),
         args=(theta_b, x, y),
         compact=True,
-        method=inner.method,
-        max_iter=inner.max_iter,
-        rtol=inner.rtol,
-        lr=inner.lr,
-        momentum=inner.momentum,
+        **inner.minimize_kwargs(),
     )
 
 
@@ -176,11 +172,11 @@ def imaml_adapt(
     if inner.nonstationary == "error" and not bool(result.converged.all()):
         raise NonStationaryError(
             f"iMAML: {int((~result.converged).sum())}/{len(result.converged)} inner solves stopped above "
-            f"model.inner.rtol={inner.rtol} (max stationarity {float(result.stationarity.max()):.2e}); raise "
+            f"model.inner.tol={inner.tol} (max stationarity {float(result.stationarity.max()):.2e}); raise "
             "model.inner.max_iter or lam, or set model.inner.nonstationary=drop"
         )
     phi = implicit_argmin(
-        lambda p, t: proximal_objective(net, p, t, x, y, lam).sum(),
+        lambda p, t: task_objective(net, p, t, x, y, lam).sum(),
         result.x,
         theta,
         batch_dims=1,

@@ -23,25 +23,20 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from ift.implicit import SolveRecorder
-from ift.implicit.core import IFTConfig, reject_renamed
-from ift.implicit.diagnostics import InnerSolveInfo
-from ift.imaml.meta import FunctionalMLP, InnerSolver, gradient_steps, imaml_adapt, meta_loss, solve_inner, task_mse
+from ift import hparams
+from ift.implicit import InnerSolveInfo, SolveRecorder
+from ift.imaml.meta import (
+    FunctionalMLP,
+    IFTConfig,
+    InnerSolver,
+    gradient_steps,
+    imaml_adapt,
+    meta_loss,
+    solve_inner,
+    task_mse,
+)
 
 METHODS = ("maml", "imaml")
-INNER_RENAMED = {"cg_tol": "model.ift.tol", "cg_maxiter": "model.ift.maxiter"}  # now the core's names
-
-
-def _positive(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"model.{key} must be a number > 0, got {value!r}")
-    return float(value)
-
-
-def _steps(key: str, value: Any, low: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"model.{key} must be an int >= {low}, got {value!r}")
-    return value
 
 
 class IMAMLInnerInfo(InnerSolveInfo):
@@ -50,7 +45,7 @@ class IMAMLInnerInfo(InnerSolveInfo):
 
     names: ClassVar[dict[str, str]] = {"iterations": "mean_iterations", "max_iterations": "max_iterations",
                                        "stationarity": "max_stationarity", "nonstationary_frac": "unconverged_frac"}
-    stage_key: ClassVar[str] = "{stage}/inner_{name}"
+    stage_key: ClassVar[str] = "{stage}/{kind}_{name}"
 
 
 class MetaRegression(L.LightningModule):
@@ -63,7 +58,7 @@ class MetaRegression(L.LightningModule):
         inner_steps, inner_lr: MAML's inner loop (gradient steps on the support MSE).
         lam: iMAML's proximal strength (``lam/2 ||phi - theta||^2``).
         inner: iMAML's inner solver settings (``InnerSolver`` fields).
-        ift: iMAML's IFT linear solve (``IFTConfig`` fields: ``linear_solver``, ``tol``, ``maxiter``, ``ridge``).
+        ift: iMAML's IFT linear solve (``IFTConfig`` fields: ``linear_solver``, ``tol``, ``max_iter``, ``ridge``).
         meta_lr: Adam learning rate of ``theta``.
         eval_steps, eval_lr: val/test adaptation budgets (gradient steps) and step size
             (default ``inner_lr``).
@@ -86,24 +81,18 @@ class MetaRegression(L.LightningModule):
         init_seed: int = 0,
     ):
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"model.method must be one of {METHODS}, got {method!r}")
+        self.method = hparams.one_of("method", method, METHODS)
         self.save_hyperparameters()
-        self.method = method
-        self.inner_steps = _steps("inner_steps", inner_steps, 1)
-        self.inner_lr = _positive("inner_lr", inner_lr)
-        self.lam = _positive("lam", lam)
-        self.meta_lr = _positive("meta_lr", meta_lr)
-        self.eval_lr = self.inner_lr if eval_lr is None else _positive("eval_lr", eval_lr)
-        self.eval_steps = [_steps("eval_steps", k) for k in eval_steps]
-        reject_renamed(inner or {}, INNER_RENAMED, "model.inner")
+        self.inner_steps = hparams.integer("inner_steps", inner_steps, 1)
+        self.inner_lr = hparams.positive("inner_lr", inner_lr)
+        self.lam = hparams.positive("lam", lam)
+        self.meta_lr = hparams.positive("meta_lr", meta_lr)
+        self.eval_lr = self.inner_lr if eval_lr is None else hparams.positive("eval_lr", eval_lr)
+        self.eval_steps = [hparams.integer("eval_steps", k) for k in eval_steps]
         self.ift = IFTConfig.from_dict(ift)
-        try:
-            self.inner = InnerSolver(**(inner or {}))
-        except TypeError as err:
-            raise ValueError(f"model.inner: {err}; fields are {list(InnerSolver.__dataclass_fields__)}") from None
+        self.inner = InnerSolver.from_dict(inner)
         self.net = FunctionalMLP(hidden, activation=activation)
-        self.theta = nn.Parameter(self.net.init(torch.Generator().manual_seed(_steps("init_seed", init_seed))))
+        self.theta = nn.Parameter(self.net.init(torch.Generator().manual_seed(hparams.integer("init_seed", init_seed))))
         self.solves = SolveRecorder()  # the inner solve and the backward's CG solve, logged by SolverDiagnostics
 
     # --- adaptation ---

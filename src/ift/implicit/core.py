@@ -25,67 +25,54 @@ gradients are cast back to each param's dtype). A bf16 CG cannot reach a useful 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, fields
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
-from ift.implicit.diagnostics import ImplicitSolveError, ImplicitSolveWarning, LinearSolveInfo
-from ift.implicit.linear_solvers import LinearSolver, get_linear_solver
+from ift.implicit.config import ConfigGroup, reject_renamed  # noqa: F401  (reject_renamed: re-exported)
+from ift.implicit.diagnostics import ImplicitSolveError, ImplicitSolveWarning
+from ift.implicit.linear_solvers import LinearSolveInfo, LinearSolver, get_linear_solver
 
 _KINDS = ("root", "argmin", "fixed_point")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _at_least_float32(value: Any) -> Any:
-    """Upcast a float16 / bfloat16 tensor to float32; anything else unchanged."""
+def at_least_float32(value: Any) -> Any:
+    """Upcast a float16 / bfloat16 tensor to float32; anything else unchanged (the working precision of
+    the backward's solve, and of an application's inner solve under autocast)."""
     if isinstance(value, torch.Tensor) and value.dtype in _LOW_PRECISION:
         return value.float()
     return value
 
 
+_at_least_float32 = at_least_float32  # the name used inside this module
+
+
 @dataclass(frozen=True)
-class IFTConfig:
-    """Settings of an application's implicit backward (``model.ift.*``), named as the arguments of
-    :func:`implicit_argmin`: ``linear_solver``, ``tol`` (None: the per-dtype default), ``maxiter``,
-    ``ridge``. Applications add their own fields by subclassing (SAVI's ``nonstationary``).
-    ``renamed``: old keys that fail with one line naming the new key."""
+class IFTConfig(ConfigGroup):
+    """Settings of an application's implicit backward, named as the arguments of
+    :func:`implicit_argmin`: ``linear_solver``, ``tol`` (None: the per-dtype default), ``max_iter``,
+    ``ridge``. Applications set ``group`` (their config key, for the error messages) by subclassing,
+    and may add fields. ``renamed``: old keys that fail with one line naming the new key."""
 
     linear_solver: str = "cg"
     tol: float | None = None
-    maxiter: int = 100
+    max_iter: int = 100
     ridge: float = 0.0
 
-    group: ClassVar[str] = "model.ift"
-    renamed: ClassVar[dict[str, str]] = {"solver": "model.ift.linear_solver"}
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None) -> "IFTConfig":
-        values = dict(values or {})
-        reject_renamed(values, cls.renamed, cls.group)
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"{cls.group} has unknown keys {unknown}; known: {known}")
-        return cls(**values)
+    group: ClassVar[str] = "ift"
+    renamed: ClassVar[dict[str, str]] = {"solver": "linear_solver", "maxiter": "max_iter"}
 
     def __post_init__(self) -> None:
         try:  # unknown solver names and bad settings fail here, not at the first backward
-            get_linear_solver(self.linear_solver, tol=self.tol, maxiter=self.maxiter, ridge=self.ridge)
+            get_linear_solver(self.linear_solver, tol=self.tol, max_iter=self.max_iter, ridge=self.ridge)
         except (ValueError, TypeError) as err:
             raise ValueError(f"{self.group}.linear_solver: {err}") from None
 
     def solver_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of implicit_root / implicit_argmin / implicit_fixed_point."""
-        return {"linear_solver": self.linear_solver, "tol": self.tol, "maxiter": self.maxiter, "ridge": self.ridge}
-
-
-def reject_renamed(values: Mapping[str, Any], renamed: Mapping[str, str], group: str) -> None:
-    """One ValueError line for a config key that was renamed (``renamed``: old key -> new full key)."""
-    for old, new in renamed.items():
-        if old in values:
-            raise ValueError(f"{group}.{old} was renamed {new} (the core's name); rename the key in your config "
-                             "or override")
+        return {"linear_solver": self.linear_solver, "tol": self.tol, "max_iter": self.max_iter, "ridge": self.ridge}
 
 
 @dataclass(frozen=True)
@@ -317,7 +304,7 @@ def _report(problem: _Problem, info: LinearSolveInfo) -> None:
             ImplicitSolveWarning(
                 f"implicit_{problem.kind}: backward linear solve did not converge ({info.summary()}). "
                 "dF/dx may be singular or ill-conditioned at x_star (IFT condition 3), so the gradient "
-                "is inaccurate; raise maxiter, add ridge damping, or use linear_solver='direct'."
+                "is inaccurate; raise max_iter, add ridge damping, or use linear_solver='direct'."
             ),
             stacklevel=2,
         )
@@ -331,7 +318,7 @@ def _implicit(
     batch_dims: int,
     linear_solver: str | LinearSolver | type[LinearSolver],
     tol: float | None,
-    maxiter: int | None,
+    max_iter: int | None,
     ridge: float | None,
     on_solve: Callable[[LinearSolveInfo], Any] | None,
 ) -> torch.Tensor:
@@ -354,7 +341,7 @@ def _implicit(
     problem = _Problem(
         kind=kind,
         fn=fn,
-        solver=get_linear_solver(linear_solver, tol=tol, maxiter=maxiter, ridge=ridge),
+        solver=get_linear_solver(linear_solver, tol=tol, max_iter=max_iter, ridge=ridge),
         batch_dims=batch_dims,
         on_solve=on_solve,
         tensor_slots=tuple(isinstance(p, torch.Tensor) for p in params),
@@ -370,7 +357,7 @@ def implicit_root(
     batch_dims: int = 0,
     linear_solver: str | LinearSolver | type[LinearSolver] = "gmres",
     tol: float | None = None,
-    maxiter: int | None = None,
+    max_iter: int | None = None,
     ridge: float | None = None,
     on_solve: Callable[[LinearSolveInfo], Any] | None = None,
 ) -> torch.Tensor:
@@ -388,14 +375,14 @@ def implicit_root(
             iteration, can break down on symmetric indefinite systems such as KKT matrices),
             "cg" (symmetric definite ``dF/dx``), "direct" (small problems), "neumann", or a
             :class:`LinearSolver` class / instance.
-        tol, maxiter, ridge: settings of a solver given by name or class. ``ridge`` solves with
+        tol, max_iter, ridge: settings of a solver given by name or class. ``ridge`` solves with
             ``dF/dx + ridge I`` (damping: biases the gradient, helps near-singular problems).
         on_solve: called with the :class:`LinearSolveInfo` of each backward solve.
 
     Returns:
         A tensor equal to ``x_star``.
     """
-    return _implicit("root", F, x_star, params, batch_dims, linear_solver, tol, maxiter, ridge, on_solve)
+    return _implicit("root", F, x_star, params, batch_dims, linear_solver, tol, max_iter, ridge, on_solve)
 
 
 def implicit_argmin(
@@ -405,7 +392,7 @@ def implicit_argmin(
     batch_dims: int = 0,
     linear_solver: str | LinearSolver | type[LinearSolver] = "cg",
     tol: float | None = None,
-    maxiter: int | None = None,
+    max_iter: int | None = None,
     ridge: float | None = None,
     on_solve: Callable[[LinearSolveInfo], Any] | None = None,
 ) -> torch.Tensor:
@@ -424,7 +411,7 @@ def implicit_argmin(
     independent per-problem objectives, so the Hessian is block-diagonal; each problem then keeps
     its own CG step sizes and stopping test. See :func:`implicit_root` for the other arguments.
     """
-    return _implicit("argmin", f, x_star, params, batch_dims, linear_solver, tol, maxiter, ridge, on_solve)
+    return _implicit("argmin", f, x_star, params, batch_dims, linear_solver, tol, max_iter, ridge, on_solve)
 
 
 def implicit_fixed_point(
@@ -434,7 +421,7 @@ def implicit_fixed_point(
     batch_dims: int = 0,
     linear_solver: str | LinearSolver | type[LinearSolver] = "gmres",
     tol: float | None = None,
-    maxiter: int | None = None,
+    max_iter: int | None = None,
     ridge: float | None = None,
     on_solve: Callable[[LinearSolveInfo], Any] | None = None,
 ) -> torch.Tensor:
@@ -444,4 +431,4 @@ def implicit_fixed_point(
     contraction ``T`` the "neumann" solver with ``alpha=1`` is the classical series
     ``u = sum_k (dT/dx^T)^k v``. See :func:`implicit_root` for the other arguments.
     """
-    return _implicit("fixed_point", T, x_star, params, batch_dims, linear_solver, tol, maxiter, ridge, on_solve)
+    return _implicit("fixed_point", T, x_star, params, batch_dims, linear_solver, tol, max_iter, ridge, on_solve)

@@ -38,7 +38,7 @@ def softmax_kkt_residual(z: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def softmax_mirror_descent(
-    theta: torch.Tensor, step: float = 0.5, tol: float | None = None, maxiter: int = 200
+    theta: torch.Tensor, step: float = 0.5, tol: float | None = None, max_iter: int = 200
 ) -> torch.Tensor:
     """Solve the softmax problem by entropic mirror ascent; returns ``z* = (x*, u*)``.
 
@@ -50,7 +50,7 @@ def softmax_mirror_descent(
         raise ValueError(f"softmax_mirror_descent: step must be in (0, 1), got {step}")
     tol = tol if tol is not None else 10 * torch.finfo(theta.dtype).eps
     log_x = torch.full_like(theta, -torch.log(torch.tensor(float(theta.shape[-1]))).item())
-    for _ in range(maxiter):
+    for _ in range(max_iter):
         new = (1 - step) * log_x + step * (theta - 1)
         new = new - torch.logsumexp(new, dim=-1, keepdim=True)
         done = bool(((new - log_x).abs() <= tol).all())
@@ -85,7 +85,7 @@ def sparsemax_kkt_residual(z: torch.Tensor, theta: torch.Tensor) -> torch.Tensor
 
 
 @torch.no_grad()
-def sparsemax_newton(theta: torch.Tensor, maxiter: int | None = None) -> torch.Tensor:
+def sparsemax_newton(theta: torch.Tensor, max_iter: int | None = None) -> torch.Tensor:
     """Threshold ``tau`` with ``sum relu(theta - tau) = 1`` by Newton's method; returns ``z* = (x*, tau*)``.
 
     ``g(tau) = sum relu(theta - tau) - 1`` is convex, decreasing and piecewise linear, so Newton
@@ -93,9 +93,9 @@ def sparsemax_newton(theta: torch.Tensor, maxiter: int | None = None) -> torch.T
     the root after at most ``n`` steps (one per change of support).
     """
     _check_logits(theta, "sparsemax_newton")
-    maxiter = maxiter if maxiter is not None else theta.shape[-1] + 1
+    max_iter = max_iter if max_iter is not None else theta.shape[-1] + 1
     tau = theta.max(dim=-1, keepdim=True).values - 1
-    for _ in range(maxiter):
+    for _ in range(max_iter):
         support = (theta > tau).to(theta.dtype)
         g = (torch.relu(theta - tau)).sum(dim=-1, keepdim=True) - 1
         new_tau = tau + g / support.sum(dim=-1, keepdim=True)
@@ -195,13 +195,13 @@ def cubic_residual(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.T
 
 
 @torch.no_grad()
-def cubic_newton(a: torch.Tensor, b: torch.Tensor, tol: float | None = None, maxiter: int = 100) -> torch.Tensor:
+def cubic_newton(a: torch.Tensor, b: torch.Tensor, tol: float | None = None, max_iter: int = 100) -> torch.Tensor:
     """Elementwise Newton for ``x^3 + a x = b`` with ``a > 0`` (one real root, ``F' > 0``)."""
     if bool((a <= 0).any()):
         raise ValueError("cubic_newton: a must be > 0 so that x^3 + a x = b has exactly one real root")
     tol = tol if tol is not None else 10 * torch.finfo(b.dtype).eps
     x = torch.zeros(torch.broadcast_shapes(a.shape, b.shape), dtype=b.dtype, device=b.device)
-    for _ in range(maxiter):
+    for _ in range(max_iter):
         step = cubic_residual(x, a, b) / (3 * x**2 + a)
         x = x - step
         if bool((step.abs() <= tol * (1 + x.abs())).all()):

@@ -1,19 +1,14 @@
-"""Forward-side pieces shared by applications: a batched fixed-point iteration and the proximal term.
+"""A batched fixed-point iteration (the forward side of ``implicit_fixed_point``).
 
 ``fixed_point(T, x0)`` iterates ``x <- (1 - damping) x + damping T(x)`` on ``B`` independent rows
 (``T`` maps ``(B, n) -> (B, n)`` row by row), each row stopping once its relative residual
 ``||T(x) - x|| / (1 + ||x||)`` is at most ``tol``. It runs without a graph; pair the result with
 ``implicit_fixed_point`` for gradients. A row that has not converged is reported, never hidden:
 the IFT's gradient is only as good as the fixed point it is taken at.
-
-``proximal_penalty(x, anchor, eta)`` is ``||x - anchor||^2 / (2 eta)`` per row: the term that
-makes an inner optimum depend on where it started (iMAML's construction, SAVI's proximal ELBO)
-and shifts the inner Hessian by ``I / eta``.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -84,11 +79,3 @@ def fixed_point(
     converged = residual <= tol
     return FixedPointResult(x=x, iterations=iterations, residual=residual, converged=converged, tol=float(tol))
 
-
-def proximal_penalty(x: torch.Tensor, anchor: torch.Tensor, eta: float | None) -> torch.Tensor:
-    """``||x - anchor||^2 / (2 eta)`` summed over the last dim; zeros when ``eta`` is None or inf."""
-    if eta is None or (isinstance(eta, float) and math.isinf(eta)):
-        return x.new_zeros(x.shape[:-1])
-    if not eta > 0:
-        raise ValueError(f"proximal_penalty: eta must be > 0 (or None / inf for no term), got {eta!r}")
-    return (x - anchor).pow(2).sum(-1) / (2 * eta)

@@ -15,11 +15,11 @@ synchronisation, cheap on CPU and costly on an accelerator (default 1 on CPU, 8 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from ift.implicit.diagnostics import LinearSolveInfo
 from ift.implicit.operators import power_iteration
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
@@ -52,10 +52,63 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor, ok: torch.Tensor) -> torch.T
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
+@dataclass
+class LinearSolveInfo:
+    """Outcome of one (batched) linear solve ``A u = b``; tensors have one entry per problem.
+
+    ``residual`` is the true final relative residual ``||b - A u|| / ||b||`` (recomputed with one
+    extra matrix-vector product, not the solver's running estimate). ``root_residual`` is
+    ``||F(x*, params)||`` per problem when the solve came from an implicit layer: a large value
+    means ``x_star`` was not a solution and the IFT gradient does not apply.
+    """
+
+    solver: str
+    iterations: torch.Tensor
+    residual: torch.Tensor
+    converged: torch.Tensor
+    tol: float
+    max_iter: int
+    root_residual: torch.Tensor | None = None
+
+    @property
+    def all_converged(self) -> bool:
+        return bool(self.converged.all())
+
+    @property
+    def max_residual(self) -> float:
+        return float(self.residual.max()) if self.residual.numel() else 0.0
+
+    @property
+    def max_iterations(self) -> int:
+        return int(self.iterations.max()) if self.iterations.numel() else 0
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.iterations.numel())
+
+    def to_metrics(self, kind: str = "ift", stage: str = "train") -> dict[str, torch.Tensor]:
+        """What :class:`ift.telemetry.SolverDiagnostics` logs: ``<kind>/linsolve_iters`` (mean),
+        ``<kind>/linsolve_residual`` (max relative residual), ``<kind>/linsolve_unconverged`` (count) in
+        training; ``<stage>/linsolve_*`` under val / test."""
+        prefix = kind if stage == "train" else stage
+        return {f"{prefix}/linsolve_iters": self.iterations.float().mean(),
+                f"{prefix}/linsolve_residual": self.residual.max(),
+                f"{prefix}/linsolve_unconverged": (~self.converged).float().sum()}
+
+    def summary(self) -> str:
+        failed = int((~self.converged).sum())
+        return (
+            f"{self.solver}: {failed}/{self.converged.numel()} problems not converged, "
+            f"max relative residual {self.max_residual:.3e} (tol {self.tol:.1e}), "
+            f"max iterations {self.max_iterations} (max_iter {self.max_iter})"
+        )
+
+
+
 class LinearSolver:
     """Base class: validates settings, adds ridge damping, restarts, and reports a LinearSolveInfo.
 
-    Subclasses implement ``_iterate(matvec, b, x0, r0, threshold, maxiter) -> (x, iterations)``
+    Subclasses implement ``_iterate(matvec, b, x0, r0, threshold, max_iter) -> (x, iterations)``
     where ``r0 = b - A x0`` (given, so that a restart does not pay for it twice) and ``threshold``
     is the per-row absolute residual target ``tol * ||b||`` of shape ``(B, 1)``.
     """
@@ -63,25 +116,25 @@ class LinearSolver:
     name = "base"
 
     def __init__(
-        self, tol: float | None = None, maxiter: int | None = None, ridge: float = 0.0, check_every: int | None = None
+        self, tol: float | None = None, max_iter: int | None = None, ridge: float = 0.0, check_every: int | None = None
     ):
         if tol is not None and not (isinstance(tol, (int, float)) and tol > 0):
             raise ValueError(f"{type(self).__name__}: tol must be a positive float or None, got {tol!r}")
-        if maxiter is not None and not (isinstance(maxiter, int) and maxiter >= 1):
-            raise ValueError(f"{type(self).__name__}: maxiter must be an int >= 1 or None, got {maxiter!r}")
+        if max_iter is not None and not (isinstance(max_iter, int) and max_iter >= 1):
+            raise ValueError(f"{type(self).__name__}: max_iter must be an int >= 1 or None, got {max_iter!r}")
         if not (isinstance(ridge, (int, float)) and ridge >= 0 and math.isfinite(ridge)):
             raise ValueError(f"{type(self).__name__}: ridge must be a finite float >= 0, got {ridge!r}")
         if check_every is not None and not (isinstance(check_every, int) and check_every >= 1):
             raise ValueError(f"{type(self).__name__}: check_every must be an int >= 1 or None, got {check_every!r}")
         self.tol = tol
-        self.maxiter = maxiter
+        self.max_iter = max_iter
         self.ridge = float(ridge)
         self.check_every = check_every
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(tol={self.tol}, maxiter={self.maxiter}, ridge={self.ridge})"
+        return f"{type(self).__name__}(tol={self.tol}, max_iter={self.max_iter}, ridge={self.ridge})"
 
-    def default_maxiter(self, n: int) -> int:
+    def default_max_iter(self, n: int) -> int:
         return min(10 * n, 1000)
 
     def solve(self, matvec: MatVec, b: torch.Tensor) -> tuple[torch.Tensor, LinearSolveInfo]:
@@ -89,7 +142,7 @@ class LinearSolver:
         if b.dim() != 2:
             raise ValueError(f"{self.name}: b must have shape (batch, n), got {tuple(b.shape)}")
         tol = self.tol if self.tol is not None else default_tol(b.dtype)
-        maxiter = self.maxiter if self.maxiter is not None else self.default_maxiter(b.shape[1])
+        max_iter = self.max_iter if self.max_iter is not None else self.default_max_iter(b.shape[1])
         op = self._damped(matvec)
         b_norm = b.norm(dim=-1, keepdim=True)
         threshold = tol * b_norm
@@ -98,7 +151,7 @@ class LinearSolver:
         iterations = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
         previous = torch.full_like(b_norm, float("inf"))
         while True:
-            x, its = self._iterate(op, b, x, r, threshold, maxiter - int(iterations.max()))
+            x, its = self._iterate(op, b, x, r, threshold, max_iter - int(iterations.max()))
             iterations = iterations + its
             r = b - op(x)  # true residual: reported, and the start of a restart
             res = r.norm(dim=-1, keepdim=True)
@@ -110,7 +163,7 @@ class LinearSolver:
             if (
                 not bool(progressed.any())
                 or int(its.max()) == 0
-                or int(iterations.max()) >= maxiter
+                or int(iterations.max()) >= max_iter
                 or not bool(torch.isfinite(res).all())
             ):
                 break
@@ -122,7 +175,7 @@ class LinearSolver:
             residual=rel.detach(),
             converged=(rel <= tol) & torch.isfinite(rel),
             tol=tol,
-            maxiter=maxiter,
+            max_iter=max_iter,
         )
         return x, info
 
@@ -136,7 +189,7 @@ class LinearSolver:
             return self.check_every
         return default_check_every(b.device)
 
-    def _iterate(self, matvec: MatVec, b, x, r, threshold, maxiter):  # pragma: no cover - abstract
+    def _iterate(self, matvec: MatVec, b, x, r, threshold, max_iter):  # pragma: no cover - abstract
         raise NotImplementedError
 
 
@@ -152,14 +205,14 @@ class CG(LinearSolver):
 
     name = "cg"
 
-    def __init__(self, tol=None, maxiter=None, ridge=0.0, check_every=None,
+    def __init__(self, tol=None, max_iter=None, ridge=0.0, check_every=None,
                  preconditioner: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        super().__init__(tol, maxiter, ridge, check_every)
+        super().__init__(tol, max_iter, ridge, check_every)
         if preconditioner is not None and not callable(preconditioner):
             raise TypeError(f"CG: preconditioner must be a callable r -> M^-1 r, got {type(preconditioner).__name__}")
         self.preconditioner = preconditioner
 
-    def _iterate(self, matvec, b, x, r, threshold, maxiter):
+    def _iterate(self, matvec, b, x, r, threshold, max_iter):
         # Lean loop (the IFT backward's hot path): a stopped row never restarts within this call, so
         # only x and r need freezing (alpha = 0); p is reset to 0 so x stays finite whatever p was.
         # x is updated in place: it is the solver's own buffer (zeros or a previous call's result).
@@ -176,7 +229,7 @@ class CG(LinearSolver):
         max_curvature = zero
         eps = torch.finfo(b.dtype).eps
         check_every = self._check_every(b)
-        for k in range(max(maxiter, 0)):
+        for k in range(max(max_iter, 0)):
             if _all_stopped(active, k, check_every):
                 break
             Ap = matvec(p)
@@ -228,7 +281,7 @@ class BiCGStab(LinearSolver):
 
     name = "bicgstab"
 
-    def _iterate(self, matvec, b, x, r, threshold, maxiter):
+    def _iterate(self, matvec, b, x, r, threshold, max_iter):
         r_hat = r.clone()
         ones = torch.ones_like(_dot(r, r))
         rho, alpha, omega = ones.clone(), ones.clone(), ones.clone()
@@ -237,7 +290,7 @@ class BiCGStab(LinearSolver):
         active = r.norm(dim=-1, keepdim=True) > threshold
         iterations = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
         check_every = self._check_every(b)
-        for k in range(max(maxiter, 0)):
+        for k in range(max(max_iter, 0)):
             if _all_stopped(active, k, check_every):
                 break
             rho_new = _dot(r_hat, r)
@@ -277,19 +330,19 @@ class GMRES(LinearSolver):
 
     name = "gmres"
 
-    def __init__(self, tol=None, maxiter=None, ridge=0.0, check_every=None, restart: int = 30):
-        super().__init__(tol, maxiter, ridge, check_every)
+    def __init__(self, tol=None, max_iter=None, ridge=0.0, check_every=None, restart: int = 30):
+        super().__init__(tol, max_iter, ridge, check_every)
         if not (isinstance(restart, int) and restart >= 1):
             raise ValueError(f"GMRES: restart must be an int >= 1, got {restart!r}")
         self.restart = restart
 
-    def _iterate(self, matvec, b, x, r, threshold, maxiter):
+    def _iterate(self, matvec, b, x, r, threshold, max_iter):
         batch, n = b.shape
         iterations = torch.zeros(batch, dtype=torch.long, device=b.device)
         check_every = self._check_every(b)
         active = r.norm(dim=-1, keepdim=True) > threshold
-        while bool(active.any()) and int(iterations.max()) < maxiter:
-            m = min(self.restart, n, maxiter - int(iterations.max()))
+        while bool(active.any()) and int(iterations.max()) < max_iter:
+            m = min(self.restart, n, max_iter - int(iterations.max()))
             beta = r.norm(dim=-1, keepdim=True)
             basis = torch.zeros(batch, m + 1, n, dtype=b.dtype, device=b.device)
             basis[:, 0] = r / beta.clamp_min(torch.finfo(b.dtype).tiny)
@@ -332,17 +385,17 @@ class Neumann(LinearSolver):
 
     name = "neumann"
 
-    def __init__(self, tol=None, maxiter=None, ridge=0.0, check_every=None, alpha: float | str = 1.0, power_iters: int = 20):
-        super().__init__(tol, maxiter, ridge, check_every)
+    def __init__(self, tol=None, max_iter=None, ridge=0.0, check_every=None, alpha: float | str = 1.0, power_iters: int = 20):
+        super().__init__(tol, max_iter, ridge, check_every)
         if alpha != "auto" and not (isinstance(alpha, (int, float)) and alpha != 0 and math.isfinite(alpha)):
             raise ValueError(f"Neumann: alpha must be a nonzero finite float or 'auto', got {alpha!r}")
         self.alpha = alpha
         self.power_iters = power_iters
 
-    def default_maxiter(self, n: int) -> int:
+    def default_max_iter(self, n: int) -> int:
         return 500
 
-    def _iterate(self, matvec, b, x, r, threshold, maxiter):
+    def _iterate(self, matvec, b, x, r, threshold, max_iter):
         if self.alpha == "auto":
             lam, _ = power_iteration(matvec, b.detach().clone(), iters=self.power_iters)
             alpha = (1.0 / torch.where(lam == 0, torch.ones_like(lam), lam)).unsqueeze(-1)
@@ -353,7 +406,7 @@ class Neumann(LinearSolver):
         active = r.norm(dim=-1, keepdim=True) > threshold
         iterations = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
         check_every = self._check_every(b)
-        for k in range(max(maxiter, 0)):
+        for k in range(max(max_iter, 0)):
             if _all_stopped(active, k, check_every):
                 break
             x = torch.where(active, x + term, x)
@@ -373,11 +426,11 @@ class Direct(LinearSolver):
 
     name = "direct"
 
-    def __init__(self, tol=None, maxiter=None, ridge=0.0, check_every=None, max_dim: int = 4096):
-        super().__init__(tol, maxiter, ridge, check_every)
+    def __init__(self, tol=None, max_iter=None, ridge=0.0, check_every=None, max_dim: int = 4096):
+        super().__init__(tol, max_iter, ridge, check_every)
         self.max_dim = max_dim
 
-    def default_maxiter(self, n: int) -> int:
+    def default_max_iter(self, n: int) -> int:
         return 1
 
     def materialise(self, matvec: MatVec, b: torch.Tensor) -> torch.Tensor:
@@ -393,7 +446,7 @@ class Direct(LinearSolver):
         columns = [matvec(eye[j].expand_as(b)) for j in range(n)]
         return torch.stack(columns, dim=-1)
 
-    def _iterate(self, matvec, b, x, r, threshold, maxiter):
+    def _iterate(self, matvec, b, x, r, threshold, max_iter):
         M = self.materialise(matvec, b)
         delta, status = torch.linalg.solve_ex(M, r)
         singular = (status != 0) | ~torch.isfinite(delta).all(dim=-1)
@@ -409,12 +462,12 @@ SOLVERS: dict[str, type[LinearSolver]] = {"cg": CG, "gmres": GMRES, "bicgstab": 
 def get_linear_solver(
     spec: str | LinearSolver | type[LinearSolver],
     tol: float | None = None,
-    maxiter: int | None = None,
+    max_iter: int | None = None,
     ridge: float | None = None,
 ) -> LinearSolver:
     """A solver from a name (``"cg"``, ``"gmres"``, ``"bicgstab"``, ``"neumann"``, ``"direct"``), a class or an
     instance. Settings go either in the keywords (name / class) or in the instance, not both."""
-    kwargs = {k: v for k, v in dict(tol=tol, maxiter=maxiter, ridge=ridge).items() if v is not None}
+    kwargs = {k: v for k, v in dict(tol=tol, max_iter=max_iter, ridge=ridge).items() if v is not None}
     if isinstance(spec, LinearSolver):
         if kwargs:
             raise ValueError(

@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -63,9 +63,9 @@ class MinimizeResult:
        ``create_graph=True``.
     value: objective at ``x`` (detached).
     grad_norm: ``||grad f(x)||`` (detached).
-    stationarity: ``grad_norm / (1 + |value|)``, the number tested against ``rtol``.
+    stationarity: ``grad_norm / (1 + |value|)``, the number tested against ``tol``.
     iterations: accepted updates per problem.
-    converged: ``stationarity <= rtol``.
+    converged: ``stationarity <= tol``.
     diverged: NaN/Inf or ``|x| > max_abs`` was met; ``x`` is ``x0`` there.
     hessian: newton only, the last (B, n, n) Hessian (or ``curvature``) built for each problem
        (detached): at ``x``, or with a ``curvature`` callable at the iterate before ``x`` (a converged
@@ -80,13 +80,76 @@ class MinimizeResult:
     iterations: torch.Tensor
     converged: torch.Tensor
     diverged: torch.Tensor
-    rtol: float
+    tol: float
     hessian: torch.Tensor | None = None
 
     @property
     def nonstationary(self) -> torch.Tensor:
         """Problems that did not diverge but stopped above the tolerance."""
         return ~self.converged & ~self.diverged
+
+
+def _not_diverged(values: torch.Tensor, info: "InnerSolveInfo", reduce: Callable) -> torch.Tensor:
+    """``reduce`` over the problems that did not diverge (their numbers describe x0); 0 when none is left."""
+    ok = ~info.diverged
+    return reduce(values[ok]) if ok.any() else values.new_zeros(())
+
+
+# The statistics an `InnerSolveInfo` can log; its `names` picks some and names them.
+INNER_STATISTICS: dict[str, Callable[["InnerSolveInfo"], torch.Tensor | None]] = {
+    "mean_iterations": lambda i: i.iterations.float().mean(),
+    "max_iterations": lambda i: i.iterations.max().float(),
+    "mean_grad_norm": lambda i: _not_diverged(i.grad_norm, i, torch.mean),
+    # relative stationarity ||grad f|| / (1 + |f|) at the returned point
+    "median_stationarity": lambda i: _not_diverged(i.stationarity, i, torch.median),
+    "max_stationarity": lambda i: _not_diverged(i.stationarity, i, torch.max),
+    "nonstationary_frac": lambda i: (~i.converged & ~i.diverged).float().mean(),  # stopped above tol
+    "unconverged_frac": lambda i: (~i.converged).float().mean(),  # above tol or diverged
+    "diverged": lambda i: i.diverged.float().sum(),
+    "fallback": lambda i: i.fallback,  # None (not logged) where the application has no fallback
+}
+
+
+@dataclass
+class InnerSolveInfo:
+    """Outcome of one batched forward inner solve (:func:`minimize`), as the application used it;
+    tensors have one entry per problem (detached). ``fallback``: how many problems the application
+    took off the implicit gradient path (``nonstationary=drop``), None where it has none.
+
+    Its logged metrics (``to_metrics``): ``names`` maps each logged name to a statistic of
+    :data:`INNER_STATISTICS`; the key is ``train_key`` in training and ``stage_key`` under val / test,
+    formatted with ``kind``, ``stage`` and ``name``. The defaults log every statistic under its own
+    name; an application with names of its own subclasses and overrides these ClassVars.
+    """
+
+    iterations: torch.Tensor
+    grad_norm: torch.Tensor
+    stationarity: torch.Tensor
+    converged: torch.Tensor
+    diverged: torch.Tensor
+    tol: float
+    fallback: torch.Tensor | None = None
+
+    names: ClassVar[dict[str, str]] = {name: name for name in INNER_STATISTICS}
+    train_key: ClassVar[str] = "{kind}/{name}"
+    stage_key: ClassVar[str] = "{stage}/{kind}_{name}"
+
+    @classmethod
+    def from_result(cls, result: MinimizeResult, fallback: torch.Tensor | None = None) -> "InnerSolveInfo":
+        return cls(result.iterations.detach(), result.grad_norm.detach(), result.stationarity.detach(),
+                   result.converged.detach(), result.diverged.detach(), result.tol,
+                   None if fallback is None else fallback.detach())
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.iterations.numel())
+
+    def to_metrics(self, kind: str = "inner", stage: str = "train") -> dict[str, torch.Tensor]:
+        """The statistics ``names`` picks, under their fully formatted keys (None statistics skipped)."""
+        pattern = self.train_key if stage == "train" else self.stage_key
+        values = {name: INNER_STATISTICS[stat](self) for name, stat in self.names.items()}
+        return {pattern.format(kind=kind, stage=stage, name=name): value
+                for name, value in values.items() if value is not None}
 
 
 def relative_stationarity(value: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -133,7 +196,7 @@ def _value_and_grad(objective: Objective, x: torch.Tensor, create_graph: bool) -
     return value, grad
 
 
-def _check_args(method: str, x0: torch.Tensor, max_iter: int, rtol: float, lr: float, damping: float,
+def _check_args(method: str, x0: torch.Tensor, max_iter: int, tol: float, lr: float, damping: float,
                 checkpoint_segments: int | None, create_graph: bool) -> None:
     if method not in METHODS:
         raise ValueError(f"minimize: method={method!r} is unknown; use one of {METHODS}")
@@ -142,8 +205,8 @@ def _check_args(method: str, x0: torch.Tensor, max_iter: int, rtol: float, lr: f
                          f"{getattr(x0, 'shape', type(x0).__name__)}")
     if max_iter < 0:
         raise ValueError(f"minimize: max_iter must be >= 0, got {max_iter}")
-    if not rtol >= 0:
-        raise ValueError(f"minimize: rtol must be >= 0, got {rtol}")
+    if not tol >= 0:
+        raise ValueError(f"minimize: tol must be >= 0, got {tol}")
     if not lr > 0:
         raise ValueError(f"minimize: lr must be > 0, got {lr}")
     if not damping > 0:
@@ -159,7 +222,7 @@ def minimize(
     *,
     method: str = "newton",
     max_iter: int = 20,
-    rtol: float = 1e-5,
+    tol: float = 1e-5,
     curvature: Curvature | None = None,
     damping: float = 1e-3,
     lr: float = 1.0,
@@ -182,7 +245,7 @@ def minimize(
         x0: starting points (B, n). With ``create_graph=True`` its graph is kept.
         method: ``"newton"`` (damped Newton), ``"sgd"`` (momentum) or ``"adam"``.
         max_iter: iterations (gradient evaluations after the first); 0 evaluates only.
-        rtol: stop a problem once ``||grad|| / (1 + |f|) <= rtol``; 0 runs all iterations.
+        tol: stop a problem once ``||grad|| / (1 + |f|) <= tol``; 0 runs all iterations.
         curvature: newton only, ``curvature(x) -> (B, n, n)`` symmetric matrices used instead of
             the exact Hessian (e.g. Gauss-Newton); with ``create_graph`` it must keep its graph.
         damping: newton only, initial Levenberg-Marquardt damping relative to the largest
@@ -221,7 +284,7 @@ def minimize(
         :class:`MinimizeResult`. Diverged problems fall back to ``x0`` with a
         :class:`MinimizeDivergenceWarning`.
     """
-    _check_args(method, x0, max_iter, rtol, lr, damping, checkpoint_segments, create_graph)
+    _check_args(method, x0, max_iter, tol, lr, damping, checkpoint_segments, create_graph)
     if check_every is None:
         check_every = 1 if method == "newton" else default_check_every(x0.device)
     if not (isinstance(check_every, int) and check_every >= 1):
@@ -229,7 +292,7 @@ def minimize(
     x = x0 if create_graph else x0.detach()
     args = tuple(args) if create_graph else tuple(a.detach() for a in args)
     step = _newton_iteration if method == "newton" else _first_order_iteration
-    opts = dict(method=method, rtol=rtol, lr=lr, momentum=momentum, betas=betas, clip=clip, max_abs=max_abs,
+    opts = dict(method=method, tol=tol, lr=lr, momentum=momentum, betas=betas, clip=clip, max_abs=max_abs,
                 create_graph=create_graph, check_every=check_every)
     state = _initial_state(x, method, lr, damping)
     if checkpoint_segments is None:
@@ -246,7 +309,7 @@ def minimize(
             state = dict(zip(keys, out))
             if not bool(state["active"].any()):
                 break
-    return _finish(state, x, _bind(objective, None, args)["objective"], rtol, max_abs)
+    return _finish(state, x, _bind(objective, None, args)["objective"], tol, max_abs)
 
 
 def _bind(objective, curvature, args) -> dict:
@@ -320,7 +383,7 @@ def _slack(value: torch.Tensor) -> torch.Tensor:
     return 8 * torch.finfo(value.dtype).eps * (1 + value.detach().abs())
 
 
-def _newton_iteration(state, k, *, objective, rtol, curvature, curvature_rows, max_abs, create_graph, check, **_):
+def _newton_iteration(state, k, *, objective, tol, curvature, curvature_rows, max_abs, create_graph, check, **_):
     """Evaluate at x; stop converged problems; else damped Newton trials, accepted per problem."""
     x, nu = state["x"], state["nu"]
     if curvature is None:
@@ -328,7 +391,7 @@ def _newton_iteration(state, k, *, objective, rtol, curvature, curvature_rows, m
         built = torch.ones_like(state["active"])
     else:
         value, grad = _value_and_grad(objective, x, create_graph)
-        stepping = state["active"] & torch.isfinite(grad).all(-1) & (relative_stationarity(value, grad) > rtol)
+        stepping = state["active"] & torch.isfinite(grad).all(-1) & (relative_stationarity(value, grad) > tol)
         if check and not bool(stepping.any()):  # all stopped: no curvature needed
             built = torch.zeros_like(stepping)
             hess = torch.eye(x.shape[1], dtype=x.dtype, device=x.device).expand(x.shape[0], -1, -1)
@@ -337,7 +400,7 @@ def _newton_iteration(state, k, *, objective, rtol, curvature, curvature_rows, m
     finite = torch.isfinite(value.detach()) & torch.isfinite(grad.detach()).all(-1) & \
         torch.isfinite(hess.detach()).flatten(1).all(-1)
     diverged = state["diverged"] | (state["active"] & ~finite)
-    active = state["active"] & finite & (relative_stationarity(value, grad) > rtol)
+    active = state["active"] & finite & (relative_stationarity(value, grad) > tol)
     last_hess = torch.where(built[:, None, None], hess.detach(), state["hess"])
     if check and not bool(active.any()):
         return {**state, "active": active, "diverged": diverged, "hess": last_hess}
@@ -399,7 +462,7 @@ def _curvature_where_stepping(curvature, curvature_rows, x, stepping, check, cre
     return (hess if create_graph else hess.detach()), built
 
 
-def _first_order_iteration(state, k, *, objective, method, rtol, lr, momentum, betas, clip, max_abs,
+def _first_order_iteration(state, k, *, objective, method, tol, lr, momentum, betas, clip, max_abs,
                            create_graph, check, **_):
     """Evaluate at x; undo a step that made things worse (halve that problem's step); step again."""
     x, step_size, m1, m2 = state["x"], state["step_size"], state["m1"], state["m2"]
@@ -414,7 +477,7 @@ def _first_order_iteration(state, k, *, objective, method, rtol, lr, momentum, b
     grad = torch.where(w, state["prev_grad"], grad)
     m1 = torch.where(w, torch.zeros_like(m1), m1)
     step_size = torch.where(worse, step_size / 2, step_size)
-    active = active & (relative_stationarity(value, grad) > rtol)
+    active = active & (relative_stationarity(value, grad) > tol)
     stopped = {**state, "x": x, "step_size": step_size, "m1": m1, "m2": m2, "active": active,
                "diverged": diverged, "prev_x": x, "prev_value": value, "prev_grad": grad,
                "iterations": state["iterations"] - worse.long()}  # an undone step is not an update
@@ -442,7 +505,7 @@ def _first_order_iteration(state, k, *, objective, method, rtol, lr, momentum, b
             "diverged": diverged, "iterations": stopped["iterations"] + active.long()}
 
 
-def _finish(state, x0, objective, rtol, max_abs) -> MinimizeResult:
+def _finish(state, x0, objective, tol, max_abs) -> MinimizeResult:
     """Final evaluation at the returned point: value, stationarity, convergence; x0 where diverged."""
     x = state["x"]
     value, grad = _value_and_grad(objective, x, create_graph=False)
@@ -467,5 +530,5 @@ def _finish(state, x0, objective, rtol, max_abs) -> MinimizeResult:
     if hessian is not None:
         hessian = torch.where(diverged[:, None, None], torch.full_like(hessian, math.nan), hessian)
     return MinimizeResult(x=x, value=value, grad_norm=grad.norm(dim=-1), stationarity=stat,
-                          iterations=iterations, converged=(stat <= rtol) & ~diverged,
-                          diverged=diverged, rtol=rtol, hessian=hessian)
+                          iterations=iterations, converged=(stat <= tol) & ~diverged,
+                          diverged=diverged, tol=tol, hessian=hessian)

@@ -419,7 +419,7 @@ class _ReversibleSGD(torch.autograd.Function):
 
 @dataclass
 class ReversibleResult(MinimizeResult):
-    """``minimize``'s report (``rtol`` is 0: a fixed number of steps) plus what reversal costs.
+    """``minimize``'s report (``tol`` is 0: a fixed number of steps) plus what reversal costs.
 
     buffer_bytes: bytes the backward keeps beyond ``x0`` and ``params`` (trajectory end, information
         buffer, undo bits and reset velocities). momentum: the fraction (p, q) used for mu.
@@ -456,7 +456,7 @@ def reversible_sgd(
     problem for ``steps`` iterations (an int, or a (B,) integer tensor of per-problem counts), and
     return the result differentiable w.r.t. ``x0`` and ``params`` by exact reversal.
 
-    The loop is ``minimize(method="sgd", rtol=0, max_iter=steps)``'s: clipping at ``clip`` (None:
+    The loop is ``minimize(method="sgd", tol=0, max_iter=steps)``'s: clipping at ``clip`` (None:
     off), with ``backtrack`` a step that increases the objective is undone, that problem's step size
     halved and its velocity reset (Maclaurin et al.'s plain algorithm: ``backtrack=False``);
     ``|x| > max_abs`` or a NaN/Inf counts as diverged and returns ``x0``. Row b of the objective may
@@ -499,5 +499,5 @@ def reversible_sgd(
 
     return ReversibleResult(
         x=x, value=value, grad_norm=grad.norm(dim=-1), stationarity=stat, iterations=report["iterations"],
-        converged=(stat <= 0) & ~diverged, diverged=diverged, rtol=0.0,
+        converged=(stat <= 0) & ~diverged, diverged=diverged, tol=0.0,
         buffer_bytes=traj.nbytes(), momentum=(p, q), _reverse=reverse)

@@ -17,80 +17,72 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import ClassVar
 
 import torch
 
-from ift.implicit.fixed_point import proximal_penalty
-from ift.implicit.minimize import METHODS, MinimizeResult, minimize
+from ift import hparams
+from ift.implicit.config import MinimizeConfig, NonStationary
+from ift.implicit.minimize import MinimizeResult, minimize
+from ift.implicit.proximal import proximal_objective
 from ift.implicit.reversible import reversible_sgd
 
 CURVATURES = ("exact", "gauss_newton", "autodiff")
 
 
 @dataclass(frozen=True)
-class InnerConfig:
-    """Settings of the inner optimiser (`model.inner.*`).
+class InnerConfig(MinimizeConfig):
+    """Settings of the inner optimiser (`model.inner.*`): the core's `MinimizeConfig` with SAVI's defaults
+    and fields.
 
-    optimizer: newton | sgd | adam. steps: iteration budget. tol: relative stationarity
-    ||grad J|| / (1 + |J|) at which an example stops (0: always run `steps`). curvature (newton):
-    exact (latent-space Hessian), gauss_newton (cheaper, PSD, linear convergence), autodiff (2d
-    generic Hessian-vector products, the slow reference). damping: initial Levenberg-Marquardt
-    damping. lr / momentum / betas / clip: first-order settings (Kim et al. 2018: SGD lr 1,
-    momentum 0.5, clip 5). checkpoint_segments: unrolled modes only, null for plain unrolling. checkpoint_reentrant:
-    false for PyTorch's non-reentrant checkpointing (torch.autograd.grad works; quadratic recompute and
-    far more memory, see `ift.implicit.minimize`).
+    method: newton | sgd | adam. max_iter: iteration budget. tol: relative stationarity
+    ||grad J|| / (1 + |J|) at which an example stops (0: always run `max_iter`). nonstationary
+    (savi_ift): drop (examples above tol train at lambda_0, see `ift.savi.module`) | ift | error.
+    curvature (newton): exact (latent-space Hessian), gauss_newton (cheaper, PSD, linear convergence),
+    autodiff (2d generic Hessian-vector products, the slow reference). damping: initial
+    Levenberg-Marquardt damping. lr / momentum / betas / clip: first-order settings (Kim et al. 2018:
+    SGD lr 1, momentum 0.5, clip 5). checkpoint_segments: unrolled modes only, null for plain
+    unrolling. checkpoint_reentrant: false for PyTorch's non-reentrant checkpointing
+    (torch.autograd.grad works; quadratic recompute and far more memory, see `ift.implicit.minimize`).
     frac_bits: savi_reversible only, fractional bits of its fixed-point lambda and velocity.
     """
 
-    optimizer: str = "newton"
-    steps: int = 20
+    method: str = "newton"
+    max_iter: int = 20
     tol: float = 1e-5
-    curvature: str = "exact"
     damping: float = 1e-3
     lr: float = 1.0
     momentum: float = 0.5      # SGD momentum
     betas: tuple[float, float] = (0.9, 0.999)  # Adam
     clip: float | None = 5.0   # per-example gradient-norm clipping (None: off)
-    eta: float | None = 1.0    # proximal step: - ||lam - lam_0||^2 / (2 eta); None or inf: no term
     max_abs: float = 20.0      # |lambda| beyond this counts as divergence (exp(2 log_sigma) overflows)
+    nonstationary: NonStationary = NonStationary.DROP
+    curvature: str = "exact"
+    eta: float | None = 1.0    # proximal step: - ||lam - lam_0||^2 / (2 eta); None or inf: no term
     checkpoint_segments: int | None = None
     checkpoint_reentrant: bool = True
     frac_bits: int = 40
 
+    group: ClassVar[str] = "model.inner"
+    renamed: ClassVar[dict[str, str]] = {**MinimizeConfig.renamed, "optimizer": "method", "steps": "max_iter"}
+    renamed_values: ClassVar[dict[str, dict[str, str]]] = {"nonstationary": {"amortized": "drop"}}
+
     def __post_init__(self) -> None:
-        if self.optimizer not in METHODS:
-            raise ValueError(f"model.inner.optimizer={self.optimizer!r} is unknown; use one of {METHODS}")
-        if self.curvature not in CURVATURES:
-            raise ValueError(f"model.inner.curvature={self.curvature!r} is unknown; use one of {CURVATURES}")
-        if self.steps < 0:
-            raise ValueError(f"model.inner.steps must be >= 0, got {self.steps}")
-        if not self.lr > 0:
-            raise ValueError(f"model.inner.lr must be > 0, got {self.lr}")
-        if not self.damping > 0:
-            raise ValueError(f"model.inner.damping must be > 0, got {self.damping}")
-        if self.eta is not None and not self.eta > 0:
-            raise ValueError(f"model.inner.eta must be > 0 (or null for no proximal term), got {self.eta}")
-        if self.tol < 0:
-            raise ValueError(f"model.inner.tol must be >= 0, got {self.tol}")
-        if self.clip is not None and not self.clip > 0:
-            raise ValueError(f"model.inner.clip must be > 0 or null, got {self.clip}")
-        if self.checkpoint_segments is not None and self.checkpoint_segments < 1:
-            raise ValueError(f"model.inner.checkpoint_segments must be >= 1 or null, got {self.checkpoint_segments}")
-        if not 8 <= self.frac_bits <= 52:
-            raise ValueError(f"model.inner.frac_bits must be in [8, 52], got {self.frac_bits}")
+        super().__post_init__()
+        hparams.one_of("inner.curvature", self.curvature, CURVATURES)
+        hparams.positive("inner.eta", self.eta, allow_none=True)
+        if self.checkpoint_segments is not None:
+            hparams.integer("inner.checkpoint_segments", self.checkpoint_segments, 1)
+        hparams.in_range("inner.frac_bits", self.frac_bits, 8, 52, closed_high=True)
 
     @property
     def proximal(self) -> bool:
         return self.eta is not None and math.isfinite(self.eta)
 
 
-def proximal_objective(elbo: Callable[[torch.Tensor], torch.Tensor], lam0: torch.Tensor,
-                       eta: float | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """J(lam) = ELBO(lam) - ||lam - lam_0||^2 / (2 eta), per example (no term when eta is None/inf)."""
-    if eta is None or not math.isfinite(eta):
-        return elbo
-    return lambda lam: elbo(lam) - proximal_penalty(lam, lam0, eta)
+def _neg_elbo(elbo):
+    """``lam -> -ELBO(lam)``: the inner problem is minimised (J = ELBO - proximal term is maximised)."""
+    return lambda lam: -elbo(lam)
 
 
 def refine(vae, x: torch.Tensor, lam0: torch.Tensor, eps: torch.Tensor, params: dict[str, torch.Tensor],
@@ -102,10 +94,10 @@ def refine(vae, x: torch.Tensor, lam0: torch.Tensor, eps: torch.Tensor, params: 
     # examples that have not converged yet without evaluating the finished ones.
     def neg_objective(lam: torch.Tensor, center: torch.Tensor, x_: torch.Tensor, eps_: torch.Tensor) -> torch.Tensor:
         elbo = lambda l: vae.elbo(x_, l, eps_.transpose(0, 1), params)  # noqa: E731
-        return -proximal_objective(elbo, center, cfg.eta)(lam)
+        return proximal_objective(_neg_elbo(elbo), center, cfg.eta)(lam)
 
     curvature = None
-    if cfg.optimizer == "newton" and cfg.curvature != "autodiff":
+    if cfg.method == "newton" and cfg.curvature != "autodiff":
         eye = torch.eye(lam0.shape[-1], dtype=lam0.dtype, device=lam0.device)
 
         def curvature(lam, center, x_, eps_):
@@ -114,9 +106,7 @@ def refine(vae, x: torch.Tensor, lam0: torch.Tensor, eps: torch.Tensor, params: 
             return hess + prox * eye
 
     return minimize(
-        neg_objective, lam0, method=cfg.optimizer, max_iter=cfg.steps, rtol=cfg.tol, curvature=curvature,
-        damping=cfg.damping, lr=cfg.lr, momentum=cfg.momentum, betas=cfg.betas, clip=cfg.clip,
-        max_abs=cfg.max_abs, create_graph=create_graph,
+        neg_objective, lam0, **cfg.minimize_kwargs(), curvature=curvature, create_graph=create_graph,
         checkpoint_segments=cfg.checkpoint_segments if create_graph else None,
         checkpoint_reentrant=cfg.checkpoint_reentrant,
         args=(lam0, x, eps.transpose(0, 1)), compact=True,
@@ -125,13 +115,13 @@ def refine(vae, x: torch.Tensor, lam0: torch.Tensor, eps: torch.Tensor, params: 
 
 def refine_reversible(vae, x: torch.Tensor, lam0: torch.Tensor, eps: torch.Tensor,
                       params: dict[str, torch.Tensor], cfg: InnerConfig) -> MinimizeResult:
-    """`refine`'s SGD loop (cfg.steps steps, no tolerance) by `reversible_sgd`: differentiable w.r.t.
+    """`refine`'s SGD loop (cfg.max_iter steps, no tolerance) by `reversible_sgd`: differentiable w.r.t.
     lam0 (start and proximal centre) and the generative params, passed explicitly for its backward."""
     names = list(params)
 
     def neg_objective(lam, center, x_, eps_, *theta):
         elbo = lambda l: vae.elbo(x_, l, eps_, dict(zip(names, theta)))  # noqa: E731
-        return -proximal_objective(elbo, center, cfg.eta)(lam)
+        return proximal_objective(_neg_elbo(elbo), center, cfg.eta)(lam)
 
-    return reversible_sgd(neg_objective, lam0, lam0, x, eps, *params.values(), steps=cfg.steps, lr=cfg.lr,
+    return reversible_sgd(neg_objective, lam0, lam0, x, eps, *params.values(), steps=cfg.max_iter, lr=cfg.lr,
                           momentum=cfg.momentum, clip=cfg.clip, max_abs=cfg.max_abs, frac_bits=cfg.frac_bits)

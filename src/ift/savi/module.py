@@ -10,14 +10,15 @@ savi_ift           solve without a graph     the implicit function theorem at th
 
 The IFT gradient is only right at a stationary point. Every refinement reports its relative
 stationarity per example; in savi_ift, examples that stopped above `model.inner.tol` follow
-`model.ift.nonstationary`: "amortized" (default) trains them at lambda_0 like a diverged example
+`model.inner.nonstationary` (the core's policy): "drop" (default) takes them off the implicit path and
+trains them at lambda_0 like a diverged example
 (the IFT formula at a non-stationary point is the gradient of nothing in particular, while the
 amortized ELBO's gradient is exact, so the fallback costs those examples their refinement but never
 gives a wrong direction), "ift" applies the IFT anyway, "error" raises. Either way they are counted
 (`inner/nonstationary_frac`) and a warning is issued.
 
 Every refinement's report (iterations, stationarity, divergence, and in savi_ift the fallback count)
-is recorded in `solves` as an `InnerSolveInfo`; `ift.telemetry.SolverDiagnostics` logs it as
+is recorded in `solves` as a `SAVIInnerInfo`; `ift.telemetry.SolverDiagnostics` logs it as
 `inner/*` (val/test: `inner/val_*`, `inner/test_*`), like the backward's `ift/*`.
 
 Why the proximal term (model.inner.eta) matters for savi_ift: at an exact optimum lambda* of the
@@ -33,56 +34,79 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
 
-from ift.implicit import SolveRecorder, implicit_argmin
+from ift import hparams
+from ift.implicit import InnerSolveInfo, NonStationaryError, SolveRecorder, implicit_argmin, proximal_objective
 from ift.implicit.core import IFTConfig as CoreIFTConfig
-from ift.implicit.core import _at_least_float32
-from ift.implicit.diagnostics import InnerSolveInfo
+from ift.implicit.core import at_least_float32
 from ift.implicit.linear_solvers import CG, dense_preconditioner
 from ift.implicit.minimize import MinimizeResult
-from ift.savi.inner import InnerConfig, proximal_objective, refine, refine_reversible
+from ift.savi.inner import InnerConfig, refine, refine_reversible
 from ift.savi.model import GaussianVAE
 
 MODES = ("vae", "svi", "savi_unrolled", "savi_checkpointed", "savi_reversible", "savi_ift")
 UNROLLED = ("savi_unrolled", "savi_checkpointed")
-NONSTATIONARY_POLICIES = ("amortized", "ift", "error")
+__all__ = ["SAVIModule", "IFTConfig", "SAVIInnerInfo", "NonStationaryWarning", "NonStationaryError", "MODES"]
 
 
 class NonStationaryWarning(RuntimeWarning):
     """Some examples' inner solve stopped above its stationarity tolerance."""
 
 
-class NonStationaryError(RuntimeError):
-    """model.ift.nonstationary=error and an inner solve stopped above its tolerance."""
-
-
 @dataclass(frozen=True)
 class IFTConfig(CoreIFTConfig):
     """Settings of savi_ift's implicit backward (`model.ift.*`): the core's linear_solver / tol /
-    maxiter / ridge (cg: the Hessian of -J is symmetric), and nonstationary, the policy for examples
-    above model.inner.tol (see the module docstring)."""
+    max_iter / ridge (cg: the Hessian of -J is symmetric). The policy for examples above
+    model.inner.tol is `model.inner.nonstationary` (see the module docstring)."""
 
-    nonstationary: str = "amortized"
+    group: ClassVar[str] = "model.ift"
+    renamed: ClassVar[dict[str, str]] = {**CoreIFTConfig.renamed, "nonstationary": "model.inner.nonstationary"}
 
-    def __post_init__(self) -> None:
-        if self.nonstationary not in NONSTATIONARY_POLICIES:
-            raise ValueError(f"model.ift.nonstationary={self.nonstationary!r} is unknown; "
-                             f"use one of {NONSTATIONARY_POLICIES}")
-        super().__post_init__()
+
+class SAVIInnerInfo(InnerSolveInfo):
+    """SAVI's names for its inner-solve statistics (``inner/<name>``; val/test ``inner/<stage>_<name>``);
+    ``fallback``: the examples trained at lambda_0 (diverged, or dropped by ``nonstationary=drop``)."""
+
+    names: ClassVar[dict[str, str]] = {
+        "steps_taken": "mean_iterations",
+        "grad_norm_final": "mean_grad_norm",
+        "stationarity": "median_stationarity",
+        "stationarity_max": "max_stationarity",
+        "nonstationary_frac": "nonstationary_frac",
+        "diverged": "diverged",
+        "fallback": "fallback",
+    }
+    stage_key: ClassVar[str] = "{kind}/{stage}_{name}"
 
 
 def _check_reversible(cfg: InnerConfig) -> None:
     """savi_reversible reverses SGD with momentum for a fixed number of steps, nothing else."""
-    if cfg.optimizer != "sgd" or cfg.tol != 0 or not 0 < cfg.momentum <= 1 or cfg.checkpoint_segments is not None:
+    if cfg.method != "sgd" or cfg.tol != 0 or not 0 < cfg.momentum <= 1 or cfg.checkpoint_segments is not None:
         raise ValueError(
-            "model.mode=savi_reversible supports model.inner.optimizer=sgd with 0 < model.inner.momentum <= 1, "
+            "model.mode=savi_reversible supports model.inner.method=sgd with 0 < model.inner.momentum <= 1, "
             "model.inner.tol=0 (a fixed number of steps) and no checkpoint_segments; got "
-            f"optimizer={cfg.optimizer}, momentum={cfg.momentum}, tol={cfg.tol:g}, "
+            f"method={cfg.method}, momentum={cfg.momentum}, tol={cfg.tol:g}, "
             f"checkpoint_segments={cfg.checkpoint_segments}")
+
+
+def _inner_config(mode: str, inner: dict[str, Any] | None) -> InnerConfig:
+    """`model.inner` for this mode: savi_checkpointed defaults to ~sqrt(max_iter) segments, savi_reversible
+    and savi_ift check what they need."""
+    values = dict(inner or {})
+    if mode == "savi_checkpointed" and values.get("checkpoint_segments") is None and "steps" not in values:
+        values["checkpoint_segments"] = max(1, round(math.sqrt(int(values.get("max_iter", 20)))))
+    cfg = InnerConfig.from_dict(values)
+    if mode == "savi_reversible":
+        _check_reversible(cfg)
+    if mode == "savi_ift" and cfg.tol == 0 and cfg.nonstationary != "ift":
+        raise ValueError(f"model.inner.tol=0 leaves every example above tolerance, so "
+                         f"model.inner.nonstationary={cfg.nonstationary} would reject them all; set "
+                         "model.inner.tol > 0 or model.inner.nonstationary=ift")
+    return cfg
 
 
 class SAVIModule(pl.LightningModule):
@@ -108,35 +132,17 @@ class SAVIModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if mode not in MODES:
-            raise ValueError(f"model.mode={mode!r} is unknown; use one of {MODES}")
-        if not lr > 0:
-            raise ValueError(f"model.lr must be > 0, got {lr}")
-        if train_samples < 1 or inner_samples < 1:
-            raise ValueError(f"model.train_samples and model.inner_samples must be >= 1, got "
-                             f"{train_samples}, {inner_samples}")
+        self.mode = hparams.one_of("mode", mode, MODES)
+        hparams.positive("lr", lr)
+        hparams.integer("train_samples", train_samples, 1)
+        hparams.integer("inner_samples", inner_samples, 1)
+        hparams.integer("kl_warmup_steps", kl_warmup_steps)
+        hparams.in_range("kl_warmup_start", kl_warmup_start, 0, 1, closed_high=True)
+        hparams.positive("grad_clip", grad_clip, allow_none=True)
         gamma = {"init": 0.02, "learn": True, "min": 1e-4, **(gamma or {})}
-        inner_kwargs = dict(inner or {})
-        if "betas" in inner_kwargs:
-            inner_kwargs["betas"] = tuple(inner_kwargs["betas"])
-        if mode == "savi_checkpointed" and inner_kwargs.get("checkpoint_segments") is None:
-            inner_kwargs["checkpoint_segments"] = max(1, round(math.sqrt(int(inner_kwargs.get("steps", 20)))))
-        self.inner_cfg = InnerConfig(**inner_kwargs)
-        if mode == "savi_reversible":
-            _check_reversible(self.inner_cfg)
+        self.inner_cfg = _inner_config(mode, inner)
         self.ift_cfg = IFTConfig.from_dict(ift)
         self.solves = SolveRecorder()  # inner solves and backward linear solves, logged by SolverDiagnostics
-        policy = self.ift_cfg.nonstationary
-        if mode == "savi_ift" and self.inner_cfg.tol == 0 and policy != "ift":
-            raise ValueError(f"model.inner.tol=0 leaves every example above tolerance, so "
-                             f"model.ift.nonstationary={policy} would reject them all; set model.inner.tol > 0 "
-                             f"or model.ift.nonstationary=ift")
-        if kl_warmup_steps < 0 or not 0 <= kl_warmup_start <= 1:
-            raise ValueError(f"model.kl_warmup_steps must be >= 0 and model.kl_warmup_start in [0, 1], got "
-                             f"{kl_warmup_steps}, {kl_warmup_start}")
-        if grad_clip is not None and not grad_clip > 0:
-            raise ValueError(f"model.grad_clip must be > 0 or null, got {grad_clip}")
-        self.mode = mode
         if amortized_weight is None:
             # The encoder needs a training signal of its own when nothing reaches it through the
             # refinement: SVI (no gradient through it) and IFT without a proximal term.
@@ -159,13 +165,13 @@ class SAVIModule(pl.LightningModule):
         the solve's report (kind "inner") for every mode but vae."""
         result, fallback = self._refine(x, lam0, eps)
         if self.mode != "vae":
-            self.solves.record(InnerSolveInfo.from_result(result, fallback), "inner")
+            self.solves.record(SAVIInnerInfo.from_result(result, fallback), "inner")
         return result
 
     def _refine(self, x: torch.Tensor, lam0: torch.Tensor, eps: torch.Tensor
                 ) -> tuple[MinimizeResult, torch.Tensor | None]:
         """The refined result, and in savi_ift with gradients the number of examples trained at lambda_0."""
-        if self.mode == "vae" or self.inner_cfg.steps == 0:
+        if self.mode == "vae" or self.inner_cfg.max_iter == 0:
             zeros = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
             return MinimizeResult(lam0, zeros, zeros, zeros, zeros.long(), ~zeros.bool(), zeros.bool(),
                                   self.inner_cfg.tol), None
@@ -174,7 +180,7 @@ class SAVIModule(pl.LightningModule):
         # nearly every example at lambda_0. The solve and the IFT attach run in >= float32; the
         # outer ELBO stays under autocast.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x, lam0, eps = _at_least_float32(x), _at_least_float32(lam0), _at_least_float32(eps)
+            x, lam0, eps = at_least_float32(x), at_least_float32(lam0), at_least_float32(eps)
             unrolled = self.mode in UNROLLED and torch.is_grad_enabled()
             reversible = self.mode == "savi_reversible" and torch.is_grad_enabled()
             params = self.vae.generative_params()
@@ -199,20 +205,20 @@ class SAVIModule(pl.LightningModule):
 
         def negative_objective(lam, lam0_, *theta_):
             params = dict(zip(names, theta_))
-            elbo = lambda l: self.vae.elbo(x, l, eps, params)  # noqa: E731
-            return -proximal_objective(elbo, lam0_, eta)(lam).sum()
+            neg_elbo = lambda l: -self.vae.elbo(x, l, eps, params)  # noqa: E731
+            return proximal_objective(neg_elbo, lam0_, eta)(lam).sum()
 
-        policy = self.ift_cfg.nonstationary
+        policy = self.inner_cfg.nonstationary
         nonstationary = result.nonstationary
         count = int(nonstationary.sum()) if self.inner_cfg.tol > 0 else 0  # tol 0: a fixed budget, no test
         if count:
             message = (f"inner solve stopped above model.inner.tol={self.inner_cfg.tol:g} on {count}/{len(nonstationary)} "
                        f"examples (max stationarity {float(result.stationarity.max()):.2e}); "
-                       f"model.ift.nonstationary={policy}")
+                       f"model.inner.nonstationary={policy}")
             if policy == "error":
-                raise NonStationaryError(message + ": raise model.inner.steps or choose another policy")
+                raise NonStationaryError(message + ": raise model.inner.max_iter or choose another policy")
             warnings.warn(message, NonStationaryWarning, stacklevel=3)
-        good = ~result.diverged & (~nonstationary if policy == "amortized" else True)
+        good = ~result.diverged & (~nonstationary if policy == "drop" else True)
         lam_star = implicit_argmin(
             negative_objective, result.x.detach(), lam0, *theta,
             batch_dims=1, **self._backward_solver(result.hessian), on_solve=self.solves.record,
@@ -228,7 +234,7 @@ class SAVIModule(pl.LightningModule):
         if kwargs["linear_solver"] != "cg" or hessian is None:
             return kwargs
         shifted = hessian + kwargs["ridge"] * torch.eye(hessian.shape[-1], dtype=hessian.dtype, device=hessian.device)
-        return {"linear_solver": CG(tol=kwargs["tol"], maxiter=kwargs["maxiter"], ridge=kwargs["ridge"],
+        return {"linear_solver": CG(tol=kwargs["tol"], max_iter=kwargs["max_iter"], ridge=kwargs["ridge"],
                                     preconditioner=dense_preconditioner(shifted))}
 
     # --- steps ------------------------------------------------------------------------------

@@ -45,14 +45,14 @@ def cases(device: str, batch: int):
     contraction = 0.9 * torch.linspace(0.3, 1.0, batch, device=device).unsqueeze(-1)
     target = torch.randn(batch, 32, generator=torch.Generator().manual_seed(1)).to(device)
     return {
-        f"minimize sgd ({batch} x 16, rtol 1e-4)": lambda every: minimize(
-            objective, x0, method="sgd", lr=1.0, momentum=0.5, rtol=1e-4, max_iter=2000, args=args,
+        f"minimize sgd ({batch} x 16, tol 1e-4)": lambda every: minimize(
+            objective, x0, method="sgd", lr=1.0, momentum=0.5, tol=1e-4, max_iter=2000, args=args,
             compact=True, check_every=every).iterations,
-        f"minimize adam ({batch} x 16, rtol 1e-4)": lambda every: minimize(
-            objective, x0, method="adam", lr=0.1, rtol=1e-4, max_iter=2000, args=args, compact=True,
+        f"minimize adam ({batch} x 16, tol 1e-4)": lambda every: minimize(
+            objective, x0, method="adam", lr=0.1, tol=1e-4, max_iter=2000, args=args, compact=True,
             check_every=every).iterations,
-        f"minimize newton ({batch} x 16, rtol 1e-5)": lambda every: minimize(
-            objective, x0, method="newton", rtol=1e-5, max_iter=50, args=args, compact=True,
+        f"minimize newton ({batch} x 16, tol 1e-5)": lambda every: minimize(
+            objective, x0, method="newton", tol=1e-5, max_iter=50, args=args, compact=True,
             check_every=every).iterations,
         f"fixed_point ({batch} x 32, tol 1e-8)": lambda every: fixed_point(
             lambda x: contraction * torch.tanh(x) + target, torch.zeros_like(target), tol=1e-8,

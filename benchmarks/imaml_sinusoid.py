@@ -5,7 +5,7 @@ Two measurements, written through ``ift.bench`` to ``benchmarks/results/imaml_si
 1. Cost against the number of inner steps S, on one fixed meta-batch: bytes of tensors saved for
    backward (``SavedTensorCounter.live_bytes`` just before ``backward``) and seconds per meta-step
    (adaptation + meta-gradient + Adam step), median [min, max] of ``--repeats`` interleaved runs.
-   MAML unrolls S gradient steps; iMAML runs S inner iterations (``rtol=0`` forces all of them)
+   MAML unrolls S gradient steps; iMAML runs S inner iterations (``tol=0`` forces all of them)
    without a graph.
 2. Meta-training with the same budget of meta-steps for each method and seed, then the meta-test
    query MSE on held-out tasks after k plain gradient steps (``k`` in ``--eval-steps``, step size
@@ -35,14 +35,14 @@ from ift.telemetry.diagnostics import solve_metrics
 from ift.telemetry.saved_tensors import SavedTensorCounter
 
 SOURCES = ["src/ift/imaml", "src/ift/data/sinusoid.py", "src/ift/implicit/core.py", "src/ift/implicit/minimize.py",
-           "src/ift/implicit/linear_solvers.py", "src/ift/implicit/fixed_point.py",
+           "src/ift/implicit/linear_solvers.py", "src/ift/implicit/proximal.py", "src/ift/implicit/config.py",
            "src/ift/telemetry/saved_tensors.py", "src/ift/telemetry/diagnostics.py"]
 METHODS = ("maml", "imaml")
 MATCHED = "maml@imaml-time"  # MAML trained for iMAML's training wall-clock (--wallclock-match)
 
 
 def make_model(method: str, seed: int, args, **inner_overrides) -> MetaRegression:
-    inner = dict(lr=args.imaml_inner_lr, momentum=0.9, max_iter=args.imaml_max_iter, rtol=args.imaml_rtol)
+    inner = dict(lr=args.imaml_inner_lr, momentum=0.9, max_iter=args.imaml_max_iter, tol=args.imaml_tol)
     inner.update(inner_overrides)
     return MetaRegression(
         method=method,
@@ -81,7 +81,7 @@ def cost_vs_steps(args, batch) -> list[dict]:
     for steps in args.steps:
         models = {
             "maml": make_model("maml", 0, args),
-            "imaml": make_model("imaml", 0, args, max_iter=steps, rtol=1e-30, nonstationary="ift"),
+            "imaml": make_model("imaml", 0, args, max_iter=steps, tol=1e-30, nonstationary="ift"),
         }
         models["maml"].inner_steps = steps
         optimizers = {m: model.configure_optimizers() for m, model in models.items()}
@@ -198,7 +198,7 @@ def markdown(meta: dict, env: dict, cost: list[dict], summary: list[dict]) -> st
         f"{bench.describe(env)}. MLP 1-40-40-1 (tanh), meta-batch {meta['meta_batch']} tasks, Adam (lr "
         f"{meta['meta_lr']}). MAML: {meta['maml_steps']} unrolled gradient steps of size {meta['inner_lr']}. iMAML: "
         f"lam = {meta['lam']}, inner heavy-ball descent (lr {meta['imaml_inner_lr']}, momentum 0.9) to relative "
-        f"stationarity {meta['imaml_rtol']:g} (at most {meta['imaml_max_iter']} iterations; tasks above it leave the "
+        f"stationarity {meta['imaml_tol']:g} (at most {meta['imaml_max_iter']} iterations; tasks above it leave the "
         "meta-loss), CG at the core's float32 tolerance.\n\n"
         f"## Meta-test MSE ({meta['test_tasks']} held-out tasks, mean +- std over seeds {meta['seeds']})\n\n"
         + bench.table(["method", "meta-steps", *(f"{k} GD steps" for k in steps), "iMAML prox. solve",
@@ -257,7 +257,7 @@ def main() -> None:
     parser.add_argument("--lam", type=float, default=2.0)
     parser.add_argument("--imaml-inner-lr", type=float, default=0.05)
     parser.add_argument("--imaml-max-iter", type=int, default=300)
-    parser.add_argument("--imaml-rtol", type=float, default=1e-3)
+    parser.add_argument("--imaml-tol", type=float, default=1e-3)
     parser.add_argument("--meta-lr", type=float, default=3e-3)
     parser.add_argument("--test-tasks", type=int, default=500)
     parser.add_argument("--wallclock-match", action="store_true",
@@ -289,7 +289,7 @@ def main() -> None:
         "lam": args.lam,
         "imaml_inner_lr": args.imaml_inner_lr,
         "imaml_max_iter": args.imaml_max_iter,
-        "imaml_rtol": args.imaml_rtol,
+        "imaml_tol": args.imaml_tol,
         "eval_steps": args.eval_steps,
         "test_tasks": args.test_tasks,
         "repeats": args.repeats,

@@ -14,7 +14,7 @@ error of the hypergradient against the closed form. The methods are interleaved 
 
 A second table times the backward alone of the IFT core against torchopt 0.7.3's ``custom_root``
 (same ``w*``, same optimality condition ``grad_w`` of the same objective, same CG tolerance and
-maxiter; interleaved, the order alternating between repeats). torchopt is optional (the ``bench``
+max_iter; interleaved, the order alternating between repeats). torchopt is optional (the ``bench``
 extra plus ``pip install --no-deps torchopt==0.7.3``); without it that table is skipped with a
 message. Both tables report the ratio as median [min, max] over the rounds. Writes JSON and markdown
 through ``ift.bench``.
@@ -151,25 +151,25 @@ def run(dims, iters_list, repeats, lam_per_dim, device, dtype) -> tuple[list[dic
     return rows, ratios
 
 
-def backward_ift(clock, w_star, X, y, Xv, yv, lam, tol, maxiter):
+def backward_ift(clock, w_star, X, y, Xv, yv, lam, tol, max_iter):
     """The IFT core's backward, timed alone by ``clock``: the gradient and the solve's info."""
     lam = torch.tensor(lam, dtype=X.dtype, device=X.device, requires_grad=True)
     infos: list[LinearSolveInfo] = []
-    w = implicit_argmin(ridge_objective, w_star, X, y, lam, linear_solver=CG(tol=tol, maxiter=maxiter), on_solve=infos.append)
+    w = implicit_argmin(ridge_objective, w_star, X, y, lam, linear_solver=CG(tol=tol, max_iter=max_iter), on_solve=infos.append)
     loss = ridge_validation_loss(w, Xv, yv)
     with clock:
         (grad,) = torch.autograd.grad(loss, lam)
     return grad, infos[0]
 
 
-def backward_torchopt(clock, torchopt, w_star, X, y, Xv, yv, lam, tol, maxiter):
+def backward_torchopt(clock, torchopt, w_star, X, y, Xv, yv, lam, tol, max_iter):
     """The same with torchopt's ``custom_root`` and its CG (``solve_cg``)."""
 
     # lam leads: torchopt 0.7.3 indexes the differentiated arguments by position, so they must come first.
     def optimality(w, lam, X, y):
         return torch.func.grad(ridge_objective)(w, X, y, lam)
 
-    solve = torchopt.linear_solve.solve_cg(rtol=tol, maxiter=maxiter)
+    solve = torchopt.linear_solve.solve_cg(rtol=tol, maxiter=max_iter)  # torchopt's own argument names
     solver = torchopt.diff.implicit.custom_root(optimality, argnums=1, solve=solve)(lambda w, lam, X, y: w_star)
     lam = torch.tensor(lam, dtype=X.dtype, device=X.device, requires_grad=True)
     loss = ridge_validation_loss(solver(w_star, lam, X, y), Xv, yv)
@@ -186,19 +186,19 @@ def run_torchopt(torchopt, dims, iters, repeats, lam_per_dim, device, dtype) -> 
         lam = lam_per_dim * d
         X, y, Xv, yv = make_problem(d, seed=d, device=device, dtype=dtype)
         _, grad_exact = ridge_hypergradient_closed_form(X, y, Xv, yv, torch.tensor(lam, dtype=dtype, device=device))
-        maxiter = CG().default_maxiter(d)
+        max_iter = CG().default_max_iter(d)
         with torch.no_grad():
             w_star = ridge_gradient_descent(X, y, torch.tensor(lam, dtype=dtype, device=device), iters)
         times = bench.interleaved(
-            {"ift": lambda clock: backward_ift(clock, w_star, X, y, Xv, yv, lam, tol, maxiter),
-             "torchopt": lambda clock: backward_torchopt(clock, torchopt, w_star, X, y, Xv, yv, lam, tol, maxiter)},
+            {"ift": lambda clock: backward_ift(clock, w_star, X, y, Xv, yv, lam, tol, max_iter),
+             "torchopt": lambda clock: backward_torchopt(clock, torchopt, w_star, X, y, Xv, yv, lam, tol, max_iter)},
             repeats=repeats, device=str(device), section=True)
         (grad_ift, info), grad_to = times["ift"].last, times["torchopt"].last
         row = {
             "d": d,
             "iters": iters,
             "cg_tol": tol,
-            "maxiter": maxiter,
+            "max_iter": max_iter,
             "ift_backward": times["ift"].to_dict(),
             "torchopt_backward": times["torchopt"].to_dict(),
             "torchopt_over_ift": bench.ratio(times["torchopt"], times["ift"]).to_dict(),
@@ -235,7 +235,7 @@ def torchopt_markdown(rows: list[dict], meta: dict) -> str:
         f"## Backward only: IFT core vs torchopt {meta['torchopt']} `custom_root`\n\n"
         f"Same `w*` ({rows[0]['iters']} GD steps), same optimality condition (`torch.func.grad` of the ridge "
         f"objective for torchopt, the objective itself for `implicit_argmin`), same CG relative tolerance "
-        f"({rows[0]['cg_tol']:g}) and maxiter; {meta['torchopt_repeats']} interleaved rounds (order "
+        f"({rows[0]['cg_tol']:g}) and max_iter; {meta['torchopt_repeats']} interleaved rounds (order "
         "alternating, one warm-up round) of `torch.autograd.grad` alone. Times: median [min, max]; ratios: "
         "median [min, max] of the per-round ratios.\n\n"
         + bench.table(["d", "IFT core backward (ms)", "torchopt backward (ms)", "speed ratio torchopt/core",

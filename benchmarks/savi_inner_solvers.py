@@ -34,15 +34,15 @@ from ift.savi.model import GaussianVAE
 
 DATA = bench.REPO.parent / "shared" / "data" / "mnist"
 SOURCES = ["src/ift/savi/inner.py", "src/ift/savi/model.py", "src/ift/implicit/minimize.py",
-           "src/ift/implicit/fixed_point.py", "src/ift/implicit/linear_solvers.py"]
+           "src/ift/implicit/proximal.py", "src/ift/implicit/config.py", "src/ift/implicit/linear_solvers.py"]
 
 SOLVERS = {
-    "newton (exact, default)": dict(optimizer="newton", curvature="exact", steps=20),
-    "newton (Gauss-Newton)": dict(optimizer="newton", curvature="gauss_newton", steps=50),
-    "newton (autodiff Hessian)": dict(optimizer="newton", curvature="autodiff", steps=20),
-    "sgd lr 0.1, 50 steps": dict(optimizer="sgd", lr=0.1, momentum=0.5, clip=5.0, steps=50),
-    "sgd Kim et al. (lr 1, 20 steps)": dict(optimizer="sgd", lr=1.0, momentum=0.5, clip=5.0, steps=20),
-    "adam lr 0.05, 50 steps": dict(optimizer="adam", lr=0.05, steps=50),
+    "newton (exact, default)": dict(method="newton", curvature="exact", max_iter=20),
+    "newton (Gauss-Newton)": dict(method="newton", curvature="gauss_newton", max_iter=50),
+    "newton (autodiff Hessian)": dict(method="newton", curvature="autodiff", max_iter=20),
+    "sgd lr 0.1, 50 steps": dict(method="sgd", lr=0.1, momentum=0.5, clip=5.0, max_iter=50),
+    "sgd Kim et al. (lr 1, 20 steps)": dict(method="sgd", lr=1.0, momentum=0.5, clip=5.0, max_iter=20),
+    "adam lr 0.05, 50 steps": dict(method="adam", lr=0.05, max_iter=50),
 }
 
 

@@ -56,9 +56,8 @@ def make_module(mode: str, steps: int, device: torch.device, side: int) -> SAVIM
     torch.manual_seed(0)
     module = SAVIModule(input_shape=[1, side, side], mode=mode, latent_dim=8, hidden=[128, 128],
                         gamma={"init": 0.02, "learn": True},
-                        inner={"optimizer": "sgd", "lr": 0.1, "momentum": 0.5, "clip": 5.0, "eta": 1.0,
-                               "steps": steps, "tol": 0.0},
-                        ift={"nonstationary": "ift"})  # a fixed budget, no stationarity test
+                        inner={"method": "sgd", "lr": 0.1, "momentum": 0.5, "clip": 5.0, "eta": 1.0,
+                               "max_iter": steps, "tol": 0.0, "nonstationary": "ift"})  # a fixed budget, no stationarity test
     return module.to(device)
 
 

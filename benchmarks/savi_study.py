@@ -512,8 +512,8 @@ def single(args) -> None:
         train_record = {**train_record, "trained_as": "vae (the same run: no training of its own)"}
     if inner.tol == 0 or module.mode == "vae":  # a fixed budget: no stationarity test to fail
         train_record.pop("train_nonstationary_frac", None)
-    settings = {"mode": module.mode, "eta": inner.eta if module.mode != "vae" else None, "optimizer": inner.optimizer,
-                "inner_steps": inner.steps, "inner_tol": inner.tol, "match_seconds": args.match_seconds,
+    settings = {"mode": module.mode, "eta": inner.eta if module.mode != "vae" else None, "optimizer": inner.method,
+                "inner_steps": inner.max_iter, "inner_tol": inner.tol, "match_seconds": args.match_seconds,
                 "patience": None if model == "vae_equal_time" else patience(dataset, args)}
     run.write(finite({"dataset": dataset, "model": model, "seed": seed, "eta": eta, "settings": settings,
                       "train": train_record, "test": test}))

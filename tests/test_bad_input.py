@@ -41,7 +41,7 @@ def test_bad_config_value_is_one_clear_error_naming_the_key(tmp_path, overrides,
 def test_bad_config_through_train_py_prints_one_line_without_traceback(tmp_path):
     result = run_script("train.py", ["model.inner.eta=-1", "logger=none", f"hydra.run.dir={tmp_path}"])
     assert result.returncode == 1
-    assert "model.inner.eta must be > 0" in result.stderr + result.stdout
+    assert "model.inner.eta must be a number > 0 or null, got -1" in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
 
 

@@ -12,8 +12,8 @@ from ift.imaml import (
     gradient_steps,
     imaml_adapt,
     meta_loss,
-    proximal_objective,
     task_mse,
+    task_objective,
 )
 from ift.implicit.core import IFTConfig
 from ift.telemetry.saved_tensors import SavedTensorCounter
@@ -43,7 +43,7 @@ def meta_gradient_unrolled(net, theta, batch, lam, steps, lr):
     theta = theta.detach().requires_grad_(True)
     phi = theta.expand(len(xs), -1)
     for _ in range(steps):
-        (g,) = torch.autograd.grad(proximal_objective(net, phi, theta, xs, ys, lam).sum(), phi, create_graph=True)
+        (g,) = torch.autograd.grad(task_objective(net, phi, theta, xs, ys, lam).sum(), phi, create_graph=True)
         phi = phi - lr * g
     (grad,) = torch.autograd.grad(task_mse(net, phi, xq, yq).mean(), theta)
     return grad, phi.detach()

@@ -52,7 +52,10 @@ def test_ift_settings_reach_the_backward_solve():
 @pytest.mark.parametrize(
     "kwargs,key",
     [(dict(method="reptile"), "model.method"), (dict(lam=0.0), "model.lam"), (dict(inner_steps=0), "model.inner_steps"),
-     (dict(inner=dict(tol=1e-3)), "model.inner"), (dict(activation="gelu"), "model.activation"),
+     (dict(inner=dict(tolerance=1e-3)), r"model.inner has unknown keys \['tolerance'\]"),
+     (dict(inner=dict(rtol=1e-3)), "model.inner.rtol was renamed model.inner.tol"),
+     (dict(ift=dict(maxiter=3)), "model.ift.maxiter was renamed model.ift.max_iter"),
+     (dict(activation="gelu"), "model.activation"),
      (dict(ift=dict(linear_solver="qr")), "model.ift.linear_solver"), (dict(ift=dict(tolerance=1.0)), "model.ift has unknown keys"),
      (dict(ift=dict(solver="cg")), "model.ift.solver was renamed model.ift.linear_solver")],
 )

@@ -1,10 +1,10 @@
-"""The core's forward fixed-point iteration and proximal term, against closed forms."""
+"""The core's forward fixed-point iteration, against closed forms."""
 
 import pytest
 import torch
 
 from ift.implicit import implicit_fixed_point
-from ift.implicit.fixed_point import fixed_point, proximal_penalty
+from ift.implicit.fixed_point import fixed_point
 
 
 def contraction(batch: int, n: int, norm: float, seed: int = 0):
@@ -81,11 +81,3 @@ def test_a_map_of_the_wrong_shape_is_refused():
     with pytest.raises(ValueError, match="shaped like x"):
         fixed_point(lambda x: x.sum(-1), torch.zeros(2, 3))
 
-
-def test_proximal_penalty_closed_form_and_no_term():
-    x, anchor = torch.tensor([[1.0, 2.0], [0.0, 0.0]]), torch.tensor([[0.0, 0.0], [3.0, 4.0]])
-    assert torch.allclose(proximal_penalty(x, anchor, 0.5), torch.tensor([5.0, 25.0]))
-    assert torch.equal(proximal_penalty(x, anchor, None), torch.zeros(2))
-    assert torch.equal(proximal_penalty(x, anchor, float("inf")), torch.zeros(2))
-    with pytest.raises(ValueError, match="eta must be > 0"):
-        proximal_penalty(x, anchor, 0.0)

@@ -14,8 +14,7 @@ from ift.telemetry import SavedTensorCounter
 def saved_bytes(mode: str, steps: int) -> int:
     torch.manual_seed(0)
     module = SAVIModule(input_shape=[1, 8, 8], mode=mode, latent_dim=4, hidden=[32],
-                        inner={"method": "sgd", "lr": 0.1, "max_iter": steps, "tol": 0.0},
-                        ift={"nonstationary": "ift"})
+                        inner={"method": "sgd", "lr": 0.1, "max_iter": steps, "tol": 0.0, "nonstationary": "ift"})
     x = torch.rand(16, 1, 8, 8)
     with SavedTensorCounter() as counter:
         loss = module.training_step((x, torch.zeros(16, dtype=torch.long)), 0)

@@ -139,3 +139,30 @@ def test_imaml_module_no_longer_logs_its_inner_solve_itself():
     metrics = fit_one_step(model, dm, [])
     assert "train/loss" in metrics and "val/loss" in metrics
     assert not [k for k in metrics if "inner" in k or k.startswith("ift/")], metrics
+
+
+# --- every report names its own metrics ---------------------------------------------------------------
+
+def test_linear_and_inner_reports_name_their_metrics_as_logged():
+    from ift.implicit import InnerSolveInfo, LinearSolveInfo
+    from ift.imaml.module import IMAMLInnerInfo
+    from ift.savi.module import SAVIInnerInfo
+    from ift.telemetry.diagnostics import solve_metrics
+
+    lin = LinearSolveInfo("cg", torch.tensor([2, 4]), torch.tensor([1e-6, 3e-6]), torch.tensor([True, False]), 1e-5, 9)
+    assert lin.batch_size == 2
+    assert solve_metrics("ift", lin) == {"ift/linsolve_iters": torch.tensor(3.0),
+                                         "ift/linsolve_residual": torch.tensor(3e-6),
+                                         "ift/linsolve_unconverged": torch.tensor(1.0)}
+    assert sorted(solve_metrics("ift", lin, "val")) == ["val/linsolve_iters", "val/linsolve_residual",
+                                                         "val/linsolve_unconverged"]
+    args = (torch.tensor([1, 3]), torch.tensor([0.1, 0.2]), torch.tensor([1e-6, 1e-2]), torch.tensor([True, False]),
+            torch.tensor([False, False]), 1e-5)
+    savi = solve_metrics("inner", SAVIInnerInfo(*args, fallback=torch.tensor(1.0)), "val")
+    assert savi["inner/val_steps_taken"] == 2.0 and savi["inner/val_nonstationary_frac"] == 0.5
+    assert savi["inner/val_fallback"] == 1.0 and "inner/steps_taken" in solve_metrics("inner", SAVIInnerInfo(*args))
+    imaml = solve_metrics("inner", IMAMLInnerInfo(*args), "test")
+    assert sorted(imaml) == ["test/inner_iterations", "test/inner_max_iterations", "test/inner_nonstationary_frac",
+                             "test/inner_stationarity"]
+    core = solve_metrics("inner", InnerSolveInfo(*args))  # the core's default: every statistic under its own name
+    assert "inner/mean_iterations" in core and "inner/fallback" not in core  # no fallback: not logged

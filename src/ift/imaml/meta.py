@@ -45,10 +45,8 @@ class FunctionalMLP:
 
     def __init__(self, hidden: Sequence[int] = (40, 40), in_dim: int = 1, out_dim: int = 1, activation: str = "tanh"):
         widths = [int(in_dim), *(int(h) for h in hidden), int(out_dim)]
-        if any(w < 1 for w in widths):
-            raise ValueError(f"model.hidden must be positive widths, got {list(hidden)}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"model.activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        hparams.require(all(w >= 1 for w in widths), "hidden", "positive widths", list(hidden))
+        hparams.one_of("activation", activation, sorted(ACTIVATIONS))
         self.activation = ACTIVATIONS[activation]
         self.layers = [(fan_out, fan_in) for fan_in, fan_out in zip(widths[:-1], widths[1:])]
         self.num_params = sum(o * i + o for o, i in self.layers)

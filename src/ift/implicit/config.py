@@ -2,15 +2,14 @@
 
 A :class:`ConfigGroup` is a frozen dataclass with ``from_dict``: unknown keys and renamed keys (or
 values) fail with one line naming the key under the application's ``group`` (``group`` is a ClassVar
-the application's subclass sets, e.g. ``"model.inner"``; the core itself names no application key).
+the application's subclass sets to its own config key; the core itself names no application key).
 
 :class:`MinimizeConfig` holds the arguments of :func:`ift.implicit.minimize` (``method``, ``max_iter``,
 ``tol``, ``damping``, ``lr``, ``momentum``, ``betas``, ``clip``, ``max_abs``) plus the one
 non-stationarity policy (:class:`NonStationary`) of an inner solve whose result feeds the IFT:
 
 - ``drop``: a problem that stopped above ``tol`` leaves the implicit gradient path; each application
-  says what it does with it (SAVI trains the example at its amortized start, iMAML drops the task from
-  the meta-loss);
+  says what it does with it (e.g. train it at its starting point, or leave it out of the outer loss);
 - ``ift``: use the IFT anyway (at a non-stationary point it is the gradient of nothing in particular);
 - ``error``: raise :class:`NonStationaryError`.
 """
@@ -40,7 +39,7 @@ class NonStationaryError(RuntimeError):
 def reject_renamed(values: Mapping[str, Any], renamed: Mapping[str, str], group: str,
                    renamed_values: Mapping[str, Mapping[Any, Any]] | None = None) -> None:
     """One ValueError line for a renamed config key or value. ``renamed``: old key -> new key, relative to
-    ``group`` when it has no dot (``"max_iter"``), else the new full key (``"model.inner.nonstationary"``);
+    ``group`` when it has no dot (``"max_iter"``), else the new full key (``"<other group>.<key>"``);
     ``renamed_values``: key -> {old value: new value}."""
     for old, new in renamed.items():
         if old in values:

@@ -11,6 +11,10 @@ and ``batch_size``), which is all :class:`SolveRecorder`'s reader needs.
 
 from __future__ import annotations
 
+# The reports live with the code they describe; re-exported here for code that imports them from here.
+from ift.implicit.linear_solvers import LinearSolveInfo  # noqa: F401
+from ift.implicit.minimize import InnerSolveInfo  # noqa: F401
+
 
 class ImplicitSolveWarning(UserWarning):
     """The backward linear solve stopped before reaching its tolerance (gradient may be inaccurate)."""

@@ -263,8 +263,9 @@ def minimize(
             non-reentrant variant, which ``torch.autograd.grad`` and double backward accept, but each
             inner gradient in its forward recomputes the segment up to that step (quadratic: 354
             objective calls instead of 66 for 64 steps in 8 segments) and the recomputed tensors stay
-            alive until backward (measured at K = 200, batch 128, MNIST size: 13.4 GB alive vs 1.9 GB
-            for plain unrolling, benchmarks/savi_memory_speed.py --memory-only).
+            alive until backward (measured at 200 steps, batch 128, 16 variables per problem on an
+            MNIST-size objective: 13.4 GB alive vs 1.9 GB for plain unrolling; the memory benchmark's
+            ``--memory-only`` run).
         args: extra tensors passed on as ``objective(x, *args)`` and ``curvature(x, *args)``.
             With ``checkpoint_segments``, tensors with an autograd history (not leaves) that the
             objective depends on must come in here, not by closure: each segment's backward
@@ -385,18 +386,8 @@ def _slack(value: torch.Tensor) -> torch.Tensor:
 
 def _newton_iteration(state, k, *, objective, tol, curvature, curvature_rows, max_abs, create_graph, check, **_):
     """Evaluate at x; stop converged problems; else damped Newton trials, accepted per problem."""
-    x, nu = state["x"], state["nu"]
-    if curvature is None:
-        value, grad, hess = batched_hessian(objective, x, create_graph)
-        built = torch.ones_like(state["active"])
-    else:
-        value, grad = _value_and_grad(objective, x, create_graph)
-        stepping = state["active"] & torch.isfinite(grad).all(-1) & (relative_stationarity(value, grad) > tol)
-        if check and not bool(stepping.any()):  # all stopped: no curvature needed
-            built = torch.zeros_like(stepping)
-            hess = torch.eye(x.shape[1], dtype=x.dtype, device=x.device).expand(x.shape[0], -1, -1)
-        else:
-            hess, built = _curvature_where_stepping(curvature, curvature_rows, x, stepping, check, create_graph)
+    x = state["x"]
+    value, grad, hess, built = _newton_evaluate(state, objective, tol, curvature, curvature_rows, check, create_graph)
     finite = torch.isfinite(value.detach()) & torch.isfinite(grad.detach()).all(-1) & \
         torch.isfinite(hess.detach()).flatten(1).all(-1)
     diverged = state["diverged"] | (state["active"] & ~finite)
@@ -404,7 +395,33 @@ def _newton_iteration(state, k, *, objective, tol, curvature, curvature_rows, ma
     last_hess = torch.where(built[:, None, None], hess.detach(), state["hess"])
     if check and not bool(active.any()):
         return {**state, "active": active, "diverged": diverged, "hess": last_hess}
+    new_x, nu, pending = _newton_trials(objective, x, state["nu"], value, grad, hess, finite, active, max_abs,
+                                        create_graph, check)
+    accepted = active & ~pending
+    return {**state, "x": new_x, "nu": nu, "active": active, "diverged": diverged, "hess": last_hess,
+            "iterations": state["iterations"] + accepted.long()}
 
+
+def _newton_evaluate(state, objective, tol, curvature, curvature_rows, check, create_graph):
+    """Value, gradient and curvature at x (exact Hessian, or ``curvature`` for the problems about to
+    step), and which rows' curvature was built."""
+    x = state["x"]
+    if curvature is None:
+        value, grad, hess = batched_hessian(objective, x, create_graph)
+        return value, grad, hess, torch.ones_like(state["active"])
+    value, grad = _value_and_grad(objective, x, create_graph)
+    stepping = state["active"] & torch.isfinite(grad).all(-1) & (relative_stationarity(value, grad) > tol)
+    if check and not bool(stepping.any()):  # all stopped: no curvature needed
+        built = torch.zeros_like(stepping)
+        hess = torch.eye(x.shape[1], dtype=x.dtype, device=x.device).expand(x.shape[0], -1, -1)
+    else:
+        hess, built = _curvature_where_stepping(curvature, curvature_rows, x, stepping, check, create_graph)
+    return value, grad, hess, built
+
+
+def _newton_trials(objective, x, nu, value, grad, hess, finite, active, max_abs, create_graph, check):
+    """Up to ``TRIALS_PER_HESSIAN`` damped steps on this Hessian, accepted per problem: the new point,
+    the updated damping and the problems still rejected after the last trial."""
     # Damping is a per-problem constant for the unrolled graph (like a step size): computed detached.
     eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
     hess_d = torch.where(finite[:, None, None], hess.detach(), eye)
@@ -441,9 +458,7 @@ def _newton_iteration(state, k, *, objective, tol, curvature, curvature_rows, ma
         pending = rejected
         if check and not bool(pending.any()):  # without a host read: all trials, masked
             break
-    accepted = active & ~pending
-    return {**state, "x": new_x, "nu": nu, "active": active, "diverged": diverged, "hess": last_hess,
-            "iterations": state["iterations"] + accepted.long()}
+    return new_x, nu, pending
 
 
 def _curvature_where_stepping(curvature, curvature_rows, x, stepping, check, create_graph):

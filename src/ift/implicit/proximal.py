@@ -1,9 +1,8 @@
 """The proximal term: what makes an inner optimum depend on where it started.
 
 ``proximal_penalty(x, anchor, eta)`` is ``||x - anchor||^2 / (2 eta)`` per row; added to an inner
-objective it makes the minimiser a function of ``anchor`` (iMAML's construction, SAVI's proximal
-ELBO: without it an exact optimum forgets its starting point, so ``d x*/d anchor = 0``) and shifts the
-inner Hessian by ``I / eta``, which also conditions the IFT's linear solve.
+objective it makes the minimiser a function of ``anchor`` (without it an exact optimum forgets its
+starting point, so ``d x*/d anchor = 0``) and shifts the inner Hessian by ``I / eta``, which also conditions the IFT's linear solve.
 ``proximal_objective(f, anchor, eta)`` is the objective ``x -> f(x) + proximal_penalty(x, anchor, eta)``.
 """
 

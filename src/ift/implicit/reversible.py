@@ -41,7 +41,7 @@ The backward checks that it arrived at ``x0``'s fixed-point representation exact
 
 What the backward keeps, per problem (``ReversibleResult.buffer_bytes`` reports the total):
 
-- ``n log2(q / p) / 8`` bytes per step for the momentum decay (0.5: n/8 bytes, 2 bytes for SAVI's
+- ``n log2(q / p) / 8`` bytes per step for the momentum decay (0.5: n/8 bytes, 2 bytes for
   n = 16; 0.9: 0.019 n bytes), in 32-bit words allocated for the worst case, plus an 8-byte
   head per coordinate;
 - with backtracking, 1 bit per step (was the step undone?) and ``8 n`` bytes per undone step: an
@@ -255,65 +255,92 @@ class _Trajectory:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
+@dataclass
+class _ForwardState:
+    """`_run_forward`'s loop state: fixed-point x and velocity m; per row the step size, the last
+    accepted value and gradient, the step it stopped after, the undone steps and divergence; the
+    velocities of the undone steps (for their reversal)."""
+
+    x: torch.Tensor
+    m: torch.Tensor
+    step_size: torch.Tensor
+    prev_value: torch.Tensor
+    prev_grad: torch.Tensor
+    stop: torch.Tensor
+    undone: torch.Tensor
+    diverged: torch.Tensor
+    undone_m: list[torch.Tensor]
+
+
 def _run_forward(objective, x0: torch.Tensor, params, st: _Settings):
     """Algorithm 1 in fixed point. Returns the trajectory, the returned point and its report."""
     scale, dtype = st.scale, x0.dtype
     batch, device = x0.shape[0], x0.device
     n_steps = int(st.steps.max()) if batch else 0
     x = _to_fixed(x0, scale)
-    m = torch.zeros_like(x)
-    step_size = torch.full((batch,), st.lr, dtype=torch.float64, device=device)
+    long_zeros = torch.zeros(batch, dtype=torch.long, device=device)
+    fs = _ForwardState(
+        x=x, m=torch.zeros_like(x), step_size=torch.full((batch,), st.lr, dtype=torch.float64, device=device),
+        prev_value=torch.full((batch,), math.inf, dtype=dtype, device=device), prev_grad=torch.zeros_like(x0),
+        stop=long_zeros, undone=long_zeros.clone(), diverged=torch.zeros(batch, dtype=torch.bool, device=device),
+        undone_m=[])
     buf = InformationBuffer(x.shape, (st.p, st.q), n_steps, device)
     bits = torch.zeros((max(1, math.ceil(n_steps / 8)), batch), dtype=torch.uint8, device=device)
-    undone_m: list[torch.Tensor] = []
-    prev_value = torch.full((batch,), math.inf, dtype=dtype, device=device)
-    prev_grad = torch.zeros_like(x0)
-    stop = torch.zeros(batch, dtype=torch.long, device=device)
-    undone = torch.zeros(batch, dtype=torch.long, device=device)
-    diverged = torch.zeros(batch, dtype=torch.bool, device=device)
     bound = min(st.max_abs * scale, float(_STATE_LIMIT))
     for k in range(n_steps):
-        live = ~diverged & (k < st.steps)
+        live = ~fs.diverged & (k < st.steps)
         if not bool(live.any()):
             break
-        _, value, grad = _value_and_grad(objective, _from_fixed(x, scale, dtype), params, False)
-        ok = live & torch.isfinite(value) & torch.isfinite(grad).all(-1)
-        worse = ok & (value > prev_value + _slack(prev_value)) if st.backtrack else torch.zeros_like(ok)
-        w = worse.unsqueeze(-1)
-        # An undone step: back to where it started (recomputed exactly), velocity reset, step size halved.
-        base = torch.where(w, x + _step(step_size, m), x)
-        value = torch.where(worse, prev_value, value)
-        grad = torch.where(w, prev_grad, grad)
-        s_new = torch.where(worse, step_size / 2, step_size)
-        g = torch.round(_clip(grad, st.clip).double() * scale)
-        ok = ok & (g.abs().amax(-1) < _GRAD_LIMIT)
-        g = torch.where(ok.unsqueeze(-1), g, torch.zeros_like(g)).long()
-        m_new = decay(torch.where(w, torch.zeros_like(m), m), buf, st.p, st.q, ok) + g
-        proposal = base - _step(s_new, m_new)
-        out = ok & ((m_new.abs().amax(-1) >= _STATE_LIMIT) | (proposal.abs().amax(-1).double() > bound))
-        if bool(out.any()):  # diverging rows: take this iteration's decay back, leave them as they were
-            undecay(m_new - g, buf, st.p, st.q, out)
-        done = ok & ~out
-        diverged = diverged | (live & ~done)
-        undo_now = done & worse
-        if bool(undo_now.any()):
-            bits[k // 8] |= undo_now.to(torch.uint8) << (k % 8)
-            undone_m.append(m[undo_now])
-        d1 = done.unsqueeze(-1)
-        x, m = torch.where(d1, proposal, x), torch.where(d1, m_new, m)
-        step_size = torch.where(done, s_new, step_size)
-        prev_value, prev_grad = torch.where(done, value, prev_value), torch.where(d1, grad, prev_grad)
-        stop = torch.where(done, torch.full_like(stop, k + 1), stop)
-        undone = undone + undo_now.long()
+        _forward_step(objective, params, st, fs, buf, bits, k, live, bound, dtype)
+    return _finish_forward(objective, x0, params, st, fs, buf, bits)
 
-    # minimize's last check: the final step is undone too if it made things worse.
+
+def _forward_step(objective, params, st: _Settings, fs: _ForwardState, buf, bits, k: int, live, bound, dtype) -> None:
+    """Step k of Algorithm 1 on the live rows (``fs`` and the information buffer are updated in place)."""
+    scale, x, m, step_size, prev_value, prev_grad = st.scale, fs.x, fs.m, fs.step_size, fs.prev_value, fs.prev_grad
+    _, value, grad = _value_and_grad(objective, _from_fixed(x, scale, dtype), params, False)
+    ok = live & torch.isfinite(value) & torch.isfinite(grad).all(-1)
+    worse = ok & (value > prev_value + _slack(prev_value)) if st.backtrack else torch.zeros_like(ok)
+    w = worse.unsqueeze(-1)
+    # An undone step: back to where it started (recomputed exactly), velocity reset, step size halved.
+    base = torch.where(w, x + _step(step_size, m), x)
+    value = torch.where(worse, prev_value, value)
+    grad = torch.where(w, prev_grad, grad)
+    s_new = torch.where(worse, step_size / 2, step_size)
+    g = torch.round(_clip(grad, st.clip).double() * scale)
+    ok = ok & (g.abs().amax(-1) < _GRAD_LIMIT)
+    g = torch.where(ok.unsqueeze(-1), g, torch.zeros_like(g)).long()
+    m_new = decay(torch.where(w, torch.zeros_like(m), m), buf, st.p, st.q, ok) + g
+    proposal = base - _step(s_new, m_new)
+    out = ok & ((m_new.abs().amax(-1) >= _STATE_LIMIT) | (proposal.abs().amax(-1).double() > bound))
+    if bool(out.any()):  # diverging rows: take this iteration's decay back, leave them as they were
+        undecay(m_new - g, buf, st.p, st.q, out)
+    done = ok & ~out
+    fs.diverged = fs.diverged | (live & ~done)
+    undo_now = done & worse
+    if bool(undo_now.any()):
+        bits[k // 8] |= undo_now.to(torch.uint8) << (k % 8)
+        fs.undone_m.append(m[undo_now])
+    d1 = done.unsqueeze(-1)
+    fs.x, fs.m = torch.where(d1, proposal, x), torch.where(d1, m_new, m)
+    fs.step_size = torch.where(done, s_new, step_size)
+    fs.prev_value, fs.prev_grad = torch.where(done, value, prev_value), torch.where(d1, grad, prev_grad)
+    fs.stop = torch.where(done, torch.full_like(fs.stop, k + 1), fs.stop)
+    fs.undone = fs.undone + undo_now.long()
+
+
+def _finish_forward(objective, x0: torch.Tensor, params, st: _Settings, fs: _ForwardState, buf, bits):
+    """minimize's last check (the final step is undone too if it made things worse), the fallback of
+    diverged rows to x0, the trajectory and the report."""
+    scale, dtype, batch = st.scale, x0.dtype, x0.shape[0]
+    x, diverged = fs.x, fs.diverged
     out_fixed = x
     _, value, grad = _value_and_grad(objective, _from_fixed(x, scale, dtype), params, False)
     final_undo = torch.zeros_like(diverged)
     if st.backtrack:
-        final_undo = ~diverged & (value > prev_value + _slack(prev_value))
+        final_undo = ~diverged & (value > fs.prev_value + _slack(fs.prev_value))
         if bool(final_undo.any()):
-            out_fixed = torch.where(final_undo.unsqueeze(-1), x + _step(step_size, m), x)
+            out_fixed = torch.where(final_undo.unsqueeze(-1), x + _step(fs.step_size, fs.m), x)
             _, value, grad = _value_and_grad(objective, _from_fixed(out_fixed, scale, dtype), params, False)
     diverged = diverged | ~(torch.isfinite(value) & torch.isfinite(grad).all(-1))
     x_out = torch.where(diverged.unsqueeze(-1), x0, _from_fixed(out_fixed, scale, dtype))
@@ -321,11 +348,12 @@ def _run_forward(objective, x0: torch.Tensor, params, st: _Settings):
         warnings.warn(
             f"reversible_sgd: {int(diverged.sum())}/{batch} problems diverged (NaN/Inf, |x| > max_abs or "
             f"beyond the fixed-point range 2^{61 - st.frac_bits}); they fall back to x0. Lower the step size "
-            "or enable clipping.", MinimizeDivergenceWarning, stacklevel=4)
+            "or enable clipping.", MinimizeDivergenceWarning, stacklevel=5)
         _, value, grad = _value_and_grad(objective, x_out, params, False)
-    undone_m_t = torch.cat(undone_m) if undone_m else torch.zeros((0, x.shape[1]), dtype=torch.int64, device=device)
-    traj = _Trajectory(x, m, step_size, buf, bits, undone_m_t, stop, final_undo, diverged)
-    report = {"value": value.detach(), "grad": grad.detach(), "iterations": stop - undone - final_undo.long(),
+    undone_m_t = (torch.cat(fs.undone_m) if fs.undone_m
+                  else torch.zeros((0, x.shape[1]), dtype=torch.int64, device=x0.device))
+    traj = _Trajectory(x, fs.m, fs.step_size, buf, bits, undone_m_t, fs.stop, final_undo, diverged)
+    report = {"value": value.detach(), "grad": grad.detach(), "iterations": fs.stop - fs.undone - final_undo.long(),
               "diverged": diverged}
     return traj, x_out, report
 
@@ -344,7 +372,7 @@ def _run_reverse(objective, traj: _Trajectory, x0: torch.Tensor, params, st: _Se
     if differentiate:
         good = ~traj.diverged.unsqueeze(-1)
         xbar = torch.where(good, grad_out, torch.zeros_like(grad_out))
-        # A final undo returned the last step's start point: route the adjoint there (see docs/savi.md).
+        # A final undo returned the last step's start point: route the adjoint there (derived in the docs' reversible-learning section).
         mbar = torch.where(traj.final_undo.unsqueeze(-1), s.to(dtype).unsqueeze(-1) * xbar, torch.zeros_like(xbar))
     ptr = traj.undone_m.shape[0]
     for k in reversed(range(int(traj.stop.max()) if x.shape[0] else 0)):
@@ -370,27 +398,39 @@ def _run_reverse(objective, traj: _Trajectory, x0: torch.Tensor, params, st: _Se
             mbar = torch.where(s1, st.momentum * mbar_new, mbar)
         undo = stepped & (((traj.undone_bits[k // 8] >> (k % 8)) & 1) == 1)
         if bool(undo.any()):
-            rows = undo.nonzero().squeeze(1)
-            if bool((m_prev[rows] != 0).any()):
-                raise ReversalError("reversible_sgd: an undone step's velocity did not reverse to 0: the "
-                                    "objective's gradient was not reproduced bit for bit")
-            m_prev = m_prev.index_put((rows,), traj.undone_m[ptr - rows.numel():ptr])
-            ptr -= rows.numel()
-            s = torch.where(undo, s * 2, s)
-            base = torch.where(undo.unsqueeze(-1), base - _step(s, m_prev), base)
+            m_prev, s, base, ptr = _reverse_undo(traj, undo, m_prev, s, base, ptr)
             if differentiate:
                 mbar = torch.where(undo.unsqueeze(-1), s.to(dtype).unsqueeze(-1) * xbar, mbar)
         x, m = torch.where(s1, base, x), torch.where(s1, m_prev, m)
+    _check_reversed(x, m, x0_fixed, buf, ptr)
+    if not differentiate:
+        return x, None, []
+    grad_x0 = xbar + torch.where(traj.diverged.unsqueeze(-1), grad_out, torch.zeros_like(grad_out))
+    return x, grad_x0, grads
+
+
+def _reverse_undo(traj: _Trajectory, undo, m_prev, s, base, ptr: int):
+    """Reverse the undone steps among this step's rows: restore their velocity (kept in the forward),
+    double their step size back and move their base point; returns (m_prev, s, base, ptr)."""
+    rows = undo.nonzero().squeeze(1)
+    if bool((m_prev[rows] != 0).any()):
+        raise ReversalError("reversible_sgd: an undone step's velocity did not reverse to 0: the "
+                            "objective's gradient was not reproduced bit for bit")
+    m_prev = m_prev.index_put((rows,), traj.undone_m[ptr - rows.numel():ptr])
+    ptr -= rows.numel()
+    s = torch.where(undo, s * 2, s)
+    base = torch.where(undo.unsqueeze(-1), base - _step(s, m_prev), base)
+    return m_prev, s, base, ptr
+
+
+def _check_reversed(x, m, x0_fixed, buf, ptr: int) -> None:
+    """The reversal must land exactly on x0 with zero velocity and every kept bit consumed."""
     if not (torch.equal(x, x0_fixed) and bool((m == 0).all()) and buf.at_start() and ptr == 0):
         missed = int((x != x0_fixed).any(-1).sum())
         raise ReversalError(
             f"reversible_sgd: the reversed trajectory missed x0 on {missed}/{x.shape[0]} problems: the "
             "objective's gradient was not reproduced bit for bit (it must be deterministic, and row b may "
             "depend only on x[b]); on CUDA try torch.use_deterministic_algorithms(True)")
-    if not differentiate:
-        return x, None, []
-    grad_x0 = xbar + torch.where(traj.diverged.unsqueeze(-1), grad_out, torch.zeros_like(grad_out))
-    return x, grad_x0, grads
 
 
 class _ReversibleSGD(torch.autograd.Function):

@@ -187,18 +187,9 @@ class GaussianVAE(nn.Module):
             bottom = torch.cat([h_ms.transpose(-1, -2), h_ss], dim=-1)
             return torch.cat([top, bottom], dim=-2)
 
-    def reconstruction_derivatives(self, z: torch.Tensor, x: torch.Tensor, log_gamma: torch.Tensor,
-                                   params: dict[str, torch.Tensor] | None = None
-                                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gradient (N, d) and exact Hessian (N, d, d) of l(z) = ||x - mu_x(z)||^2 / (2 gamma) at N points.
-
-        The forward pass carries each layer's Jacobian w.r.t. z (a Linear multiplies it by W, an
-        elementwise activation scales it by a'); the backward pass pulls the gradient g back and
-        collects the curvature: the loss adds J^T J / gamma at the output, every activation
-        J^T diag(g * a'') J at its input. Weights on the same Jacobian are merged, so the one large
-        operation is the Jacobian through the last Linear (d times that layer's forward). At MNIST
-        size this is ~4x faster than d reverse-over-reverse Hessian-vector products.
-        """
+    def _decoder_layers(self, params: dict[str, torch.Tensor] | None
+                        ) -> list[tuple[torch.Tensor, torch.Tensor | None] | nn.Module]:
+        """The decoder as (weight, bias) pairs (from ``params`` when given) and elementwise activations."""
         layers: list[tuple[torch.Tensor, torch.Tensor | None] | nn.Module] = []
         for name, layer in self.decoder.named_children():
             if isinstance(layer, nn.Linear):
@@ -213,6 +204,21 @@ class GaussianVAE(nn.Module):
                                  "Hessian needs one of those (or use model.inner.curvature=autodiff)")
         if self.sigmoid_output:
             layers.append(nn.Sigmoid())
+        return layers
+
+    def reconstruction_derivatives(self, z: torch.Tensor, x: torch.Tensor, log_gamma: torch.Tensor,
+                                   params: dict[str, torch.Tensor] | None = None
+                                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradient (N, d) and exact Hessian (N, d, d) of l(z) = ||x - mu_x(z)||^2 / (2 gamma) at N points.
+
+        The forward pass carries each layer's Jacobian w.r.t. z (a Linear multiplies it by W, an
+        elementwise activation scales it by a'); the backward pass pulls the gradient g back and
+        collects the curvature: the loss adds J^T J / gamma at the output, every activation
+        J^T diag(g * a'') J at its input. Weights on the same Jacobian are merged, so the one large
+        operation is the Jacobian through the last Linear (d times that layer's forward). At MNIST
+        size this is ~4x faster than d reverse-over-reverse Hessian-vector products.
+        """
+        layers = self._decoder_layers(params)
         n, d = z.shape
         # jac (d, N, width): the Jacobian of h w.r.t. z, direction-major so that scaling it by a
         # per-point vector broadcasts over the leading dim only (a middle-dim broadcast is several

@@ -156,10 +156,11 @@ def test_text_file_named_ckpt_is_one_line_for_train_and_eval(tmp_path):
 
 def foreign_run(tmp_path: Path) -> Path:
     """A run directory whose config says model=vae but whose checkpoint holds an MLP classifier."""
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    classifier = instantiate(compose_config("train", ["model=mlp_classifier"], tmp_path / "c").model)
+    from ift.training import instantiate_model
+
+    classifier = instantiate_model(compose_config("train", ["model=mlp_classifier"], tmp_path / "c").model)
     ckpt = checkpoint_in_run(tmp_path, {"state_dict": classifier.state_dict(), "global_step": 0})
     vae_cfg = compose_config("train", ["model=vae"], tmp_path / "v")
     (tmp_path / "run" / "config_resolved.yaml").write_text(OmegaConf.to_yaml(vae_cfg))

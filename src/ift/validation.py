@@ -25,6 +25,7 @@ def validate_config(cfg: DictConfig) -> None:
     check_threads(cfg.get("threads", "auto"))
     check_trainer_values(cfg.trainer)
     check_devices(cfg.trainer)
+    check_runs_on(cfg.model)
     check_model_fits_data(cfg.model, cfg.data)
     check_data_root(cfg.data)
     check_ckpt_file(cfg.get("ckpt_path"))
@@ -65,6 +66,24 @@ def check_trainer_values(trainer: DictConfig) -> None:
 def check_threads(threads) -> None:
     if threads != "auto" and not (is_int(threads) and threads >= 1):
         raise ConfigError(f"threads must be `auto` or an integer >= 1 (torch CPU threads), got {threads!r}")
+
+
+def check_runs_on(model: DictConfig) -> None:
+    """`model.runs_on`, the model config's declaration of the data configs it trains on (see
+    ift.config.RUNS_ON): a list of names of configs/data/*.yaml."""
+    from ift.config import RUNS_ON, data_options
+
+    declared = model.get(RUNS_ON)
+    if declared is None:
+        return  # a run config written before the declaration existed
+    names = data_options()
+    if isinstance(declared, str) or not all(isinstance(d, str) for d in declared) or not declared:
+        raise ConfigError(f"model.{RUNS_ON} must be a non-empty list of data config names ({', '.join(names)}), "
+                          f"got {declared!r}")
+    unknown = [d for d in declared if d not in names]
+    if unknown:
+        raise ConfigError(f"model.{RUNS_ON} names data config {unknown[0]!r}, which configs/data/ does not have; "
+                          f"use some of: {', '.join(names)}")
 
 
 # Models that learn from few-shot tasks (x_support, y_support, x_query, y_query), and the data modules

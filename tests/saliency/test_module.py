@@ -2,13 +2,13 @@
 
 import json
 
-import hydra
 import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ift.saliency.module import ClassifierModule
+from ift.training import instantiate_model
 
 
 
@@ -36,7 +36,7 @@ def trainer():
 @pytest.mark.parametrize("name", ["classifier", "classifier_pgd"])
 def test_configs_train_and_test(compose_train, name):
     cfg = compose_train(f"model={name}", "data=digits", "data.num_classes=3")
-    model = hydra.utils.instantiate(cfg.model, _convert_="all")
+    model = instantiate_model(cfg.model)
     assert isinstance(model, ClassifierModule) and model.arch == "small_cnn"
     assert model.hparams.pgd == (name == "classifier_pgd")
     model.hparams.eval_steps = model.eval_steps = 2
@@ -101,7 +101,7 @@ ROBUST_CONFIGS = {"classifier_gradnorm": ("grad_norm", "small_cnn"), "classifier
 @pytest.mark.parametrize("name", sorted(ROBUST_CONFIGS))
 def test_robust_configs_train_a_few_steps_and_log_natural_and_pgd_accuracy(compose_train, name):
     cfg = compose_train(f"model={name}", "data=digits", "data.num_classes=3", "model.eval_steps=2")
-    model = hydra.utils.instantiate(cfg.model, _convert_="all")
+    model = instantiate_model(cfg.model)
     robust, arch = ROBUST_CONFIGS[name]
     assert model.hparams.robust == robust and model.arch == arch and model.hparams.robust_weight > 0
     t = L.Trainer(max_steps=3, limit_val_batches=1, limit_test_batches=1, accelerator="cpu", logger=False,

@@ -65,22 +65,25 @@ def test_pgd_accuracy_not_above_natural_on_trained_model():
 
 
 def test_bad_hyperparameters_raise():
-    with pytest.raises(ValueError, match="arch"):
+    with pytest.raises(ValueError, match=r"^model\.arch must be one of auto, madry_cnn"):
         ClassifierModule((1, 8, 8), 3, arch="vgg")
-    with pytest.raises(ValueError, match="optimizer"):
+    with pytest.raises(ValueError, match=r"^model\.optimizer must be one of adam, sgd, got 'lbfgs'$"):
         ClassifierModule((1, 8, 8), 3, optimizer="lbfgs")
-    with pytest.raises(ValueError, match="eps"):
+    with pytest.raises(ValueError, match=r"^model\.lr must be a number > 0, got 0$"):
+        ClassifierModule((1, 8, 8), 3, lr=0)
+    with pytest.raises(ValueError, match=r"^model\.steps must be an int >= 0, got -1$"):
+        ClassifierModule((1, 8, 8), 3, steps=-1)
+    with pytest.raises(ValueError, match=r"^model\.eps must be a number >= 0, got -0\.1$"):
         ClassifierModule((1, 8, 8), 3, eps=-0.1)
 
 
 def test_evaluate_extra_writes_table_and_returns_metrics(tmp_path):
     torch.manual_seed(0)
     model = ClassifierModule((1, 8, 8), 3)
-    assert model.evaluate_extra(TinyData(), {"saliency": False}, tmp_path) == {}
-    eval_cfg = {"saliency": True, "saliency_examples": 2, "saliency_sens_samples": 2, "saliency_infd_samples": 20,
-                "saliency_sg_samples": 2, "saliency_ig_steps": 3, "saliency_shap_samples": 30,
-                "saliency_nb_samples": 100, "saliency_square_sizes": [1, 2], "saliency_local": True,
-                "iwae_samples": 1000}  # other evaluations' keys are ignored
+    assert model.evaluate_extra(TinyData(), {"saliency": {"enabled": False}}, tmp_path) == {}
+    saliency = {"enabled": True, "examples": 2, "sens_samples": 2, "infd_samples": 20, "sg_samples": 2, "ig_steps": 3,
+                "shap_samples": 30, "nb_samples": 100, "square_sizes": [1, 2], "local": True}
+    eval_cfg = {"saliency": saliency, "iwae_samples": 1000}  # other evaluations' keys are ignored
     metrics = model.evaluate_extra(TinyData(), eval_cfg, tmp_path)
     for method in ("Grad", "Grad-SG", "IG", "IG-SG", "GBP", "GBP-SG", "SHAP", "Square", "NB"):
         assert metrics[f"saliency/{method}/sens_max"] >= 0 and metrics[f"saliency/{method}/infd"] >= 0
@@ -89,8 +92,8 @@ def test_evaluate_extra_writes_table_and_returns_metrics(tmp_path):
     assert saved["tables"]["global"]["Square"]["infd"] == metrics["saliency/Square/infd"]
     assert (tmp_path / "saliency.md").read_text().startswith("**global**")
     assert (tmp_path / "saliency.png").stat().st_size > 0
-    with pytest.raises(ValueError, match="unknown saliency settings"):
-        model.evaluate_extra(TinyData(), {"saliency": True, "saliency_sens_radiuss": 1}, tmp_path)
+    with pytest.raises(ValueError, match=r"unknown saliency settings \['eval\.saliency\.sens_radiuss'\]"):
+        model.evaluate_extra(TinyData(), {"saliency": {"enabled": True, "sens_radiuss": 1}}, tmp_path)
 
 
 # ----------------------------------------------------------------------------- Appendix A.3 robustifiers

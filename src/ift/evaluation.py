@@ -14,7 +14,7 @@ from ift.checkpoints import RESOLVED_CONFIG, check_matches, load_checkpoint, res
 from ift.data import DatasetNotFoundError
 from ift.errors import CheckpointError, ConfigError
 from ift.training import apply_threads, instantiate_checked, instantiate_model
-from ift.validation import check_data_root, check_threads
+from ift.validation import check_data_root, check_eval_keys, check_threads
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ def print_table(metrics: dict[str, float], title: str) -> None:
 
 def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     check_threads(cfg.get("threads", "auto"))
+    check_eval_keys(cfg.get("eval"))
     apply_threads(cfg.get("threads", "auto"))
     ckpt = resolve_checkpoint(cfg.ckpt_path, Path(cfg.paths.log_dir) / "train")
     state = load_checkpoint(ckpt)

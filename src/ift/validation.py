@@ -152,3 +152,42 @@ def check_data_root(data: DictConfig) -> None:
     raise ConfigError(
         f"data.root={root} is not a folder ({name}); pass data.root=<folder with the dataset files> "
         f"(see docs/data.md for the layout), data.download=true with network, or data=digits (bundled)")
+
+
+# --- eval options: one node per application ---------------------------------------------------------
+# eval.saliency_<field> became eval.saliency.<field> (and the switch eval.saliency=true eval.saliency.enabled=true).
+MOVED_EVAL_PREFIXES = ("saliency",)
+
+
+def moved_eval_key(key: str) -> str | None:
+    """The new name of a flat eval key of before the per-application nodes (None if it is current)."""
+    for app in MOVED_EVAL_PREFIXES:
+        if key.startswith(f"{app}_"):
+            return f"eval.{app}.{key[len(app) + 1:]}"
+    return None
+
+
+def check_eval_keys(eval_cfg) -> None:
+    """An eval key of the old flat namespace is one line naming its new key."""
+    from collections.abc import Mapping
+
+    for key in eval_cfg or {}:
+        new = moved_eval_key(str(key))
+        if new is not None:
+            raise ConfigError(f"eval.{key} was renamed {new} (each application's eval options sit in its own node); "
+                              f"rename it in your command or config")
+    for app in MOVED_EVAL_PREFIXES:
+        value = (eval_cfg or {}).get(app)
+        if value is not None and not isinstance(value, Mapping):
+            value = str(value).lower() if isinstance(value, bool) else value
+            raise ConfigError(f"eval.{app}={value} was renamed eval.{app}.enabled={value} (eval.{app} is the node of "
+                              f"its options, e.g. eval.{app}.examples)")
+
+
+def check_eval_overrides(overrides: list[str]) -> None:
+    """The same on eval.py's command line, before Hydra composes (Hydra itself would answer a moved key
+    with its multi-line `Could not override`)."""
+    for arg in overrides:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if key.startswith("eval."):
+            check_eval_keys({key[len("eval."):]: None})

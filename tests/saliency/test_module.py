@@ -208,3 +208,24 @@ def test_bad_robust_settings_are_refused_with_one_line():
         ClassifierModule((1, 8, 8), 3, robust="hessian", robust_weight=1.0)
     with pytest.raises(ValueError, match="model.hessian_estimator"):
         ClassifierModule((1, 8, 8), 3, arch="softplus_mlp", robust="hessian", robust_weight=1.0, hessian_estimator="lanczos")
+
+
+def test_eval_saliency_node_reaches_the_hook_through_the_eval_config(tmp_path):
+    """train.py's run, then eval.py's config: eval.saliency.* (node keys and a `+` field) decide the table."""
+    from ift.evaluation import run_evaluation
+    from ift.training import run_training
+    from tests.conftest import compose_config
+
+    train_cfg = compose_config("train", ["model=classifier", "model.arch=softplus_mlp", "model.eval_pgd=false",
+                                         "data=digits", "debug=fast", "logger=none", "trainer=cpu"], tmp_path / "run")
+    run_training(train_cfg)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    cfg = compose_config("eval", [f"ckpt_path={ckpt}", "eval.saliency.enabled=true", "eval.saliency.examples=3",
+                                  "eval.saliency.sens_samples=2", "eval.saliency.infd_samples=10",
+                                  "eval.saliency.sg_samples=2", "+eval.saliency.methods=[Grad,Square]",
+                                  "eval.saliency.method_sens={}"], tmp_path / "eval")
+    metrics = run_evaluation(cfg)
+    assert {k for k in metrics if k.startswith("saliency/")} == {
+        f"saliency/{m}/{k}" for m in ("Grad", "Square") for k in ("sens_max", "infd")}
+    saved = json.loads((tmp_path / "eval" / "saliency.json").read_text())
+    assert saved["n_examples"] == 3 and saved["config"]["sens_samples"] == 2 and saved["config"]["infd_samples"] == 10

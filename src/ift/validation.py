@@ -155,33 +155,38 @@ def check_data_root(data: DictConfig) -> None:
 
 
 # --- eval options: one node per application ---------------------------------------------------------
-# eval.saliency_<field> became eval.saliency.<field> (and the switch eval.saliency=true eval.saliency.enabled=true).
-MOVED_EVAL_PREFIXES = ("saliency",)
+# Each application's eval options are a node of configs/eval.yaml's `eval` with an `enabled` switch
+# (eval.saliency.*). The flat keys of before (eval.saliency_<field>, eval.saliency=true) get one line
+# naming the new key; no application is named here: the nodes are read from eval.yaml.
 
 
-def moved_eval_key(key: str) -> str | None:
-    """The new name of a flat eval key of before the per-application nodes (None if it is current)."""
-    for app in MOVED_EVAL_PREFIXES:
-        if key.startswith(f"{app}_"):
-            return f"eval.{app}.{key[len(app) + 1:]}"
-    return None
+def eval_nodes() -> list[str]:
+    """The per-application nodes of `eval` in configs/eval.yaml."""
+    from omegaconf import OmegaConf
+
+    from ift.config import CONFIG_DIR
+
+    defaults = OmegaConf.load(CONFIG_DIR / "eval.yaml").get("eval") or {}
+    return [str(k) for k, v in defaults.items() if isinstance(v, DictConfig)]
 
 
 def check_eval_keys(eval_cfg) -> None:
-    """An eval key of the old flat namespace is one line naming its new key."""
+    """A flat eval key of a node's options (`eval.<node>_<field>`, or `eval.<node>=<value>` in place of
+    the node) is one line naming its new key."""
     from collections.abc import Mapping
 
+    nodes = eval_nodes()
     for key in eval_cfg or {}:
-        new = moved_eval_key(str(key))
-        if new is not None:
-            raise ConfigError(f"eval.{key} was renamed {new} (each application's eval options sit in its own node); "
-                              f"rename it in your command or config")
-    for app in MOVED_EVAL_PREFIXES:
+        app = next((n for n in nodes if str(key).startswith(f"{n}_")), None)
+        if app is not None:
+            raise ConfigError(f"eval.{key} was renamed eval.{app}.{str(key)[len(app) + 1:]} (each application's eval "
+                              f"options sit in its own node); rename it in your command or config")
+    for app in nodes:
         value = (eval_cfg or {}).get(app)
         if value is not None and not isinstance(value, Mapping):
             value = str(value).lower() if isinstance(value, bool) else value
             raise ConfigError(f"eval.{app}={value} was renamed eval.{app}.enabled={value} (eval.{app} is the node of "
-                              f"its options, e.g. eval.{app}.examples)")
+                              f"its options)")
 
 
 def check_eval_overrides(overrides: list[str]) -> None:

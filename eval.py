@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 import ift.config  # noqa: F401  (registers the config resolvers, silences third-party noise)
 from ift.errors import IFTError
-from ift.validation import check_ckpt_file
+from ift.validation import check_ckpt_file, check_eval_keys, check_eval_overrides
 
 log = logging.getLogger("eval")
 
@@ -16,6 +16,7 @@ log = logging.getLogger("eval")
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
     try:
+        check_eval_keys(cfg.eval)
         check_ckpt_file(cfg.ckpt_path)  # before the heavy imports (torch, Lightning: seconds)
         from ift.evaluation import run_evaluation  # heavy (torch, Lightning): after Hydra's checks
 
@@ -26,4 +27,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    try:
+        check_eval_overrides(sys.argv[1:])
+    except IFTError as err:
+        print(f"Error: {err}", file=sys.stderr)
+        sys.exit(1)
     main()

@@ -4,7 +4,7 @@ Checks, each with its own timeout and a recorded status (ok / failed / timeout /
 
 - pytest:gpu   the CUDA tests (tests/test_gpu.py: solve_qp, SAVI under bf16 autocast, IFT core);
 - train:*      every model config (configs/model/) one short epoch through the real entry point
-               `train.py model=<m> data=<d> trainer=gpu`, data from the pairs of tests/test_configs.py;
+               `train.py model=<m> data=<d> trainer=gpu`, data from the model config's own `runs_on`;
                SAVI models (ift.savi) also with trainer.precision=bf16-mixed; savi_ift must neither
                report an unconverged CG solve nor stop its inner solve above tolerance on > 10% of a batch;
 - ddp:*        savi_ift under trainer=ddp on all visible GPUs (skipped, with the reason, on one GPU);
@@ -25,7 +25,6 @@ check, so a killed run still leaves its report.
 
 from __future__ import annotations
 
-import ast
 import csv
 import fnmatch
 import json
@@ -43,6 +42,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from ift import bench
 
 ROOT = bench.REPO
@@ -50,10 +51,7 @@ CONFIGS = ROOT / "configs"
 # What a passing report vouches for: all of the package, its configs, the entry points and the CUDA tests.
 SOURCES = ["src/ift", "configs", "train.py", "eval.py", "tests/test_gpu.py",
            *(f"benchmarks/{name}.py" for name in ("qp_layer", "savi_memory_speed", "implicit_vs_unrolled", "host_checks"))]
-PAIRS_TEST = ROOT / "tests" / "test_configs.py"
 BENCHMARKS = ("qp_layer", "savi_memory_speed", "implicit_vs_unrolled", "host_checks")
-# Data configs read from files under data.root; a GPU machine may not have them.
-FILE_DATA = {"mnist", "fashion_mnist", "cifar10"}
 UNCONVERGED_CG = re.compile(r"cg: (\d+)/(\d+) problems not converged")
 PYTEST_COUNTS = re.compile(r"(\d+) (passed|failed|skipped|errors?|deselected)")
 
@@ -72,25 +70,9 @@ class Check:
 
 # --- discovery of what to train --------------------------------------------------------------------
 
-def model_configs() -> list[str]:
-    return sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
-
-
-def pairs_from_test() -> list[tuple[str, str]]:
-    """PAIRS of tests/test_configs.py, from its top-level assignments only (no test imports)."""
-    namespace: dict = {}
-    for node in ast.parse(PAIRS_TEST.read_text()).body:
-        if isinstance(node, (ast.Assign, ast.AugAssign)):
-            try:
-                exec(compile(ast.Module([node], []), str(PAIRS_TEST), "exec"), namespace)
-            except Exception:  # an assignment needing imports: not one of the pairs lists
-                continue
-    pairs = []
-    for item in namespace.get("PAIRS", []):
-        values = getattr(item, "values", item)  # pytest.param(...) keeps the tuple in .values
-        if isinstance(values, (tuple, list)) and len(values) >= 2:
-            pairs.append((str(values[0]), str(values[1])))
-    return pairs
+def file_data() -> set[str]:
+    """Data configs read from files under data.root (a GPU machine may not have them)."""
+    return {p.stem for p in (CONFIGS / "data").glob("*.yaml") if "root" in OmegaConf.load(p)}
 
 
 def model_target(model: str) -> str:
@@ -99,28 +81,18 @@ def model_target(model: str) -> str:
     return str(compose_config("train", [f"model={model}"], Path(tempfile.gettempdir()) / "gpu_check_compose").model._target_)
 
 
-def guess_data(target: str) -> str:
-    """Data for a model the pairs test does not list yet, from what its module trains on."""
-    if ".imaml." in target:
-        return "sinusoid"
-    if "Sudoku" in target:
-        return "sudoku"
-    return "digits"
-
-
 def training_plan() -> list[tuple[str, str, str, str]]:
-    """(model, data, how the data was chosen, module target) for every model config."""
-    listed: dict[str, list[str]] = {}
-    for model, data in pairs_from_test():
-        listed.setdefault(model, []).append(data)
+    """(model, data, how the data was chosen, module target) for every model config: the first bundled
+    data config it declares (`runs_on` in configs/model/<model>.yaml), else the first it declares."""
+    from ift.config import declared_data, model_options
+
+    on_files = file_data()
     plan = []
-    for model in model_configs():
-        target = model_target(model)
-        bundled = [d for d in listed.get(model, []) if d not in FILE_DATA]
-        if bundled:
-            plan.append((model, bundled[0], "tests/test_configs.py PAIRS", target))
-        else:
-            plan.append((model, guess_data(target), "not in PAIRS: guessed from the model's module", target))
+    for model in model_options():
+        declared = declared_data(model)
+        bundled = [d for d in declared if d not in on_files]
+        data, source = (bundled[0], "runs_on (bundled)") if bundled else (declared[0], "runs_on (files under data.root)")
+        plan.append((model, data, source, model_target(model)))
     return plan
 
 
@@ -261,7 +233,7 @@ def finish_train(check: Check, out: str, model: str) -> None:
         check.reason = f"IFT's CG did not converge ({len(warned)} warnings, e.g. {warned[:1]})"
         check.log_tail = tail(out)
     elif model == "savi_ift" and numbers.get("inner/nonstationary_frac (max)", 0) > NONSTATIONARY_LIMIT:
-        # Those examples train at lambda_0 (model.ift.nonstationary=amortized): an IFT run in name only.
+        # Those examples train at lambda_0 (model.inner.nonstationary=drop): an IFT run in name only.
         check.status = "failed"
         check.reason = (f"inner solve non-stationary on up to {numbers['inner/nonstationary_frac (max)']:.0%} of a "
                         f"batch (limit {NONSTATIONARY_LIMIT:.0%}): the IFT gradient is skipped there")

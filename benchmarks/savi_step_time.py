@@ -61,8 +61,8 @@ def worker(src: str, mode: str, state_file: str, threads: int) -> None:
     assert Path(ift.__file__).resolve().is_relative_to(Path(src).resolve()), ift.__file__
     saved = torch.load(state_file, weights_only=True)
     cfg = compose_config("train", [f"model={mode}", "logger=none"], tempfile.mkdtemp())
-    kwargs = OmegaConf.to_container(cfg.model, resolve=False)
-    kwargs = {k: v for k, v in kwargs.items() if k != "_target_" and not (isinstance(v, str) and "${" in v)}
+    kwargs = OmegaConf.to_container(cfg.model, resolve=False)  # runs_on: the config's data declaration (newer trees)
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("_target_", "runs_on") and not (isinstance(v, str) and "${" in v)}
     module = SAVIModule(**{**kwargs, "input_shape": [1, 28, 28]})
     module.load_state_dict(saved["state"])
     x = saved["x"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -104,6 +105,18 @@ def test_ckpt_path_last_without_runs_is_a_clear_error(tmp_path):
         run_training(cfg)
 
 
+@pytest.mark.parametrize("override,message", [
+    ("+eval.saliency_examples=3", "eval.saliency_examples was renamed eval.saliency.examples "),
+    ("+eval.saliency_sens_samples=5", "eval.saliency_sens_samples was renamed eval.saliency.sens_samples "),
+    ("eval.saliency=true", "eval.saliency=true was renamed eval.saliency.enabled=true "),
+])
+def test_a_flat_saliency_eval_key_is_one_line_naming_its_new_key(tmp_path, override, message):
+    cfg = compose_config("eval", ["ckpt_path=x.ckpt", override], tmp_path / "eval")
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
+        run_evaluation(cfg)
+    assert "\n" not in str(err.value)
+
+
 # --- Through train.py / eval.py as a user runs them: exit 1, one line naming the key and the fix,
 # no traceback. The seconds from start to the error are printed (pytest -s) for the README.
 
@@ -156,10 +169,11 @@ def test_text_file_named_ckpt_is_one_line_for_train_and_eval(tmp_path):
 
 def foreign_run(tmp_path: Path) -> Path:
     """A run directory whose config says model=vae but whose checkpoint holds an MLP classifier."""
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    classifier = instantiate(compose_config("train", ["model=mlp_classifier"], tmp_path / "c").model)
+    from ift.training import instantiate_model
+
+    classifier = instantiate_model(compose_config("train", ["model=mlp_classifier"], tmp_path / "c").model)
     ckpt = checkpoint_in_run(tmp_path, {"state_dict": classifier.state_dict(), "global_step": 0})
     vae_cfg = compose_config("train", ["model=vae"], tmp_path / "v")
     (tmp_path / "run" / "config_resolved.yaml").write_text(OmegaConf.to_yaml(vae_cfg))
@@ -188,3 +202,9 @@ def test_ckpt_path_last_skips_a_corrupt_newest_checkpoint(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         assert find_last_checkpoint(tmp_path / "train") == good
     assert f"skipping {bad}" in caplog.text and f"newest valid checkpoint {good}" in caplog.text
+
+
+def test_a_flat_saliency_eval_key_through_eval_py_is_one_line_before_hydra(tmp_path):
+    result = timed("eval.py", ["ckpt_path=last", "eval.saliency_examples=50", f"hydra.run.dir={tmp_path / 'eval'}"])
+    assert_one_line_error(result, "eval.saliency_examples was renamed eval.saliency.examples")
+    assert not (tmp_path / "eval").exists()

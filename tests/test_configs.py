@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
-from ift.training import run_training
+from ift.config import model_data_pairs
+from ift.training import instantiate_model, run_training
 from tests.conftest import CONFIGS, SHARED_MNIST
 
 GROUPS = ["data", "model", "trainer", "logger", "callbacks", "experiment", "debug"]
@@ -30,11 +31,47 @@ def test_eval_config_composes(tmp_path):
     assert cfg.eval.iwae_samples == 1000
 
 
-# (model, data) pairs meant to work, each one fast training step in-process.
-SAVI_MODELS = ["vae", "svi", "savi_unrolled", "savi_checkpointed", "savi_reversible", "savi_kim", "savi_ift"]
-PAIRS = [(m, "digits") for m in SAVI_MODELS + ["classifier", "classifier_pgd", "mlp_classifier", "optnet_classifier"]]
-PAIRS += [("vae", "synthetic"), ("savi_ift", "synthetic"), ("optnet_sudoku", "sudoku"), ("conv_sudoku", "sudoku")]
-PAIRS += [("vae", "mnist"), ("classifier", "mnist"), ("imaml", "sinusoid"), ("maml", "sinusoid")]
+# (model, data) pairs meant to work: every data config each configs/model/*.yaml declares (`runs_on`),
+# each one fast training step in-process.
+PAIRS = model_data_pairs()
+
+
+def test_every_model_config_declares_data_configs_that_exist(compose_train):
+    from ift.validation import check_runs_on
+
+    for model in options("model"):
+        cfg = compose_train(f"model={model}")
+        assert list(cfg.model.get("runs_on") or []), f"configs/model/{model}.yaml declares no runs_on (its data configs)"
+        check_runs_on(cfg.model)
+    assert {m for m, _ in PAIRS} == set(options("model"))
+
+
+@pytest.mark.parametrize("declared,message", [
+    (["digits", "imagenet"], r"^model\.runs_on names data config 'imagenet', which configs/data/ does not have; "
+                             r"use some of: cifar10, digits, "),
+    ("digits", r"^model\.runs_on must be a non-empty list of data config names"),
+    ([], r"^model\.runs_on must be a non-empty list of data config names"),
+])
+def test_an_unknown_or_malformed_runs_on_is_one_line_naming_the_key(compose_train, declared, message):
+    from omegaconf import open_dict
+
+    from ift.errors import ConfigError
+    from ift.validation import validate_config
+
+    cfg = compose_train("model=vae")
+    with open_dict(cfg):
+        cfg.model.runs_on = declared
+    with pytest.raises(ConfigError, match=message) as err:
+        validate_config(cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_runs_on_is_not_passed_to_the_module(compose_train):
+    from ift.config import module_config
+
+    cfg = compose_train("model=mlp_classifier")
+    assert "runs_on" in cfg.model and "runs_on" not in module_config(cfg.model)
+    assert "runs_on" not in instantiate_model(cfg.model).hparams
 
 
 @pytest.mark.parametrize("model,data", PAIRS)

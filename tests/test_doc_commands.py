@@ -97,7 +97,7 @@ def check_entry_point(script: str, args: list[str]) -> None:
     from hydra.core.global_hydra import GlobalHydra
 
     from ift.config import Preflight
-    from ift.validation import validate_config
+    from ift.validation import check_eval_keys, validate_config
 
     if "--help" in args:  # Hydra's help lists the config groups: run it as written
         done = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True, text=True,
@@ -144,6 +144,8 @@ def check_entry_point(script: str, args: list[str]) -> None:
         with open_dict(cfg):
             cfg.data.root, cfg.ckpt_path = None, None  # checked above
         validate_config(cfg)
+    if name == "eval":
+        check_eval_keys(cfg.eval)
 
 
 class _no_exit:

@@ -110,9 +110,9 @@ def test_max_time_string():
 
 
 def test_savi_kim_config_is_kim_et_al_s_loop(compose_train):
-    from hydra.utils import instantiate
+    from ift.training import instantiate_model
 
-    module = instantiate(compose_train("model=savi_kim").model, _convert_="all")
+    module = instantiate_model(compose_train("model=savi_kim").model)
     cfg = module.inner_cfg
     assert module.mode == "savi_unrolled" and module.amortized_weight == 0  # the encoder learns through the loop
     assert (cfg.method, cfg.lr, cfg.momentum, cfg.clip, cfg.max_iter, cfg.tol, cfg.eta) == ("sgd", 1.0, 0.5, 5.0, 20, 0.0, None)

@@ -136,3 +136,49 @@ def fail(message: str) -> None:
 
     print(f"Error: {message}", file=sys.stderr)
     sys.exit(1)
+
+
+# --- applications declare their data ----------------------------------------------------------------
+# Each configs/model/<name>.yaml says which data configs it runs on (`runs_on: [digits, mnist]`, the first
+# bundled one is what quick checks train on). The key is the application's declaration, not a
+# hyperparameter: `module_config` drops it before the LightningModule is instantiated.
+RUNS_ON = "runs_on"
+
+
+def module_config(model):
+    """The model node without the `runs_on` declaration: what `instantiate` passes to the module."""
+    from omegaconf import DictConfig, open_dict
+
+    if not isinstance(model, DictConfig) or RUNS_ON not in model:
+        return model
+    node = model.copy()
+    with open_dict(node):
+        del node[RUNS_ON]
+    return node
+
+
+def model_options() -> list[str]:
+    """Every model config of configs/model/ (a new yaml there is picked up without any list to edit)."""
+    return sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
+
+
+def data_options() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml"))
+
+
+def declared_data(model: str) -> list[str]:
+    """The data configs configs/model/<model>.yaml declares (`runs_on`, inherited through its defaults);
+    composed by Hydra alone (nothing resolved, nothing instantiated)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        node = compose(overrides=[f"+model={model}"]).model
+    GlobalHydra.instance().clear()
+    return [str(d) for d in node.get(RUNS_ON) or []]
+
+
+def model_data_pairs() -> list[tuple[str, str]]:
+    """(model, data) for every model config and every data config it declares."""
+    return [(model, data) for model in model_options() for data in declared_data(model)]

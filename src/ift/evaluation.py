@@ -13,8 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from ift.checkpoints import RESOLVED_CONFIG, check_matches, load_checkpoint, resolve_checkpoint, run_dir_of
 from ift.data import DatasetNotFoundError
 from ift.errors import CheckpointError, ConfigError
-from ift.training import apply_threads, instantiate_checked
-from ift.validation import check_data_root, check_threads
+from ift.training import apply_threads, instantiate_checked, instantiate_model
+from ift.validation import check_data_root, check_eval_keys, check_threads
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def load_run_config(ckpt: Path) -> DictConfig:
 
 
 def build_model(run_cfg: DictConfig, state: dict[str, Any], ckpt: Path) -> pl.LightningModule:
-    model = instantiate_checked(run_cfg.model, "model", _convert_="all")
+    model = instantiate_model(run_cfg.model)
     check_matches(model, state, ckpt, fix=f"its run config {run_dir_of(ckpt) / RESOLVED_CONFIG} says "
                   f"model {run_cfg.model._target_}: evaluate the checkpoint with the run it was saved in")
     model.load_state_dict(state["state_dict"])
@@ -50,6 +50,7 @@ def print_table(metrics: dict[str, float], title: str) -> None:
 
 def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     check_threads(cfg.get("threads", "auto"))
+    check_eval_keys(cfg.get("eval"))
     apply_threads(cfg.get("threads", "auto"))
     ckpt = resolve_checkpoint(cfg.ckpt_path, Path(cfg.paths.log_dir) / "train")
     state = load_checkpoint(ckpt)

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ift.checkpoints import (RESOLVED_CONFIG, AtomicCheckpointIO, InterruptCheckpoint, check_matches,
                              load_checkpoint, resolve_checkpoint, run_dir_of)
+from ift.config import module_config
 from ift.data import DatasetNotFoundError
 from ift.errors import ConfigError, IFTError
 from ift.validation import validate_config
@@ -68,6 +69,11 @@ def instantiate_checked(node: DictConfig, group: str, **kwargs) -> Any:
         if isinstance(cause, (ValueError, TypeError)):
             raise ConfigError(f"{group} ({node.get('_target_')}): {cause}") from None
         raise
+
+
+def instantiate_model(model: DictConfig) -> pl.LightningModule:
+    """The model config's LightningModule, without its `runs_on` declaration (not a hyperparameter)."""
+    return instantiate_checked(module_config(model), "model", _convert_="all")
 
 
 def to_floats(metrics: dict[str, Any]) -> dict[str, float]:
@@ -146,7 +152,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     prepare_wandb(cfg, resumed_run_dir=run_dir_of(ckpt) if ckpt else None)
 
     # Model first: its hyperparameter checks fail before any data is read.
-    model = instantiate_checked(cfg.model, "model", _convert_="all")
+    model = instantiate_model(cfg.model)
     if ckpt is not None:
         check_matches(model, load_checkpoint(ckpt), ckpt,
                       fix=f"resume with the model config it was trained with (see {run_dir_of(ckpt) / RESOLVED_CONFIG})")

@@ -25,6 +25,7 @@ def validate_config(cfg: DictConfig) -> None:
     check_threads(cfg.get("threads", "auto"))
     check_trainer_values(cfg.trainer)
     check_devices(cfg.trainer)
+    check_runs_on(cfg.model)
     check_model_fits_data(cfg.model, cfg.data)
     check_data_root(cfg.data)
     check_ckpt_file(cfg.get("ckpt_path"))
@@ -65,6 +66,24 @@ def check_trainer_values(trainer: DictConfig) -> None:
 def check_threads(threads) -> None:
     if threads != "auto" and not (is_int(threads) and threads >= 1):
         raise ConfigError(f"threads must be `auto` or an integer >= 1 (torch CPU threads), got {threads!r}")
+
+
+def check_runs_on(model: DictConfig) -> None:
+    """`model.runs_on`, the model config's declaration of the data configs it trains on (see
+    ift.config.RUNS_ON): a list of names of configs/data/*.yaml."""
+    from ift.config import RUNS_ON, data_options
+
+    declared = model.get(RUNS_ON)
+    if declared is None:
+        return  # a run config written before the declaration existed
+    names = data_options()
+    if isinstance(declared, str) or not all(isinstance(d, str) for d in declared) or not declared:
+        raise ConfigError(f"model.{RUNS_ON} must be a non-empty list of data config names ({', '.join(names)}), "
+                          f"got {declared!r}")
+    unknown = [d for d in declared if d not in names]
+    if unknown:
+        raise ConfigError(f"model.{RUNS_ON} names data config {unknown[0]!r}, which configs/data/ does not have; "
+                          f"use some of: {', '.join(names)}")
 
 
 # Models that learn from few-shot tasks (x_support, y_support, x_query, y_query), and the data modules
@@ -133,3 +152,47 @@ def check_data_root(data: DictConfig) -> None:
     raise ConfigError(
         f"data.root={root} is not a folder ({name}); pass data.root=<folder with the dataset files> "
         f"(see docs/data.md for the layout), data.download=true with network, or data=digits (bundled)")
+
+
+# --- eval options: one node per application ---------------------------------------------------------
+# Each application's eval options are a node of configs/eval.yaml's `eval` with an `enabled` switch
+# (eval.saliency.*). The flat keys of before (eval.saliency_<field>, eval.saliency=true) get one line
+# naming the new key; no application is named here: the nodes are read from eval.yaml.
+
+
+def eval_nodes() -> list[str]:
+    """The per-application nodes of `eval` in configs/eval.yaml."""
+    from omegaconf import OmegaConf
+
+    from ift.config import CONFIG_DIR
+
+    defaults = OmegaConf.load(CONFIG_DIR / "eval.yaml").get("eval") or {}
+    return [str(k) for k, v in defaults.items() if isinstance(v, DictConfig)]
+
+
+def check_eval_keys(eval_cfg) -> None:
+    """A flat eval key of a node's options (`eval.<node>_<field>`, or `eval.<node>=<value>` in place of
+    the node) is one line naming its new key."""
+    from collections.abc import Mapping
+
+    nodes = eval_nodes()
+    for key in eval_cfg or {}:
+        app = next((n for n in nodes if str(key).startswith(f"{n}_")), None)
+        if app is not None:
+            raise ConfigError(f"eval.{key} was renamed eval.{app}.{str(key)[len(app) + 1:]} (each application's eval "
+                              f"options sit in its own node); rename it in your command or config")
+    for app in nodes:
+        value = (eval_cfg or {}).get(app)
+        if value is not None and not isinstance(value, Mapping):
+            value = str(value).lower() if isinstance(value, bool) else value
+            raise ConfigError(f"eval.{app}={value} was renamed eval.{app}.enabled={value} (eval.{app} is the node of "
+                              f"its options)")
+
+
+def check_eval_overrides(overrides: list[str]) -> None:
+    """The same on eval.py's command line, before Hydra composes (Hydra itself would answer a moved key
+    with its multi-line `Could not override`)."""
+    for arg in overrides:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if key.startswith("eval."):
+            check_eval_keys({key[len("eval."):]: None})

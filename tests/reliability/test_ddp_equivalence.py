@@ -93,10 +93,10 @@ class FixedNoiseSAVI(SAVIModule):
 
 # --- helpers ----------------------------------------------------------------------------------
 def model_config(name: str, tmp_path: Path) -> dict:
-    """configs/model/<name>.yaml composed with data=digits, resolved to plain kwargs."""
+    """configs/model/<name>.yaml composed with data=digits, resolved to plain kwargs (without `runs_on`)."""
     assert (ift.config.CONFIG_DIR / "model" / f"{name}.yaml").exists(), f"configs/model/{name}.yaml is missing"
     cfg = ift.config.compose_config("train", [f"model={name}", "data=digits"], tmp_path / "compose")
-    return OmegaConf.to_container(cfg.model, resolve=True)
+    return OmegaConf.to_container(ift.config.module_config(cfg.model), resolve=True)
 
 
 def digits_batch(labels: str) -> tuple[torch.Tensor, torch.Tensor]:

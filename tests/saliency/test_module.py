@@ -2,13 +2,13 @@
 
 import json
 
-import hydra
 import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ift.saliency.module import ClassifierModule
+from ift.training import instantiate_model
 
 
 
@@ -36,7 +36,7 @@ def trainer():
 @pytest.mark.parametrize("name", ["classifier", "classifier_pgd"])
 def test_configs_train_and_test(compose_train, name):
     cfg = compose_train(f"model={name}", "data=digits", "data.num_classes=3")
-    model = hydra.utils.instantiate(cfg.model, _convert_="all")
+    model = instantiate_model(cfg.model)
     assert isinstance(model, ClassifierModule) and model.arch == "small_cnn"
     assert model.hparams.pgd == (name == "classifier_pgd")
     model.hparams.eval_steps = model.eval_steps = 2
@@ -65,22 +65,25 @@ def test_pgd_accuracy_not_above_natural_on_trained_model():
 
 
 def test_bad_hyperparameters_raise():
-    with pytest.raises(ValueError, match="arch"):
+    with pytest.raises(ValueError, match=r"^model\.arch must be one of auto, madry_cnn"):
         ClassifierModule((1, 8, 8), 3, arch="vgg")
-    with pytest.raises(ValueError, match="optimizer"):
+    with pytest.raises(ValueError, match=r"^model\.optimizer must be one of adam, sgd, got 'lbfgs'$"):
         ClassifierModule((1, 8, 8), 3, optimizer="lbfgs")
-    with pytest.raises(ValueError, match="eps"):
+    with pytest.raises(ValueError, match=r"^model\.lr must be a number > 0, got 0$"):
+        ClassifierModule((1, 8, 8), 3, lr=0)
+    with pytest.raises(ValueError, match=r"^model\.steps must be an int >= 0, got -1$"):
+        ClassifierModule((1, 8, 8), 3, steps=-1)
+    with pytest.raises(ValueError, match=r"^model\.eps must be a number >= 0, got -0\.1$"):
         ClassifierModule((1, 8, 8), 3, eps=-0.1)
 
 
 def test_evaluate_extra_writes_table_and_returns_metrics(tmp_path):
     torch.manual_seed(0)
     model = ClassifierModule((1, 8, 8), 3)
-    assert model.evaluate_extra(TinyData(), {"saliency": False}, tmp_path) == {}
-    eval_cfg = {"saliency": True, "saliency_examples": 2, "saliency_sens_samples": 2, "saliency_infd_samples": 20,
-                "saliency_sg_samples": 2, "saliency_ig_steps": 3, "saliency_shap_samples": 30,
-                "saliency_nb_samples": 100, "saliency_square_sizes": [1, 2], "saliency_local": True,
-                "iwae_samples": 1000}  # other evaluations' keys are ignored
+    assert model.evaluate_extra(TinyData(), {"saliency": {"enabled": False}}, tmp_path) == {}
+    saliency = {"enabled": True, "examples": 2, "sens_samples": 2, "infd_samples": 20, "sg_samples": 2, "ig_steps": 3,
+                "shap_samples": 30, "nb_samples": 100, "square_sizes": [1, 2], "local": True}
+    eval_cfg = {"saliency": saliency, "iwae_samples": 1000}  # other evaluations' keys are ignored
     metrics = model.evaluate_extra(TinyData(), eval_cfg, tmp_path)
     for method in ("Grad", "Grad-SG", "IG", "IG-SG", "GBP", "GBP-SG", "SHAP", "Square", "NB"):
         assert metrics[f"saliency/{method}/sens_max"] >= 0 and metrics[f"saliency/{method}/infd"] >= 0
@@ -89,8 +92,8 @@ def test_evaluate_extra_writes_table_and_returns_metrics(tmp_path):
     assert saved["tables"]["global"]["Square"]["infd"] == metrics["saliency/Square/infd"]
     assert (tmp_path / "saliency.md").read_text().startswith("**global**")
     assert (tmp_path / "saliency.png").stat().st_size > 0
-    with pytest.raises(ValueError, match="unknown saliency settings"):
-        model.evaluate_extra(TinyData(), {"saliency": True, "saliency_sens_radiuss": 1}, tmp_path)
+    with pytest.raises(ValueError, match=r"unknown saliency settings \['eval\.saliency\.sens_radiuss'\]"):
+        model.evaluate_extra(TinyData(), {"saliency": {"enabled": True, "sens_radiuss": 1}}, tmp_path)
 
 
 # ----------------------------------------------------------------------------- Appendix A.3 robustifiers
@@ -101,7 +104,7 @@ ROBUST_CONFIGS = {"classifier_gradnorm": ("grad_norm", "small_cnn"), "classifier
 @pytest.mark.parametrize("name", sorted(ROBUST_CONFIGS))
 def test_robust_configs_train_a_few_steps_and_log_natural_and_pgd_accuracy(compose_train, name):
     cfg = compose_train(f"model={name}", "data=digits", "data.num_classes=3", "model.eval_steps=2")
-    model = hydra.utils.instantiate(cfg.model, _convert_="all")
+    model = instantiate_model(cfg.model)
     robust, arch = ROBUST_CONFIGS[name]
     assert model.hparams.robust == robust and model.arch == arch and model.hparams.robust_weight > 0
     t = L.Trainer(max_steps=3, limit_val_batches=1, limit_test_batches=1, accelerator="cpu", logger=False,
@@ -205,3 +208,24 @@ def test_bad_robust_settings_are_refused_with_one_line():
         ClassifierModule((1, 8, 8), 3, robust="hessian", robust_weight=1.0)
     with pytest.raises(ValueError, match="model.hessian_estimator"):
         ClassifierModule((1, 8, 8), 3, arch="softplus_mlp", robust="hessian", robust_weight=1.0, hessian_estimator="lanczos")
+
+
+def test_eval_saliency_node_reaches_the_hook_through_the_eval_config(tmp_path):
+    """train.py's run, then eval.py's config: eval.saliency.* (node keys and a `+` field) decide the table."""
+    from ift.evaluation import run_evaluation
+    from ift.training import run_training
+    from tests.conftest import compose_config
+
+    train_cfg = compose_config("train", ["model=classifier", "model.arch=softplus_mlp", "model.eval_pgd=false",
+                                         "data=digits", "debug=fast", "logger=none", "trainer=cpu"], tmp_path / "run")
+    run_training(train_cfg)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    cfg = compose_config("eval", [f"ckpt_path={ckpt}", "eval.saliency.enabled=true", "eval.saliency.examples=3",
+                                  "eval.saliency.sens_samples=2", "eval.saliency.infd_samples=10",
+                                  "eval.saliency.sg_samples=2", "+eval.saliency.methods=[Grad,Square]",
+                                  "eval.saliency.method_sens={}"], tmp_path / "eval")
+    metrics = run_evaluation(cfg)
+    assert {k for k in metrics if k.startswith("saliency/")} == {
+        f"saliency/{m}/{k}" for m in ("Grad", "Square") for k in ("sens_max", "infd")}
+    saved = json.loads((tmp_path / "eval" / "saliency.json").read_text())
+    assert saved["n_examples"] == 3 and saved["config"]["sens_samples"] == 2 and saved["config"]["infd_samples"] == 10

@@ -14,17 +14,17 @@ def small_cnn(seed=0):
 
 
 def test_config_options_and_bad_values():
-    cfg = SaliencyConfig.from_dict({"saliency_sens_normalize": ["unit", "input"], "saliency_sg_global": "mean_of_products",
-                                    "saliency_method_sens": {"Square": {"examples": 2, "samples": 3}}})
+    cfg = SaliencyConfig.from_dict({"sens_normalize": ["unit", "input"], "sg_global": "mean_of_products",
+                                    "method_sens": {"Square": {"examples": 2, "samples": 3}}})
     assert cfg.normalizations == ("unit", "input") and cfg.method_sens["Square"] == {"examples": 2, "samples": 3}
     assert SaliencyConfig().normalizations == ("input",)
-    with pytest.raises(ValueError, match="saliency_sens_normalize"):
+    with pytest.raises(ValueError, match=r"eval\.saliency\.sens_normalize"):
         SaliencyConfig(sens_normalize="l2")
-    with pytest.raises(ValueError, match="saliency_sg_global"):
+    with pytest.raises(ValueError, match=r"eval\.saliency\.sg_global"):
         SaliencyConfig(sg_global="authors")
-    with pytest.raises(ValueError, match="saliency_method_sens"):
+    with pytest.raises(ValueError, match=r"eval\.saliency\.method_sens"):
         SaliencyConfig(method_sens={"Square": {"examples": 0}})
-    with pytest.raises(ValueError, match="saliency_method_sens"):
+    with pytest.raises(ValueError, match=r"eval\.saliency\.method_sens"):
         SaliencyConfig(method_sens={"Nope": {"examples": 1}})
 
 

@@ -67,11 +67,11 @@ def test_sens_variants_share_deltas_and_skip_global_methods():
     assert grad["sens_max_global_input"] == pytest.approx(grad["sens_max_input"])  # the same deltas
     square, _ = evaluate_method(model, "Square", x, y, cfg, local=False)
     assert not any(k.startswith("sens_max_global") for k in square)
-    with pytest.raises(ValueError, match="saliency_sens_variants"):
+    with pytest.raises(ValueError, match=r"eval\.saliency\.sens_variants"):
         SaliencyConfig(sens_variants=("clipped",))
-    with pytest.raises(ValueError, match="saliency_method_sens"):
+    with pytest.raises(ValueError, match=r"eval\.saliency\.method_sens"):
         SaliencyConfig(method_sens={"Grad": {"variants": ["nope"]}})
-    assert SaliencyConfig.from_dict({"saliency_clip": True, "saliency_sens_variants": ["local"]}).clip
+    assert SaliencyConfig.from_dict({"clip": True, "sens_variants": ["local"]}).clip
 
 
 def test_max_sensitivities_clip_none_equals_default():

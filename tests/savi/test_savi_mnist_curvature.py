@@ -16,7 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ift.config import compose_config
+from ift.config import compose_config, module_config
 from ift.implicit import batched_hessian
 from ift.implicit import proximal_objective
 from ift.savi.inner import InnerConfig, refine
@@ -37,7 +37,7 @@ def mnist_like(n: int, seed: int = 0) -> torch.Tensor:
 
 def default_cfg(model: str = "savi_ift", tmp_path=None) -> dict:
     cfg = compose_config("train", [f"model={model}", "logger=none"], tmp_path or "/tmp/ift_savi_cfg")
-    return OmegaConf.to_container(cfg.model, resolve=False)
+    return OmegaConf.to_container(module_config(cfg.model), resolve=False)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -12,6 +12,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from ift import hparams
 from ift.implicit.operators import hvp, power_iteration
 from ift.saliency.networks import ARCHITECTURES, build_network, default_arch
 from ift.saliency.pgd import pgd_attack
@@ -57,41 +58,36 @@ class ClassifierModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         input_shape = tuple(int(s) for s in input_shape)
+        hparams.one_of("arch", arch, ("auto", *ARCHITECTURES))
         arch = default_arch(input_shape) if arch == "auto" else arch
-        if arch not in ARCHITECTURES:
-            raise ValueError(f"arch must be 'auto' or one of {ARCHITECTURES}, got {arch!r}")
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+        hparams.one_of("optimizer", optimizer, OPTIMIZERS)
+        hparams.positive("lr", lr)
+        hparams.positive("weight_decay", weight_decay, allow_zero=True)
         kwargs = {"madry_cnn": {"width": width}, "small_cnn": {"width": width}, "resnet": {"depth": depth, "width": width},
                   "softplus_mlp": {"hidden": tuple(hidden)}}[arch]
         self.arch = arch
         self.net = build_network(arch, input_shape, num_classes, **kwargs)
         attack = default_attack(input_shape)
-        self.attack = {"eps": attack["eps"] if eps is None else float(eps),
-                       "step_size": attack["step_size"] if step_size is None else float(step_size),
-                       "steps": attack["steps"] if steps is None else int(steps)}
-        if self.attack["eps"] < 0 or self.attack["step_size"] < 0 or self.attack["steps"] < 0:
-            raise ValueError(f"eps, step_size and steps must be >= 0, got {self.attack}")
-        self.eval_steps = self.attack["steps"] if eval_steps is None else int(eval_steps)
-        self._check_robust(robust, float(robust_weight), hessian_estimator, int(hessian_probes), int(hessian_iters), pgd)
+        self.attack = {"eps": attack["eps"] if eps is None else hparams.positive("eps", eps, allow_zero=True),
+                       "step_size": (attack["step_size"] if step_size is None
+                                     else hparams.positive("step_size", step_size, allow_zero=True)),
+                       "steps": attack["steps"] if steps is None else hparams.integer("steps", steps)}
+        self.eval_steps = self.attack["steps"] if eval_steps is None else hparams.integer("eval_steps", eval_steps)
+        self._check_robust(robust, robust_weight, hessian_estimator, hessian_probes, hessian_iters, pgd)
 
     def _check_robust(self, robust, weight, estimator, probes, iters, pgd) -> None:
-        if robust not in ROBUST:
-            raise ValueError(f"model.robust must be one of {ROBUST}, got {robust!r}")
+        hparams.one_of("robust", robust, ROBUST)
         if robust == "none":
             return
         if pgd:
             raise ValueError(f"model.pgd=true and model.robust={robust}: pick one robustifier (set model.robust=none "
                              "for PGD training)")
-        if not weight > 0:
-            raise ValueError(f"model.robust_weight must be > 0 with model.robust={robust}, got {weight}")
+        is_number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+        hparams.require(is_number and weight > 0, "robust_weight", f"> 0 with model.robust={robust}", weight)
         if robust == "hessian":
-            if estimator not in HESSIAN_ESTIMATORS:
-                raise ValueError(f"model.hessian_estimator must be one of {HESSIAN_ESTIMATORS}, got {estimator!r}")
-            if probes < 1 or iters < 1:
-                raise ValueError(f"model.hessian_probes and model.hessian_iters must be >= 1, got {probes}, {iters}")
+            hparams.one_of("hessian_estimator", estimator, HESSIAN_ESTIMATORS)
+            hparams.integer("hessian_probes", probes, low=1)
+            hparams.integer("hessian_iters", iters, low=1)
             require_smooth(self.net, f"model.robust=hessian (arch={self.arch})")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,16 +176,16 @@ class ClassifierModule(L.LightningModule):
 
     # ------------------------------------------------------------------ eval.py hook
     def evaluate_extra(self, datamodule, eval_cfg: dict, out_dir: Path) -> dict[str, float]:
-        """With ``eval_cfg["saliency"]`` true: the SENS_max / INFD table on ``saliency_examples`` test
-        examples, written to ``out_dir/saliency.{json,md,png}``. Other settings are
-        ``saliency_<field>`` keys of ``SaliencyConfig`` (e.g. ``saliency_sens_samples: 50``)."""
+        """With ``eval.saliency.enabled`` true: the SENS_max / INFD table on ``eval.saliency.examples``
+        test examples, written to ``out_dir/saliency.{json,md,png}``. The other keys of the
+        ``eval.saliency`` node are fields of ``SaliencyConfig`` (e.g. ``sens_samples: 50``)."""
         from ift.saliency.report import SaliencyConfig, flatten_metrics, saliency_table, save_maps_png, write_report
 
-        eval_cfg = dict(eval_cfg or {})
-        if not eval_cfg.get("saliency"):
+        node = dict((eval_cfg or {}).get("saliency") or {})
+        if not node.get("enabled"):
             return {}
-        cfg = SaliencyConfig.from_dict(eval_cfg)
-        n = int(eval_cfg.get("saliency_examples", 10))
+        cfg = SaliencyConfig.from_dict(node)
+        n = int(node.get("examples", 10))
         x, y = first_examples(datamodule, n)
         x, y = x.to(self.device), y.to(self.device)
         tables, maps = saliency_table(self.net, x, y, cfg)
@@ -213,7 +209,7 @@ class ClassifierModule(L.LightningModule):
 def first_examples(datamodule, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``n`` test examples (fixed, so regular and robust models see the same inputs)."""
     if n < 1:
-        raise ValueError(f"saliency_examples must be >= 1, got {n}")
+        raise ValueError(f"eval.saliency.examples must be >= 1, got {n}")
     datamodule.setup("test")
     xs, ys, have = [], [], 0
     for x, y in datamodule.test_dataloader():

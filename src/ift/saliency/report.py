@@ -28,6 +28,8 @@ LOCAL_METHODS = ("Grad", "Grad-SG", "IG", "IG-SG", "GBP", "GBP-SG", "NB", "Const
 # extra SENS_max variants from the same perturbations: the explanation compared (global x * Phi or
 # local Phi) and whether y = x + delta is clipped to [0, 1]
 SENS_VARIANTS = ("global", "global_clipped", "local", "local_clipped")
+# keys of the eval.saliency node read by the eval hook (ClassifierModule.evaluate_extra), not by SaliencyConfig
+EVAL_KEYS = ("enabled", "examples")
 
 
 @dataclass
@@ -74,19 +76,19 @@ class SaliencyConfig:
         norms = self.normalizations
         bad = [n for n in norms if n not in SENS_NORMALISATIONS]
         if bad or not norms:
-            raise ValueError(f"saliency_sens_normalize={self.sens_normalize!r}: use one of {SENS_NORMALISATIONS} "
+            raise ValueError(f"eval.saliency.sens_normalize={self.sens_normalize!r}: use one of {SENS_NORMALISATIONS} "
                              f"or a list of them")
         if self.sg_global not in SG_GLOBAL_VARIANTS:
-            raise ValueError(f"saliency_sg_global={self.sg_global!r}: use one of {SG_GLOBAL_VARIANTS}")
+            raise ValueError(f"eval.saliency.sg_global={self.sg_global!r}: use one of {SG_GLOBAL_VARIANTS}")
         bad = [v for v in self.sens_variants if v not in SENS_VARIANTS]
         if bad:
-            raise ValueError(f"saliency_sens_variants={list(self.sens_variants)!r}: use a list of {SENS_VARIANTS}")
+            raise ValueError(f"eval.saliency.sens_variants={list(self.sens_variants)!r}: use a list of {SENS_VARIANTS}")
         for method, lim in self.method_sens.items():
             counts = {k: v for k, v in lim.items() if k != "variants"}
             if (method not in METHODS + CONTROLS or not set(lim) <= {"examples", "samples", "variants"}
                     or any(int(v) < 1 for v in counts.values())
                     or any(v not in SENS_VARIANTS for v in lim.get("variants", ()))):
-                raise ValueError(f"saliency_method_sens[{method!r}]={lim!r}: keys must be methods of {METHODS} "
+                raise ValueError(f"eval.saliency.method_sens[{method!r}]={lim!r}: keys must be methods of {METHODS} "
                                  f"with {{examples: m >= 1, samples: k >= 1, variants: subset of {SENS_VARIANTS}}}")
 
     @property
@@ -95,14 +97,13 @@ class SaliencyConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "SaliencyConfig":
-        """From eval settings: ``saliency_<field>`` keys (e.g. ``saliency_sens_samples``); keys of
-        other evaluations are ignored, an unknown ``saliency_*`` key raises."""
-        own = {k[len("saliency_"):]: v for k, v in cfg.items() if k.startswith("saliency_")}
-        own.pop("examples", None)
+        """From the ``eval.saliency`` node (e.g. ``{"sens_samples": 50}``); its ``enabled`` and
+        ``examples`` belong to the eval hook; an unknown key raises."""
+        own = {k: v for k, v in dict(cfg or {}).items() if k not in EVAL_KEYS}
         unknown = sorted(set(own) - set(cls.__dataclass_fields__))
         if unknown:
-            raise ValueError(f"unknown saliency settings {['saliency_' + k for k in unknown]}; allowed: "
-                             f"{['saliency_' + k for k in cls.__dataclass_fields__] + ['saliency_examples']}")
+            raise ValueError(f"unknown saliency settings {['eval.saliency.' + k for k in unknown]}; allowed: "
+                             f"{['eval.saliency.' + k for k in [*EVAL_KEYS, *cls.__dataclass_fields__]]}")
         if "method_sens" in own:
             own["method_sens"] = {m: dict(v) for m, v in dict(own["method_sens"]).items()}
         if "sens_variants" in own:
@@ -112,7 +113,7 @@ class SaliencyConfig:
         out = cls(**own)
         bad = [m for m in out.methods if m not in METHODS + CONTROLS]
         if bad:
-            raise ValueError(f"saliency methods {bad} not in {METHODS} (controls: {CONTROLS})")
+            raise ValueError(f"eval.saliency.methods {bad} not in {METHODS} (controls: {CONTROLS})")
         return out
 
 
@@ -150,13 +151,7 @@ def evaluate_method(model: nn.Module, name: str, x: torch.Tensor, y: torch.Tenso
     if cache is None or pert not in cache:
         cache = {**(cache or {}), **infidelity_cache(model, x, y, cfg, (pert,))}
     variant = None if use_local or not name.endswith("-SG") else (sg_global or cfg.sg_global)
-
-    def build(sg_form):  # a fresh generator each time: every form sees the same SmoothGrad draws
-        return make_explanation(name, model, sg_radius=cfg.sg_radius, sg_samples=cfg.sg_samples,
-                                ig_steps=cfg.ig_steps, shap_samples=cfg.shap_samples, nb_samples=cfg.nb_samples,
-                                nb_sigma=cfg.nb_sigma, square_sizes=cfg.square_sizes, max_batch=cfg.max_batch,
-                                generator=torch.Generator(device=x.device).manual_seed(cfg.seed), sg_global=sg_form)
-
+    build = explanation_builder(name, model, cfg, x.device)
     expl = build(variant)
     if not use_local:
         expl = to_global(expl)
@@ -180,20 +175,10 @@ def evaluate_method(model: nn.Module, name: str, x: torch.Tensor, y: torch.Tenso
                                  max_batch=cfg.max_batch, clip=(0.0, 1.0) if clip else None, generator=gen_s)
 
     sens = sens_of(expl, cfg.clip)
-    ref = (drops * drops).mean(0)  # INFD of the zero explanation
-    rel = infd / ref.clamp_min(1e-30)
-    head = sens[cfg.normalizations[0]]
-    metrics = {"sens_max": float(head.mean()), "sens_max_sem": sem(head), "infd": float(infd.mean()),
-               "infd_sem": sem(infd), "perturbation": pert, "infd_rel": float(rel.mean()), "infd_rel_sem": sem(rel),
-               "infd_zero": float(ref.mean()), "sens_examples": len(head), "sens_samples": k, "clip": cfg.clip,
-               "seconds": time.perf_counter() - t0}
-    per_example = {"infd": infd, "infd_rel": rel, "infd_zero": ref}
+    metrics, per_example = summary(sens[cfg.normalizations[0]], infd, drops, pert, k, cfg.clip, t0)
     values = {f"sens_max_{norm}": v for norm, v in sens.items()}
     if name in LOCAL_METHODS and name != "NB":
-        for v_name in lim.get("variants", cfg.sens_variants):
-            form = build(None) if v_name.startswith("local") else to_global(build(None))
-            for norm, v in sens_of(form, v_name.endswith("clipped")).items():
-                values[f"sens_max_{v_name}_{norm}"] = v
+        values.update(variant_sensitivities(build, lim.get("variants", cfg.sens_variants), sens_of))
     for key, v in values.items():
         metrics[key], metrics[key + "_sem"] = float(v.mean()), sem(v)
     if cfg.per_example:
@@ -201,6 +186,41 @@ def evaluate_method(model: nn.Module, name: str, x: torch.Tensor, y: torch.Tenso
     if variant is not None:
         metrics["sg_global"] = variant
     return metrics, phi
+
+
+def explanation_builder(name: str, model: nn.Module, cfg: SaliencyConfig, device):
+    """``build(sg_form)``: the explanation ``name`` with the config's settings, ``sg_form`` its global
+    SmoothGrad form (None: the local one)."""
+    def build(sg_form):  # a fresh generator each time: every form sees the same SmoothGrad draws
+        return make_explanation(name, model, sg_radius=cfg.sg_radius, sg_samples=cfg.sg_samples,
+                                ig_steps=cfg.ig_steps, shap_samples=cfg.shap_samples, nb_samples=cfg.nb_samples,
+                                nb_sigma=cfg.nb_sigma, square_sizes=cfg.square_sizes, max_batch=cfg.max_batch,
+                                generator=torch.Generator(device=device).manual_seed(cfg.seed), sg_global=sg_form)
+    return build
+
+
+def summary(head: torch.Tensor, infd: torch.Tensor, drops: torch.Tensor, pert: str, k: int, clip: bool,
+            t0: float) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(mean metrics of SENS_max ``head`` and INFD with their standard errors, per-example INFD tensors);
+    ``infd_rel`` is INFD over the zero explanation's, ``seconds`` the time since ``t0``."""
+    ref = (drops * drops).mean(0)  # INFD of the zero explanation
+    rel = infd / ref.clamp_min(1e-30)
+    metrics = {"sens_max": float(head.mean()), "sens_max_sem": sem(head), "infd": float(infd.mean()),
+               "infd_sem": sem(infd), "perturbation": pert, "infd_rel": float(rel.mean()), "infd_rel_sem": sem(rel),
+               "infd_zero": float(ref.mean()), "sens_examples": len(head), "sens_samples": k, "clip": clip,
+               "seconds": time.perf_counter() - t0}
+    return metrics, {"infd": infd, "infd_rel": rel, "infd_zero": ref}
+
+
+def variant_sensitivities(build, variants: Sequence[str], sens_of) -> dict[str, torch.Tensor]:
+    """``sens_max_<variant>_<normalisation>`` of each of ``SENS_VARIANTS`` asked for (local: Phi itself,
+    global: x * Phi; ``_clipped``: y = x + delta clipped to [0, 1]), from the same deltas."""
+    values = {}
+    for v_name in variants:
+        form = build(None) if v_name.startswith("local") else to_global(build(None))
+        for norm, v in sens_of(form, v_name.endswith("clipped")).items():
+            values[f"sens_max_{v_name}_{norm}"] = v
+    return values
 
 
 def saliency_table(model: nn.Module, x: torch.Tensor, y: torch.Tensor,

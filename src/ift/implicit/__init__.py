@@ -10,7 +10,7 @@ in exact fixed-point arithmetic and differentiates it by reversing the trajector
 ``ift.implicit.examples``.
 """
 
-from ift.implicit.core import IFTConfig, implicit_argmin, implicit_fixed_point, implicit_root
+from ift.implicit.core import IFTConfig, SuppliedSolve, implicit_argmin, implicit_fixed_point, implicit_root
 from ift.implicit.diagnostics import (
     ImplicitSolveError,
     ImplicitSolveWarning,
@@ -47,6 +47,7 @@ __all__ = [
     "implicit_fixed_point",
     "IFTConfig",
     "LinearSolver",
+    "SuppliedSolve",
     "CG",
     "GMRES",
     "BiCGStab",

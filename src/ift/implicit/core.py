@@ -31,7 +31,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import torch
 
 from ift.implicit.diagnostics import ImplicitSolveError, ImplicitSolveWarning, LinearSolveInfo
-from ift.implicit.linear_solvers import LinearSolver, get_linear_solver
+from ift.implicit.linear_solvers import LinearSolver, default_tol, get_linear_solver
 
 _KINDS = ("root", "argmin", "fixed_point")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -86,6 +86,65 @@ def reject_renamed(values: Mapping[str, Any], renamed: Mapping[str, str], group:
         if old in values:
             raise ValueError(f"{group}.{old} was renamed {new} (the core's name); rename the key in your config "
                              "or override")
+
+
+class SuppliedSolve(LinearSolver):
+    """The adjoint hook: the backward's linear solve ``(dF/dx)^T u = v`` done by the application.
+
+    ``inverse(v) -> u`` maps ``v`` of shape ``(B, n)`` (one row per problem, ``batch_dims``
+    flattened as for every solver) to ``u`` of the same shape, typically by reusing a factorisation
+    the forward solver already built (a QP's KKT factor, a sparse or banded LU). The core does not
+    trust it: the answer is verified with one true product of ``(dF/dx)^T`` (plus ``ridge I``, so a
+    damped solve must solve the damped system) and reported as a :class:`LinearSolveInfo` through
+    ``on_solve`` like any solver's; a row whose relative residual is above ``tol`` (a wrong or
+    stale factor) is not converged and triggers the usual :class:`ImplicitSolveWarning`.
+    ``maxiter`` > 1 allows that many applications of ``inverse`` in total, the later ones as
+    iterative refinement ``u += inverse(v - (dF/dx)^T u)`` of the unconverged rows (each costs one
+    more product); the default 1 is one solve and one verifying product.
+
+    Pass an instance as ``linear_solver``: ``implicit_root(F, x, *params,
+    linear_solver=SuppliedSolve(factor.solve))``.
+    """
+
+    name = "supplied"
+
+    def __init__(self, inverse: Callable[[torch.Tensor], torch.Tensor], tol: float | None = None,
+                 maxiter: int | None = 1, ridge: float = 0.0):
+        super().__init__(tol, maxiter, ridge)
+        if not callable(inverse):
+            raise TypeError(f"SuppliedSolve: inverse must be a callable v -> u, got {type(inverse).__name__}")
+        self.inverse = inverse
+
+    def default_maxiter(self, n: int) -> int:
+        return 1
+
+    def solve(self, matvec, b: torch.Tensor) -> tuple[torch.Tensor, LinearSolveInfo]:
+        """``u = inverse(b)``, refined up to ``maxiter`` applications, and its verified residual."""
+        tol = self.tol if self.tol is not None else default_tol(b.dtype)
+        maxiter = self.maxiter if self.maxiter is not None else 1
+        op = self._damped(matvec)
+        u = self._applied(b, b)
+        iterations = torch.ones(b.shape[0], dtype=torch.long, device=b.device)
+        b_norm = b.norm(dim=-1)
+        scale = torch.where(b_norm > 0, b_norm, torch.ones_like(b_norm))
+        while True:
+            r = b - op(u)  # the one true product per application: nothing unverified is reported
+            rel = r.norm(dim=-1) / scale
+            unfinished = ~(rel <= tol)
+            if int(iterations.max()) >= maxiter or not bool(unfinished.any()):
+                break
+            u = torch.where(unfinished.unsqueeze(-1), u + self._applied(r, b), u)
+            iterations = iterations + unfinished.long()
+        converged = (rel <= tol) & torch.isfinite(rel)
+        return u, LinearSolveInfo(solver=self.name, iterations=iterations, residual=rel.detach(),
+                                  converged=converged, tol=tol, maxiter=maxiter)
+
+    def _applied(self, v: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        u = self.inverse(v)
+        if not isinstance(u, torch.Tensor) or u.shape != b.shape:
+            got = tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__
+            raise ValueError(f"SuppliedSolve: inverse(v) must return a tensor shaped like v {tuple(b.shape)}, got {got}")
+        return u.to(b.dtype)
 
 
 @dataclass(frozen=True)
@@ -387,7 +446,8 @@ def implicit_root(
         linear_solver: "gmres" (default, any nonsingular ``dF/dx``), "bicgstab" (cheaper per
             iteration, can break down on symmetric indefinite systems such as KKT matrices),
             "cg" (symmetric definite ``dF/dx``), "direct" (small problems), "neumann", or a
-            :class:`LinearSolver` class / instance.
+            :class:`LinearSolver` class / instance; :class:`SuppliedSolve` is the adjoint hook
+            (the application solves with its own factorisation, the core verifies and reports).
         tol, maxiter, ridge: settings of a solver given by name or class. ``ridge`` solves with
             ``dF/dx + ridge I`` (damping: biases the gradient, helps near-singular problems).
         on_solve: called with the :class:`LinearSolveInfo` of each backward solve.

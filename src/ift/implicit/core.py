@@ -98,9 +98,11 @@ class SuppliedSolve(LinearSolver):
     damped solve must solve the damped system) and reported as a :class:`LinearSolveInfo` through
     ``on_solve`` like any solver's; a row whose relative residual is above ``tol`` (a wrong or
     stale factor) is not converged and triggers the usual :class:`ImplicitSolveWarning`.
-    ``maxiter`` > 1 allows that many applications of ``inverse`` in total, the later ones as
-    iterative refinement ``u += inverse(v - (dF/dx)^T u)`` of the unconverged rows (each costs one
-    more product); the default 1 is one solve and one verifying product.
+    ``maxiter`` > 1 allows that many solves in total, the later ones as iterative refinement
+    ``u += correct(v - (dF/dx)^T u)`` of the unconverged rows, each verified by one more product;
+    ``correct`` defaults to ``inverse`` (pass a cheaper map with the same factor, e.g. a solve
+    without the application's own refinement). The default ``maxiter`` 1 is one solve and one
+    verifying product.
 
     Pass an instance as ``linear_solver``: ``implicit_root(F, x, *params,
     linear_solver=SuppliedSolve(factor.solve))``.
@@ -109,11 +111,13 @@ class SuppliedSolve(LinearSolver):
     name = "supplied"
 
     def __init__(self, inverse: Callable[[torch.Tensor], torch.Tensor], tol: float | None = None,
-                 maxiter: int | None = 1, ridge: float = 0.0):
+                 maxiter: int | None = 1, ridge: float = 0.0,
+                 correct: Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__(tol, maxiter, ridge)
-        if not callable(inverse):
-            raise TypeError(f"SuppliedSolve: inverse must be a callable v -> u, got {type(inverse).__name__}")
-        self.inverse = inverse
+        for name, fn in (("inverse", inverse), ("correct", correct)):
+            if fn is not None and not callable(fn) or fn is None and name == "inverse":
+                raise TypeError(f"SuppliedSolve: {name} must be a callable v -> u, got {type(fn).__name__}")
+        self.inverse, self.correct = inverse, inverse if correct is None else correct
 
     def default_maxiter(self, n: int) -> int:
         return 1
@@ -123,7 +127,7 @@ class SuppliedSolve(LinearSolver):
         tol = self.tol if self.tol is not None else default_tol(b.dtype)
         maxiter = self.maxiter if self.maxiter is not None else 1
         op = self._damped(matvec)
-        u = self._applied(b, b)
+        u = self._applied(self.inverse, b, b)
         iterations = torch.ones(b.shape[0], dtype=torch.long, device=b.device)
         b_norm = b.norm(dim=-1)
         scale = torch.where(b_norm > 0, b_norm, torch.ones_like(b_norm))
@@ -133,14 +137,15 @@ class SuppliedSolve(LinearSolver):
             unfinished = ~(rel <= tol)
             if int(iterations.max()) >= maxiter or not bool(unfinished.any()):
                 break
-            u = torch.where(unfinished.unsqueeze(-1), u + self._applied(r, b), u)
+            u = torch.where(unfinished.unsqueeze(-1), u + self._applied(self.correct, r, b), u)
             iterations = iterations + unfinished.long()
         converged = (rel <= tol) & torch.isfinite(rel)
         return u, LinearSolveInfo(solver=self.name, iterations=iterations, residual=rel.detach(),
                                   converged=converged, tol=tol, maxiter=maxiter)
 
-    def _applied(self, v: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        u = self.inverse(v)
+    @staticmethod
+    def _applied(fn, v: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        u = fn(v)
         if not isinstance(u, torch.Tensor) or u.shape != b.shape:
             got = tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__
             raise ValueError(f"SuppliedSolve: inverse(v) must return a tensor shaped like v {tuple(b.shape)}, got {got}")

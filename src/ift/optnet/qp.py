@@ -800,18 +800,22 @@ class _KKTAdjoint:
         if redo is not None:
             self.act[redo[0]] = redo[1].active()
 
-    def solve(self, v: torch.Tensor) -> torch.Tensor:
-        u = self._solve(self.factor, self.act, v)
+    def solve(self, v: torch.Tensor, refine: bool = True) -> torch.Tensor:
+        u = self._solve(self.factor, self.act, v, refine)
         if self.redo is not None:
             rows, F = self.redo
-            u[rows] = self._solve(F, self.act[rows], v[rows])
+            u[rows] = self._solve(F, self.act[rows], v[rows], refine)
         return u
 
+    def correct(self, r: torch.Tensor) -> torch.Tensor:
+        """One unrefined solve: the core's refinement step from its verified residual r."""
+        return self.solve(r, refine=False)
+
     @staticmethod
-    def _solve(F: ReducedFactor, act, v):
+    def _solve(F: ReducedFactor, act, v, refine):
         n, m = v.shape[-1] - act.shape[-1] - F.p, act.shape[-1]
         vz, vy, vnu = v[:, :n], v[:, n:n + m], v[:, n + m:]
-        uz, unu, uy = F.solve(vz, vnu, F.to_slots(vy), refine=True)
+        uz, unu, uy = F.solve(vz, vnu, F.to_slots(vy), refine=refine)
         return torch.cat([uz, F.from_slots(uy) + torch.where(act, 0.0, vy), unu], -1)
 
 
@@ -901,6 +905,9 @@ def _rank2(a, b, batched: bool):
     return a.transpose(0, 1).reshape(rows, batch * k) @ b.reshape(batch * k, b.shape[-1])
 
 
+ADJOINT_MAX_SOLVES = 4
+
+
 def _attach(r: _Result, y: torch.Tensor, adjoint: _KKTAdjoint, data) -> torch.Tensor:
     """z on the autograd graph: the implicit core differentiates `_kkt_residual` at (z, y, nu),
     its adjoint solve being the forward's factor (`_KKTAdjoint`), verified by one product with
@@ -909,7 +916,7 @@ def _attach(r: _Result, y: torch.Tensor, adjoint: _KKTAdjoint, data) -> torch.Te
         return r.z
     x = torch.cat([r.z, y, r.nu], -1)
     x = implicit_root(_kkt_residual, x, *data, adjoint.act, r.lower, adjoint.symmetric, batch_dims=1,
-                      linear_solver=SuppliedSolve(adjoint.solve))
+                      linear_solver=SuppliedSolve(adjoint.solve, maxiter=ADJOINT_MAX_SOLVES, correct=adjoint.correct))
     return x[:, : r.z.shape[-1]]
 
 

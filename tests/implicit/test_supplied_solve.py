@@ -150,3 +150,20 @@ def test_bad_inverse_outputs():
     out = implicit_root(residual, x, M, c, batch_dims=1, linear_solver=SuppliedSolve(lambda v: v * float("nan")))
     with pytest.raises(ImplicitSolveError, match="NaN/Inf"):
         out.sum().backward()
+
+
+def test_correct_is_used_for_the_refinement_steps():
+    M, c = data()
+    x = solution(M, c)
+    calls = []
+    nearby = exact_inverse(M * 1.05, x)
+    exact = exact_inverse(M, x)
+    solver = SuppliedSolve(lambda v: calls.append("inverse") or nearby(v), maxiter=3,
+                           correct=lambda r: calls.append("correct") or exact(r))
+    infos = []
+    out = implicit_root(residual, x, M, c, batch_dims=1, linear_solver=solver, on_solve=infos.append)
+    out.sum().backward()
+    assert calls == ["inverse", "correct"] and infos[-1].all_converged
+    assert infos[-1].iterations.tolist() == [2, 2, 2]
+    with pytest.raises(TypeError, match="correct must be a callable"):
+        SuppliedSolve(exact, correct=3)

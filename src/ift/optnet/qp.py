@@ -9,11 +9,14 @@ exactly as an equality-constrained QP and corrected by primal-dual active-set st
 KKT conditions hold to `tol` (crossover): the returned point is exact, not an interior iterate.
 By default the interior point runs in float32 and the crossover and backward in float64
 (`precision`, see `solve_qp_with_info`).
-Backward (OptNet, Amos & Kolter 2017): differentiate the KKT conditions at the solution with the
-inactive multipliers fixed at 0, i.e. solve [Q C^T; C 0] (u, v) = (dL/dz, 0) with C the
-equality and active inequality rows, reusing the forward's active-set factor. A weakly active
-constraint (lam and s both ~0) is classified by lam > s: the gradient is then one of the two
-one-sided derivatives, always finite.
+Backward (OptNet, Amos & Kolter 2017): the implicit core (`ift.implicit.implicit_root`)
+differentiates the KKT conditions at the solution with the inactive multipliers fixed at 0
+(`_kkt_residual`), i.e. solves [Q C^T; C 0] (u, v) = (dL/dz, 0) with C the equality and active
+inequality rows. Its adjoint hook (`SuppliedSolve`) solves that system with the forward's
+active-set factor; the core verifies the answer with one product of the KKT matrix, refines it
+from the verified residual where needed and reports it (an unverified solve warns). A weakly
+active constraint (lam and s both ~0) is classified by lam > s: the gradient is then one of the
+two one-sided derivatives, always finite.
 
 Argument order and batching follow qpth's `QPFunction`: each argument may carry a leading batch
 dimension or be shared by the whole batch; gradients of shared arguments are summed over the batch.
@@ -608,6 +611,15 @@ def _corrector_step(x: _Iterate, d: _Predictor, P: _Problem) -> None:
     x.iters += (~x.broken & ~x.gone).long()
 
 
+def _guesses(P: _Problem, x: _Iterate, score, done, warm):
+    """The active set to polish from `score` and its version capped at n - p rows; with `warm`
+    (the previous solution's masks), that set on the examples not done, and no capped one."""
+    guess = _guess(P, score)
+    if warm is None:
+        return guess, _guess(P, score, cap=True)
+    return tuple(torch.where(done.unsqueeze(-1), g, w[x.live]) for g, w in zip(guess, warm)), None
+
+
 @torch.no_grad()
 def _solve(P: _Problem, exact: _Problem, tol: float, max_iter: int, iter_tol: float | None = None,
            start=None, left=None, warm=None) -> _Result:
@@ -657,14 +669,9 @@ def _solve(P: _Problem, exact: _Problem, tol: float, max_iter: int, iter_tol: fl
             # better than the iterate's (benchmark, n = 100, residuals 1e-3: the guess was exact or
             # one row off for 60% of the examples, against 20% with lam > s)
             score = (x.lam - x.s) if last else (x.lam + pred.dlam - x.s - pred.ds)
-            guess = _guess(P, score)
-            capped = None if warm_now else _guess(P, score, cap=True)
-            if warm_now:  # the previous solution's set, on the rows that are still in the batch
-                guess = tuple(torch.where(done.unsqueeze(-1), g, w[x.live]) for g, w in zip(guess, warm))
+            guess, capped = _guesses(P, x, score, done, warm if warm_now else None)
             stops = {  # a later flag's status wins where several hold
-                QPStatus.STALLED: stalled,
-                QPStatus.NUMERICAL_ERROR: x.broken,
-                QPStatus.INFEASIBLE: infeasible,
+                QPStatus.STALLED: stalled, QPStatus.NUMERICAL_ERROR: x.broken, QPStatus.INFEASIBLE: infeasible,
                 QPStatus.CONVERGED: tight if iter_tol <= tol else torch.zeros_like(tight),
             }
             a = attempt.nonzero().squeeze(-1)

@@ -31,7 +31,8 @@ from ift.training import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the result measures: the QP layer and solver, the models, their configs and the data.
-SOURCES = ["src/ift/optnet", "src/ift/data/sudoku.py", "src/ift/data/digits.py", "src/ift/training.py",
+SOURCES = ["src/ift/optnet", "src/ift/implicit/core.py", "src/ift/data/sudoku.py", "src/ift/data/digits.py",
+           "src/ift/training.py",
            "configs/model/optnet_classifier.yaml", "configs/model/mlp_classifier.yaml",
            "configs/model/optnet_sudoku.yaml", "configs/model/conv_sudoku.yaml",
            "configs/data/digits.yaml", "configs/data/sudoku.yaml"]

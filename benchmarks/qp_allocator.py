@@ -24,7 +24,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 QP_LAYER = HERE / "qp_layer.py"
 # What the result measures: the solver (through qp_layer.py's Ours) and qp_layer.py's settings.
-SOURCES = ["benchmarks/qp_layer.py", "src/ift/optnet/qp.py", "src/ift/optnet/kkt.py", "src/ift/optnet/scaling.py"]
+SOURCES = ["benchmarks/qp_layer.py", "src/ift/optnet/qp.py", "src/ift/optnet/kkt.py", "src/ift/optnet/scaling.py",
+           "src/ift/implicit/core.py"]
 
 
 def qp_layer_module():

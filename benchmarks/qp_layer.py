@@ -55,9 +55,10 @@ from ift.optnet import QPStatus, solve_qp_with_info  # noqa: E402
 from ift.optnet.kkt import cholesky_unchecked  # noqa: E402
 from ift.optnet.scaling import Scaling  # noqa: E402
 
-# What the results measure: the solver, its factorisations and scaling, and the layer (warm start).
+# What the results measure: the solver, its factorisations and scaling, the layer (warm start) and
+# the implicit core, whose adjoint hook runs the backward.
 SOURCES = ["src/ift/optnet/qp.py", "src/ift/optnet/kkt.py", "src/ift/optnet/scaling.py",
-           "src/ift/optnet/layer.py", "src/ift/optnet/__init__.py"]
+           "src/ift/optnet/layer.py", "src/ift/optnet/__init__.py", "src/ift/implicit/core.py"]
 NAMES = ("Q", "q", "G", "h", "A", "b")
 
 

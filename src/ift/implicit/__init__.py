@@ -20,7 +20,7 @@ from ift.implicit.config import (
     NonStationaryError,
     reject_renamed,
 )
-from ift.implicit.core import IFTConfig, at_least_float32, implicit_argmin, implicit_fixed_point, implicit_root
+from ift.implicit.core import IFTConfig, SuppliedSolve, at_least_float32, implicit_argmin, implicit_fixed_point, implicit_root
 from ift.implicit.diagnostics import ImplicitSolveError, ImplicitSolveWarning, SolveRecorder
 from ift.implicit.linear_solvers import (
     GMRES,
@@ -64,6 +64,7 @@ __all__ = [
     "proximal_penalty",
     "INNER_STATISTICS",
     "LinearSolver",
+    "SuppliedSolve",
     "CG",
     "GMRES",
     "BiCGStab",

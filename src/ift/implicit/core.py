@@ -32,7 +32,7 @@ import torch
 
 from ift.implicit.config import ConfigGroup, reject_renamed  # noqa: F401  (reject_renamed: re-exported)
 from ift.implicit.diagnostics import ImplicitSolveError, ImplicitSolveWarning
-from ift.implicit.linear_solvers import LinearSolveInfo, LinearSolver, get_linear_solver
+from ift.implicit.linear_solvers import LinearSolveInfo, LinearSolver, default_tol, get_linear_solver
 
 _KINDS = ("root", "argmin", "fixed_point")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -73,6 +73,70 @@ class IFTConfig(ConfigGroup):
     def solver_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of implicit_root / implicit_argmin / implicit_fixed_point."""
         return {"linear_solver": self.linear_solver, "tol": self.tol, "max_iter": self.max_iter, "ridge": self.ridge}
+
+
+class SuppliedSolve(LinearSolver):
+    """The adjoint hook: the backward's linear solve ``(dF/dx)^T u = v`` done by the application.
+
+    ``inverse(v) -> u`` maps ``v`` of shape ``(B, n)`` (one row per problem, ``batch_dims``
+    flattened as for every solver) to ``u`` of the same shape, typically by reusing a factorisation
+    the forward solver already built (a QP's KKT factor, a sparse or banded LU). The core does not
+    trust it: the answer is verified with one true product of ``(dF/dx)^T`` (plus ``ridge I``, so a
+    damped solve must solve the damped system) and reported as a :class:`LinearSolveInfo` through
+    ``on_solve`` like any solver's; a row whose relative residual is above ``tol`` (a wrong or
+    stale factor) is not converged and triggers the usual :class:`ImplicitSolveWarning`.
+    ``max_iter`` > 1 allows that many solves in total, the later ones as iterative refinement
+    ``u += correct(v - (dF/dx)^T u)`` of the unconverged rows, each verified by one more product;
+    ``correct`` defaults to ``inverse`` (pass a cheaper map with the same factor, e.g. a solve
+    without the application's own refinement). The default ``max_iter`` 1 is one solve and one
+    verifying product.
+
+    Pass an instance as ``linear_solver``: ``implicit_root(F, x, *params,
+    linear_solver=SuppliedSolve(factor.solve))``.
+    """
+
+    name = "supplied"
+
+    def __init__(self, inverse: Callable[[torch.Tensor], torch.Tensor], tol: float | None = None,
+                 max_iter: int | None = 1, ridge: float = 0.0,
+                 correct: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        super().__init__(tol, max_iter, ridge)
+        for name, fn in (("inverse", inverse), ("correct", correct)):
+            if fn is not None and not callable(fn) or fn is None and name == "inverse":
+                raise TypeError(f"SuppliedSolve: {name} must be a callable v -> u, got {type(fn).__name__}")
+        self.inverse, self.correct = inverse, inverse if correct is None else correct
+
+    def default_max_iter(self, n: int) -> int:
+        return 1
+
+    def solve(self, matvec, b: torch.Tensor) -> tuple[torch.Tensor, LinearSolveInfo]:
+        """``u = inverse(b)``, refined up to ``max_iter`` applications, and its verified residual."""
+        tol = self.tol if self.tol is not None else default_tol(b.dtype)
+        max_iter = self.max_iter if self.max_iter is not None else 1
+        op = self._damped(matvec)
+        u = self._applied(self.inverse, b, b)
+        iterations = torch.ones(b.shape[0], dtype=torch.long, device=b.device)
+        b_norm = b.norm(dim=-1)
+        scale = torch.where(b_norm > 0, b_norm, torch.ones_like(b_norm))
+        while True:
+            r = b - op(u)  # the one true product per application: nothing unverified is reported
+            rel = r.norm(dim=-1) / scale
+            unfinished = ~(rel <= tol)
+            if int(iterations.max()) >= max_iter or not bool(unfinished.any()):
+                break
+            u = torch.where(unfinished.unsqueeze(-1), u + self._applied(self.correct, r, b), u)
+            iterations = iterations + unfinished.long()
+        converged = (rel <= tol) & torch.isfinite(rel)
+        return u, LinearSolveInfo(solver=self.name, iterations=iterations, residual=rel.detach(),
+                                  converged=converged, tol=tol, max_iter=max_iter)
+
+    @staticmethod
+    def _applied(fn, v: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        u = fn(v)
+        if not isinstance(u, torch.Tensor) or u.shape != b.shape:
+            got = tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__
+            raise ValueError(f"SuppliedSolve: inverse(v) must return a tensor shaped like v {tuple(b.shape)}, got {got}")
+        return u.to(b.dtype)
 
 
 @dataclass(frozen=True)

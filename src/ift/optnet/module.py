@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ift import hparams
 from ift.implicit.diagnostics import SolveRecorder
 from ift.optnet.layer import OptNetLayer
 from ift.optnet.qp import PRECISIONS, solve_qp_with_info
@@ -26,28 +27,14 @@ from ift.optnet.qp import PRECISIONS, solve_qp_with_info
 SUDOKU_SHAPE = (4, 4, 4)  # (digit, row, col), as ift.data.SudokuDataModule yields
 
 
-def check_int(key: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"model.{key} must be an int >= {low}, got {value!r}")
-    return value
-
-
-def check_positive(key: str, value, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 if allow_zero else value > 0):
-        raise ValueError(f"model.{key} must be a number {'>=' if allow_zero else '>'} 0, got {value!r}")
-    return float(value)
-
-
 def check_precision(precision) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"model.precision must be one of {', '.join(PRECISIONS)} (the QP's dtype policy, "
-                         f"docs/optnet.md), got {precision!r}")
-    return precision
+    return hparams.require(precision in PRECISIONS, "precision",
+                           f"one of {', '.join(PRECISIONS)} (the QP's dtype policy, docs/optnet.md)", precision)
 
 
 def check_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
-    if isinstance(input_shape, (str, bytes)) or len(input_shape) != 3 or any(int(s) < 1 for s in input_shape):
-        raise ValueError(f"model.input_shape must be three positive ints [C, H, W], got {input_shape!r}")
+    ok = not isinstance(input_shape, (str, bytes)) and len(input_shape) == 3 and all(int(s) >= 1 for s in input_shape)
+    hparams.require(ok, "input_shape", "three positive ints [C, H, W]", input_shape)
     return tuple(int(s) for s in input_shape)  # type: ignore[return-value]
 
 
@@ -94,11 +81,11 @@ class _Classifier(_SupervisedModule):
         in_features = 1
         for s in check_shape(input_shape):
             in_features *= s
-        check_int("num_classes", num_classes, 2)
-        check_int("hidden", hidden, 1)
-        check_int("width", width, 1)
-        check_positive("lr", lr)
-        check_positive("weight_decay", weight_decay, allow_zero=True)
+        hparams.integer("num_classes", num_classes, 2)
+        hparams.integer("hidden", hidden, 1)
+        hparams.integer("width", width, 1)
+        hparams.positive("lr", lr)
+        hparams.positive("weight_decay", weight_decay, allow_zero=True)
         self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, width))
         self.middle = middle
         self.head = nn.Linear(width, num_classes)
@@ -130,12 +117,11 @@ class OptNetClassifier(_Classifier):
                  weight_decay: float = 0.0, precision: str = "mixed"):
         super().__init__()
         self.save_hyperparameters()
-        check_int("n_ineq", n_ineq, 1)
-        check_int("n_eq", n_eq, 0)
-        if n_eq >= width:
-            raise ValueError(f"model.n_eq must be < model.width={width} (the QP needs free directions), got {n_eq}")
-        check_positive("eps", eps)
-        check_int("max_iter", max_iter, 1)
+        hparams.integer("n_ineq", n_ineq, 1)
+        hparams.integer("n_eq", n_eq, 0)
+        hparams.require(n_eq < width, "n_eq", f"< model.width={width} (the QP needs free directions)", n_eq)
+        hparams.positive("eps", eps)
+        hparams.integer("max_iter", max_iter, 1)
         check_precision(precision)
         self._build(input_shape, num_classes, hidden, width, lr, weight_decay,
                     OptNetLayer(width, n_ineq, n_eq, eps=eps, max_iter=max_iter, precision=precision))
@@ -148,7 +134,7 @@ class MLPClassifier(_Classifier):
                  lr: float = 1e-3, weight_decay: float = 0.0):
         super().__init__()
         self.save_hyperparameters()
-        check_int("width", width, 1)
+        hparams.integer("width", width, 1)
         self._build(input_shape, num_classes, hidden, width, lr, weight_decay,
                     nn.Sequential(nn.Linear(width, width), nn.ReLU()))
 
@@ -157,11 +143,9 @@ class MLPClassifier(_Classifier):
 
 
 def check_sudoku_data(input_shape: Sequence[int], num_classes: int) -> None:
-    if check_shape(input_shape) != SUDOKU_SHAPE or num_classes != 4:
-        raise ValueError(
-            f"Sudoku models need data=sudoku (input_shape [4, 4, 4], num_classes 4), got input_shape="
-            f"{list(input_shape)}, num_classes={num_classes!r}"
-        )
+    ok = check_shape(input_shape) == SUDOKU_SHAPE and num_classes == 4
+    hparams.require(ok, "input_shape", "[4, 4, 4] with model.num_classes 4 (Sudoku models need data=sudoku)",
+                    f"{list(input_shape)} with model.num_classes {num_classes!r}")
 
 
 def board_metrics(pred: Tensor, y: Tensor) -> dict[str, Tensor]:
@@ -192,14 +176,13 @@ class OptNetSudoku(_SupervisedModule):
         self.save_hyperparameters()
         check_sudoku_data(input_shape, num_classes)
         n = 64
-        check_int("n_eq", n_eq, 1)
-        if n_eq >= n:
-            raise ValueError(f"model.n_eq must be < 64 (the number of QP variables), got {n_eq}")
-        check_positive("eps", eps)
-        check_int("max_iter", max_iter, 1)
+        hparams.integer("n_eq", n_eq, 1)
+        hparams.require(n_eq < n, "n_eq", "< 64 (the number of QP variables)", n_eq)
+        hparams.positive("eps", eps)
+        hparams.integer("max_iter", max_iter, 1)
         check_precision(precision)
-        check_positive("lr", lr)
-        check_positive("weight_decay", weight_decay, allow_zero=True)
+        hparams.positive("lr", lr)
+        hparams.positive("weight_decay", weight_decay, allow_zero=True)
         self.n, self.eps, self.max_iter, self.precision = n, float(eps), max_iter, precision
         self.A = nn.Parameter(torch.randn(n_eq, n) / n**0.5)
         inverse_softplus_quarter = torch.log(torch.expm1(torch.tensor(0.25)))
@@ -235,10 +218,10 @@ class ConvSudoku(_SupervisedModule):
         super().__init__()
         self.save_hyperparameters()
         check_sudoku_data(input_shape, num_classes)
-        check_int("channels", channels, 1)
-        check_int("depth", depth, 1)
-        check_positive("lr", lr)
-        check_positive("weight_decay", weight_decay, allow_zero=True)
+        hparams.integer("channels", channels, 1)
+        hparams.integer("depth", depth, 1)
+        hparams.positive("lr", lr)
+        hparams.positive("weight_decay", weight_decay, allow_zero=True)
         layers: list[nn.Module] = []
         for i in range(depth):
             layers += [nn.Conv2d(4 if i == 0 else channels, channels, 3, padding=1), nn.ReLU()]

@@ -46,7 +46,6 @@ def at_least_float32(value: Any) -> Any:
     return value
 
 
-_at_least_float32 = at_least_float32  # the name used inside this module
 
 
 @dataclass(frozen=True)
@@ -320,8 +319,8 @@ def _ift_gradients_in_working_precision(
 ) -> list[torch.Tensor | None]:
     """:func:`_ift_gradients` without autocast, in float32 at least; each gradient in its param's dtype."""
     with torch.autocast(device_type=x_star.device.type, enabled=False):
-        grads = _ift_gradients(problem, _at_least_float32(x_star), [_at_least_float32(p) for p in params], picked,
-                               _at_least_float32(grad_output))
+        grads = _ift_gradients(problem, at_least_float32(x_star), [at_least_float32(p) for p in params], picked,
+                               at_least_float32(grad_output))
     return [g if g is None else g.to(params[i].dtype) for i, g in zip(picked, grads)]
 
 
